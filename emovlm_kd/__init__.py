@@ -1,0 +1,15 @@
+"""emovlm-kd: EmoVLM-KD visual emotion analysis, Hugging Face Hub-native."""
+
+from configuration_emovlm_kd import EmoVLMKDConfig
+from image_processing_emovlm_kd import EmoVLMKDImageProcessor
+from modeling_emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDOutput, distillation_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmoVLMKDConfig",
+    "EmoVLMKDForImageClassification",
+    "EmoVLMKDImageProcessor",
+    "EmoVLMKDOutput",
+    "distillation_loss",
+]

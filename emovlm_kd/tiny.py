@@ -1,0 +1,148 @@
+"""Tiny random-init Qwen2-VL-family models with an offline tokenizer and processor (tests, quickstart, benchmarks)."""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AddedToken, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from configuration_emovlm_kd import EmoVLMKDConfig
+from image_processing_emovlm_kd import EmoVLMKDImageProcessor
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# The Qwen2-VL chat template (images, videos and text; system turn added when missing).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant.",
+    "Which emotion does this image evoke? Choose one of the following emotions: amusement, anger, awe, contentment, "
+    "disgust, excitement, fear, sadness. Answer in the format {'emotion': '<label>'}.",
+    "{'emotion': 'amusement'} {'emotion': 'contentment'} {'emotion': 'sad'} {'emotion': 'sadness'}",
+    "positive negative neutral joy surprise happy calm angry scared",
+    "Describe the key visual elements of this image. Explain the emotional reasoning behind the image.",
+    "The image shows a person, a dark sky, bright colours, a smiling face, a storm, flowers, a quiet lake.",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
+    """A small byte-level BPE trained offline, with the Qwen special tokens and the Qwen2-VL chat template."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    vocab = bpe.get_vocab()
+    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in _merges(bpe)]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _merges(bpe: Tokenizer) -> list:
+    import json
+
+    return json.loads(bpe.to_str())["model"]["merges"]
+
+
+def build_tiny_vlm_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56) -> Qwen2VLProcessor:
+    """Qwen2VLProcessor with the tiny tokenizer; images resized to at most `max_pixels` (112^2 -> 16 image tokens)."""
+    tokenizer = build_tiny_tokenizer()
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_vlm(
+    processor: Qwen2VLProcessor,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_dim: int = 32,
+    vision_depth: int = 2,
+    seed: int = 0,
+) -> Qwen2VLForConditionalGeneration:
+    """A random-init Qwen2-VL-architecture model whose vocabulary matches `processor.tokenizer`."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": vision_dim,
+            "hidden_size": hidden_size,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, vlm_kwargs=None, **config_kwargs):
+    """A complete tiny EmoVLM-KD in a few seconds on CPU: `(model, image_processor, vlm_processor)`.
+
+    `config_kwargs` go to [`EmoVLMKDConfig`] (gate_type, head_hidden_sizes, vlm_branch_mode, ...); the head
+    defaults to one hidden layer of 32 instead of 1024 to stay tiny.
+    """
+    import torch
+
+    processor = build_tiny_vlm_processor()
+    vlm = build_tiny_vlm(processor, seed=seed, **(vlm_kwargs or {}))
+    config_kwargs.setdefault("head_hidden_sizes", [32])
+    torch.manual_seed(seed)
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, list(labels), **config_kwargs)
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())
+    return model.eval(), image_processor, processor
+
+
+__all__ = ["build_tiny_model", "build_tiny_vlm", "build_tiny_vlm_processor", "build_tiny_tokenizer", "EmoVLMKDConfig"]

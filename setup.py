@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+REMOTE_CODE = ["configuration_emovlm_kd", "modeling_emovlm_kd", "image_processing_emovlm_kd"]
+
+core = [
+    "torch>=2.4",
+    "torchvision",
+    "transformers>=5.24,<6",
+    "huggingface_hub>=1.0",
+    "safetensors",
+    "tokenizers",
+    "pillow",
+    "numpy",
+]
+train = [
+    "accelerate>=1.10",
+    "peft>=0.17",
+    "datasets>=4.0",
+    "timm>=1.0",
+    "scikit-learn",
+    "tensorboard",
+    "matplotlib",
+    "tqdm",
+]
+demo = ["gradio>=5"]
+tests = ["pytest", "selenium"] + train + demo
+
+setup(
+    name="emovlm-kd",
+    version="0.1.0",
+    description="EmoVLM-KD visual emotion analysis: a frozen VLM, a head distilled onto its visual encoder, and a gate",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=REMOTE_CODE,
+    packages=find_packages(include=["emovlm_kd", "emovlm_kd.*"]),
+    install_requires=core,
+    extras_require={"train": train, "demo": demo, "tests": tests, "all": tests},
+)
