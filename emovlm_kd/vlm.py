@@ -1,0 +1,30 @@
+"""Loading the VLM a run starts from: a Hub checkpoint / local folder, or the built-in tiny model (`"tiny"`)."""
+
+import os
+
+TINY = "tiny"
+
+
+def load_vlm_and_processor(name_or_path: str, dtype="auto", seed: int = 0, **model_kwargs):
+    """Return `(vlm, vlm_processor)`.
+
+    `name_or_path` is an `AutoModelForImageTextToText` checkpoint (e.g. `Qwen/Qwen2-VL-7B-Instruct`, the paper's VLM,
+    or a folder written by a previous stage), or `"tiny"` for a random-init Qwen2-VL-architecture model with an
+    offline tokenizer (seconds on CPU; used by the tests and the quickstart).
+    """
+    if name_or_path == TINY:
+        from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
+
+        processor = build_tiny_vlm_processor()
+        return build_tiny_vlm(processor, seed=seed), processor
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"{name_or_path!r} is a folder without config.json: not a saved VLM")
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    vlm = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **model_kwargs)
+    return vlm, processor
+
+
+__all__ = ["TINY", "load_vlm_and_processor"]
