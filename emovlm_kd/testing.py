@@ -1,0 +1,62 @@
+"""Small generated datasets for tests and the quickstart (offline, seconds)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# One base colour per class: the visual signal a model can learn.
+CLASS_COLOURS = [(200, 40, 40), (40, 170, 40), (40, 60, 210), (200, 190, 40), (160, 40, 180), (40, 180, 180)]
+
+
+def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """An image whose dominant colour is the class's (with noise, brightness jitter and a distractor square)."""
+    width, height = size
+    base = np.array(CLASS_COLOURS[label % len(CLASS_COLOURS)], dtype=np.float64) * rng.uniform(0.7, 1.2)
+    pixels = base + rng.normal(0, 25, size=(height, width, 3))
+    side = int(min(width, height) * rng.uniform(0.2, 0.4))
+    top, left = rng.integers(0, height - side), rng.integers(0, width - side)
+    pixels[top : top + side, left : left + side] = rng.uniform(0, 255, size=3)  # distractor of any colour
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def make_imagefolder(
+    root: str | os.PathLike,
+    class_names=("negative", "neutral", "positive"),
+    per_class: dict[str, int] | int = 12,
+    splits=("train", "test"),
+    seed: int = 0,
+    size: tuple[int, int] = (64, 64),
+) -> Path:
+    """Write an ImageFolder tree `root/<split>/<class>/<n>.png|jpg` with a class-dependent colour signal.
+
+    `per_class` is an image count per class for every split, or `{split: count}`; half the images are JPEG.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        count = per_class[split] if isinstance(per_class, dict) else per_class
+        for label, name in enumerate(class_names):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                suffix = "png" if index % 2 else "jpg"
+                make_image(label, rng, size).save(folder / f"{name}_{index:03d}.{suffix}")
+    return root
+
+
+def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
+    """Add three unreadable images to a class folder: a zero-byte file, a truncated JPEG, a text file named .jpg."""
+    class_dir = Path(class_dir)
+    empty = class_dir / "empty.jpg"
+    empty.write_bytes(b"")
+    truncated = class_dir / "truncated.jpg"
+    make_image(0, np.random.default_rng(1), (64, 64)).save(truncated, format="JPEG")
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    text = class_dir / "notes.jpg"
+    text.write_text("this is not an image\n")
+    return [empty, truncated, text]
+
+
+__all__ = ["CLASS_COLOURS", "add_bad_images", "make_image", "make_imagefolder"]

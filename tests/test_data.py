@@ -1,0 +1,123 @@
+"""The data library: ImageFolder loading, stratified val split, bad images, class checks, run markers."""
+
+import collections
+import json
+import logging
+
+import pytest
+
+from emovlm_kd.data import (
+    DataError,
+    complete_marker,
+    ensure_class_names,
+    fingerprint,
+    is_complete,
+    load_imagefolder,
+    open_image_rgb,
+    read_complete,
+    resolve_vlm,
+    write_complete,
+)
+from emovlm_kd.testing import add_bad_images, make_imagefolder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_imagefolder(tmp_path / "data", per_class={"train": 10, "test": 3})
+
+
+def test_splits_and_stratified_val(folder):
+    data = load_imagefolder(folder)
+    assert data.class_names == ["negative", "neutral", "positive"]
+    assert list(data.splits) == ["train", "val", "test"]
+    assert data.val_from_train
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 30
+    assert collections.Counter(data.splits["val"]["label"]) == {0: 1, 1: 1, 2: 1}  # 10% of each class
+    assert data.splits["train"].features["label"].names == data.class_names
+    row = data.splits["test"][0]
+    assert row["image_path"].startswith(str(folder / "test" / "negative")) and row["label"] == 0
+    # same seed, same split; different seed, a different one
+    again = load_imagefolder(folder)
+    assert again.splits["val"]["image_path"] == data.splits["val"]["image_path"]
+    other = load_imagefolder(folder, seed=7)
+    assert other.splits["val"]["image_path"] != data.splits["val"]["image_path"]
+    assert open_image_rgb(row["image_path"]).mode == "RGB"
+
+
+def test_val_folder_is_used_and_class_order_can_be_given(tmp_path):
+    root = make_imagefolder(tmp_path / "d", per_class=4, splits=("train", "val"))
+    data = load_imagefolder(root, class_names=["positive", "negative", "neutral"])
+    assert not data.val_from_train and len(data.splits["val"]) == 12 and "test" not in data.splits
+    positives = [p for p, label in zip(data.splits["train"]["image_path"], data.splits["train"]["label"]) if label == 0]
+    assert positives and all("/positive/" in p for p in positives)
+    with pytest.raises(DataError, match="differ from the class folders"):
+        load_imagefolder(root, class_names=["negative", "positive"])
+
+
+def test_bad_images_are_reported_and_skipped(folder, caplog):
+    bad_files = add_bad_images(folder / "train" / "neutral")
+    (folder / "train" / "neutral" / "README.txt").write_text("not an image, ignored")
+    with caplog.at_level(logging.WARNING, logger="emovlm_kd.data"):
+        data = load_imagefolder(folder)
+    reported = dict(data.bad_images)
+    assert set(reported) == {str(p) for p in bad_files}
+    assert "empty" in reported[str(folder / "train" / "neutral" / "empty.jpg")]
+    assert all(reason for reason in reported.values())
+    listed = set(data.splits["train"]["image_path"]) | set(data.splits["val"]["image_path"])
+    assert len(listed) == 30 and not listed & set(reported)
+    assert data.ignored_files == [str(folder / "train" / "neutral" / "README.txt")]
+    for path in reported:
+        assert path in caplog.text
+    with pytest.raises(ValueError, match="notes.jpg"):
+        open_image_rgb(folder / "train" / "neutral" / "notes.jpg")
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: (root / "test").mkdir(parents=True), "no train/ folder"),
+        (lambda root: make_imagefolder(root, per_class=2) and (root / "train" / "extra").mkdir(), "contains no image files"),
+        (
+            lambda root: make_imagefolder(root, per_class=2) and make_imagefolder(root, ["joy"], per_class=2, splits=["test"]),
+            "Class folders of .*test.* differ",
+        ),
+    ],
+    ids=["missing-root", "missing-train", "empty-class", "classes-differ"],
+)
+def test_clear_errors(tmp_path, breakage, message):
+    root = tmp_path / "broken"
+    breakage(root)
+    with pytest.raises(DataError, match=message):
+        load_imagefolder(root, check_images=False)
+
+
+def test_fingerprint_changes_with_data(folder):
+    data = load_imagefolder(folder, check_images=False)
+    before = data.fingerprint()
+    assert load_imagefolder(folder, check_images=False).fingerprint() == before
+    (folder / "test" / "neutral" / "neutral_000.jpg").unlink()
+    assert load_imagefolder(folder, check_images=False).fingerprint() != before
+
+
+def test_class_names_are_fixed_by_the_first_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    assert ensure_class_names(run_dir, ["a", "b"]) == ["a", "b"]
+    assert json.loads((run_dir / "labels.json").read_text()) == {"class_names": ["a", "b"]}
+    assert ensure_class_names(run_dir, ["a", "b"]) == ["a", "b"]
+    with pytest.raises(DataError, match=r"differ from those fixed for this run"):
+        ensure_class_names(run_dir, ["b", "a"])
+
+
+def test_complete_markers(tmp_path):
+    run_dir = tmp_path / "run"
+    assert not is_complete(run_dir, "teacher") and read_complete(run_dir, "teacher") is None
+    key = fingerprint({"lr": 3e-5, "data": "x"})
+    write_complete(run_dir, "teacher", key, metrics={"accuracy": 0.5})
+    assert complete_marker(run_dir, "teacher") == run_dir / "teacher" / "COMPLETE.json"
+    assert is_complete(run_dir, "teacher", key) and not is_complete(run_dir, "teacher", fingerprint("other"))
+    assert read_complete(run_dir, "teacher")["metrics"] == {"accuracy": 0.5}
+    assert complete_marker(run_dir, "instruction_data") == run_dir / "instruction_data.COMPLETE.json"
+    assert resolve_vlm(run_dir, "tiny") == "tiny"
+    write_complete(run_dir, "instruction_tuning", "k")
+    assert resolve_vlm(run_dir, "tiny") == str(run_dir / "vlm")
