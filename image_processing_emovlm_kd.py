@@ -56,7 +56,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return Image.fromarray(array.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(array.round().astype(np.uint8)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -136,6 +136,13 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
             pad_token_id=pad_token_id,
             **config,
         )
+
+    def to_dict(self):
+        output = super().to_dict()
+        # This processor alone produces every model input, so it is also what AutoProcessor should load.
+        if "AutoImageProcessor" in output.get("auto_map", {}):
+            output["auto_map"]["AutoProcessor"] = output["auto_map"]["AutoImageProcessor"]
+        return output
 
     def _prepare_image(self, image):
         if isinstance(image, (str, os.PathLike, Path)):

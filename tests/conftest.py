@@ -1,0 +1,76 @@
+"""Shared fixtures. Every test runs offline: Hub access is disabled and non-loopback sockets are refused."""
+
+import ipaddress
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+_HF_HOME = tempfile.mkdtemp(prefix="emovlm-kd-hf-home-")
+os.environ.update(
+    {
+        "HF_HOME": _HF_HOME,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None:
+        try:  # never resolve names here: a DNS query is network traffic too
+            allowed = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise OSError(f"Tests must not touch the network (tried to connect to {address!r})")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only_connect
+torch.set_num_threads(2)
+
+EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+
+
+def make_images():
+    """A few images of different sizes and modes."""
+    return [
+        Image.new("RGB", (100, 80), (200, 10, 10)),
+        Image.linear_gradient("L").resize((300, 300)),
+        Image.new("RGB", (30, 200), (0, 99, 1)),
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, image_processor, vlm_processor) for 3 classes; treat as read-only."""
+    from emovlm_kd.tiny import build_tiny_model
+
+    return build_tiny_model(["negative", "neutral", "positive"])
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny, tmp_path_factory):
+    """The tiny model saved as a Hub model folder (model, image processor, tokenizer)."""
+    model, image_processor, vlm_processor = tiny
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    vlm_processor.tokenizer.save_pretrained(folder)
+    return folder

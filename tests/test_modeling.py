@@ -1,0 +1,205 @@
+"""The model: exact class scoring, one vision pass, losses, gates, generation mode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EMOTIONS_8, make_images
+from emovlm_kd.tiny import build_tiny_model
+from modeling_emovlm_kd import GATES, AnswerTrie, distillation_loss, parse_generated_answer
+
+
+def brute_force_log_likelihoods(model, image_processor, images):
+    """A separate full VLM forward over prompt + answer for every (image, class), as the stock model computes it."""
+    table = torch.zeros(len(images), model.config.num_labels)
+    for row, image in enumerate(images):
+        inputs = image_processor([image])
+        for label, answer in enumerate(model.config.answer_token_ids):
+            answer = torch.tensor([answer])
+            input_ids = torch.cat([inputs["input_ids"], answer], dim=1)
+            mm_token_type_ids = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+            logits = model.vlm(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+                mm_token_type_ids=mm_token_type_ids,
+            ).logits
+            log_probs = logits[0, -answer.shape[1] - 1 : -1].float().log_softmax(-1)
+            table[row, label] = log_probs.gather(-1, answer[0, :, None]).sum()
+    return table
+
+
+LABEL_SETS = {
+    "2-classes": ["negative", "positive"],
+    "shared-prefixes": ["sad", "sadness", "joy"],
+    "8-mikels": EMOTIONS_8,
+    "12-mixed": EMOTIONS_8 + ["sad", "joy", "surprise", "neutral calm"],
+}
+
+
+@pytest.mark.parametrize("labels", LABEL_SETS.values(), ids=LABEL_SETS.keys())
+def test_score_branch_equals_brute_force(labels):
+    model, image_processor, _ = build_tiny_model(labels, seed=1)
+    images = make_images()  # different sizes -> different prompt lengths -> left padding in the batch
+    inputs = image_processor(images)
+    assert not inputs["attention_mask"].all(), "the batch should exercise padding"
+    with torch.no_grad():
+        scored = model(**inputs).vlm_log_likelihoods
+        reference = brute_force_log_likelihoods(model, image_processor, images)
+    assert scored.shape == (len(images), len(labels))
+    torch.testing.assert_close(scored, reference, atol=1e-4, rtol=0)
+    # the test is meaningful only if classes actually get different scores
+    assert (reference.max(-1).values - reference.min(-1).values).min() > 1e-3
+
+
+def test_labels_with_shared_prefix_share_trie_nodes(tiny):
+    answers = [[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 6, 9]]
+    trie = AnswerTrie(answers)
+    assert len(trie) == 9  # 1,2,3,9 | 4,5,9 | 6,9 -> shared "1 2" stored once
+    tensors = trie.tensors(torch.device("cpu"))
+    assert tensors["paths"].sum(-1).tolist() == [4, 5, 3]
+    assert all(trie.parents[node] < node for node in range(len(trie)))
+
+
+def test_visual_encoder_runs_once_per_image(tiny):
+    model, image_processor, _ = tiny
+    calls = []
+    handle = model.vlm.model.visual.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["grid_thw"].clone()), with_kwargs=True
+    )
+    try:
+        inputs = image_processor(make_images())
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(calls[0], inputs["image_grid_thw"])  # every image exactly once, in that one call
+
+
+def test_visual_encoder_runs_once_in_generate_mode():
+    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_branch_mode="generate", max_new_tokens=4)
+    calls = []
+    handle = model.vlm.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        out = model(**image_processor(make_images()))
+    handle.remove()
+    assert len(calls) == 1
+    assert out.vlm_log_likelihoods is None
+    assert set(out.vlm_scores.unique().tolist()) <= {0.0, 1.0}
+    assert (out.vlm_scores.sum(-1) <= 1).all()
+
+
+def test_generated_answers_parse_into_one_hot():
+    answers = [[7, 8, 10], [7, 8, 11, 12]]  # "sad" and "sadness"-like token answers (end token removed)
+    assert parse_generated_answer([1, 7, 8, 11, 12, 99], answers) == 1
+    assert parse_generated_answer([7, 8, 10, 99], answers) == 0
+    assert parse_generated_answer([7, 8, 11, 12, 7, 8, 10], answers) == 1  # earliest answer wins
+    assert parse_generated_answer([7, 8, 99], answers) is None  # unparseable -> all zeros in the model
+    assert parse_generated_answer([17, 8, 10], answers) is None
+
+
+def test_generate_mode_matches_stock_greedy_generation():
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate", max_new_tokens=6)
+    image = make_images()[0]
+    inputs = image_processor([image])
+    image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    with torch.no_grad():
+        _, generated = model.generate_answers(
+            inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], image_embeds
+        )
+        stock = model.vlm.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=model.config.answer_token_ids[0][-1])
+    stock_new = stock[0, inputs["input_ids"].shape[1] :].tolist()
+    assert generated[0][: len(stock_new)] == stock_new
+
+
+def test_distillation_loss_matches_formula_by_hand():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([1, 2])
+    temperature, alpha = 2.0, 0.5
+    kl = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        s = [torch.tensor(v / temperature).exp().item() for v in s_row]
+        t = [torch.tensor(v / temperature).exp().item() for v in t_row]
+        p_s = [v / sum(s) for v in s]
+        p_t = [v / sum(t) for v in t]
+        kl += sum(pt * (torch.tensor(pt).log().item() - torch.tensor(ps).log().item()) for pt, ps in zip(p_t, p_s))
+    kl = kl / 2 * temperature**2
+    ce = 0.0
+    for s_row, y in zip(student.tolist(), labels.tolist()):
+        ce += -(s_row[y] - torch.tensor(s_row).exp().sum().log().item())
+    ce /= 2
+    expected = alpha * kl + (1 - alpha) * ce
+    got = distillation_loss(student, teacher, labels, temperature=temperature, alpha=alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_loss(student, teacher, None, temperature=temperature).item() == pytest.approx(kl, rel=1e-5)
+    assert distillation_loss(teacher, teacher, None).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("gate_type", list(GATES))
+def test_gate_shapes_and_gradients(gate_type):
+    num_labels, batch = 5, 4
+    gate = GATES[gate_type](num_labels, num_experts=3)
+    head_logits = torch.randn(batch, num_labels, requires_grad=True)
+    vlm_scores = torch.randn(batch, num_labels).softmax(-1).requires_grad_()
+    logits, weights = gate(head_logits, vlm_scores)
+    assert logits.shape == (batch, num_labels)
+    expected_weights = {"moe": (batch, 3), "dynamic_weighting": (batch, 2), "cross_gating": (batch, 2, num_labels)}
+    if gate_type in expected_weights:
+        assert weights.shape == expected_weights[gate_type]
+    else:
+        assert weights is None
+    F.cross_entropy(logits, torch.arange(batch) % num_labels).backward()
+    for name, parameter in gate.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert head_logits.grad.abs().sum() > 0 and vlm_scores.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gate_type", list(GATES))
+def test_model_with_every_gate(gate_type):
+    model, image_processor, _ = build_tiny_model(["a", "b", "c", "d"], gate_type=gate_type)
+    out = model(**image_processor(make_images()[:2]), labels=torch.tensor([0, 3]))
+    assert out.logits.shape == (2, 4) and torch.isfinite(out.loss)
+
+
+def test_losses_and_frozen_vlm():
+    model, image_processor, _ = build_tiny_model(["a", "b", "c"])
+    model.train()
+    assert not model.vlm.training, "a frozen VLM stays in eval mode"
+    inputs = image_processor(make_images())
+    labels = torch.tensor([0, 1, 2])
+    teacher_logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    out = model(**inputs, labels=labels, teacher_logits=teacher_logits)
+    kd = distillation_loss(out.head_logits, teacher_logits, labels, temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(out.distillation_loss, kd)
+    torch.testing.assert_close(out.loss, kd + F.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vlm.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert all(p.grad is not None for p in model.gate.parameters())
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head", "gate"}
+
+
+def test_one_hot_gate_input_and_probabilities():
+    model, image_processor, _ = build_tiny_model(["a", "b", "c"], vlm_branch_input="one_hot")
+    with torch.no_grad():
+        out = model(**image_processor(make_images()))
+    assert torch.equal(out.vlm_scores, F.one_hot(out.vlm_log_likelihoods.argmax(-1), 3).float())
+    model.config.vlm_branch_input = "probs"
+    with torch.no_grad():
+        out = model(**image_processor(make_images()))
+    torch.testing.assert_close(out.vlm_scores.sum(-1), torch.ones(3))
+
+
+def test_config_rejects_bad_values():
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+    with pytest.raises(ValueError, match="gate_type"):
+        EmoVLMKDConfig(id2label={0: "a", 1: "b"}, gate_type="nope")
+    with pytest.raises(ValueError, match="at least 2"):
+        EmoVLMKDConfig(id2label={0: "a"})
+    with pytest.raises(ValueError, match="answer_token_ids"):
+        EmoVLMKDConfig(id2label={0: "a", 1: "b"}, answer_token_ids=[[1, 2]])

@@ -1,0 +1,121 @@
+"""The saved model folder loads through the Auto classes and the pipeline in a fresh process without this package."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors import safe_open
+
+from conftest import make_images
+
+# Runs in a fresh interpreter, from an unrelated directory, with this package's modules made unimportable.
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    BLOCKED = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd"}
+
+    class BlockProjectModules:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, BlockProjectModules())
+    import torch
+    from PIL import Image
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
+                              AutoProcessor, pipeline)
+
+    folder, out_path = sys.argv[1], sys.argv[2]
+    for name in BLOCKED:
+        try:
+            importlib.import_module(name)
+            raise SystemExit(f"{name} should not be importable")
+        except ModuleNotFoundError:
+            pass
+    import importlib
+    kinds = {
+        "config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "auto_model": type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "image_processor": type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "processor": type(AutoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__,
+    }
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    kinds["model"] = type(model).__name__
+    kinds["model_module"] = type(model).__module__
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    images = [Image.new("RGB", (100, 80), (200, 10, 10)), Image.linear_gradient("L").resize((300, 300)),
+              Image.new("RGB", (30, 200), (0, 99, 1))]
+    with torch.no_grad():
+        logits = model(**processor(images)).logits.tolist()
+    odd = [Image.new("P", (50, 50)), Image.new("RGBA", (60, 40)), Image.new("CMYK", (40, 40)),
+           Image.new("I;16", (33, 33)), Image.new("RGB", (1, 1))]
+    classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+    single = classifier(images[0], top_k=None)
+    batched = classifier(images + odd, batch_size=3, top_k=None)
+    json.dump({"kinds": kinds, "logits": logits, "single": single, "batched": batched}, open(out_path, "w"))
+    """
+)
+
+
+def _run_fresh(folder, tmp_path):
+    script, out_path = tmp_path / "fresh.py", tmp_path / "out.json"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(out_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out_path.read_text())
+
+
+def test_folder_contents(tiny_folder):
+    files = set(os.listdir(tiny_folder))
+    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_emovlm_kd.py",
+                "modeling_emovlm_kd.py", "image_processing_emovlm_kd.py", "tokenizer.json"}  # fmt: skip
+    assert expected <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    config = json.loads((tiny_folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_emovlm_kd.EmoVLMKDConfig",
+        "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
+        "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
+    }
+    assert config["model_type"] == "emovlm_kd" and config["vlm_config"]["model_type"] == "qwen2_vl"
+    preprocessor = json.loads((tiny_folder / "preprocessor_config.json").read_text())
+    assert set(preprocessor["auto_map"]) == {"AutoImageProcessor", "AutoProcessor"}
+    with safe_open(tiny_folder / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    assert any(k.startswith(("vlm.visual.", "vlm.model.visual.")) for k in keys) and any(k.startswith("head.") for k in keys)
+    assert any(k.startswith("gate.") for k in keys)
+
+
+def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_path):
+    model, image_processor, _ = tiny
+    with torch.no_grad():
+        expected = model(**image_processor(make_images())).logits
+    result = _run_fresh(tiny_folder, tmp_path)
+
+    kinds = result["kinds"]
+    assert kinds["model"] == kinds["auto_model"] == "EmoVLMKDForImageClassification"
+    assert kinds["model_module"].startswith("transformers_modules.")
+    assert kinds["config"] == "EmoVLMKDConfig"
+    assert kinds["image_processor"] == kinds["processor"] == "EmoVLMKDImageProcessor"
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-6, rtol=1e-5)
+
+    labels = set(model.config.labels)
+    for prediction in [result["single"]] + result["batched"]:
+        assert {entry["label"] for entry in prediction} == labels
+        assert abs(sum(entry["score"] for entry in prediction) - 1) < 1e-5
+    assert len(result["batched"]) == 8
+    expected_probs = expected.softmax(-1)[0]
+    single = {entry["label"]: entry["score"] for entry in result["single"]}
+    for index, label in model.config.id2label.items():
+        assert abs(single[label] - expected_probs[index].item()) < 1e-5
+    # batched pipeline calls agree with unbatched ones
+    batched_first = {entry["label"]: entry["score"] for entry in result["batched"][0]}
+    for label in labels:
+        assert abs(batched_first[label] - single[label]) < 1e-5
