@@ -7,6 +7,9 @@ from transformers.configuration_utils import SubConfigSpec
 GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating")
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
+# VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
+# Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
+SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 DEFAULT_PROMPT = (
     "Which emotion does this image evoke? Choose one of the following emotions: <labels>. "
@@ -74,6 +77,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.vlm_config.model_type not in SUPPORTED_VLM_FAMILIES:
+            raise ValueError(
+                f"VLM family {self.vlm_config.model_type!r} is not supported; supported: {SUPPORTED_VLM_FAMILIES}"
+            )
         if self.head_hidden_sizes is None:
             self.head_hidden_sizes = [1024]
         if self.gate_type not in GATE_TYPES:

@@ -1,7 +1,14 @@
 """Tiny random-init Qwen2-VL-family models with an offline tokenizer and processor (tests, quickstart, benchmarks)."""
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AddedToken, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import (
+    AddedToken,
+    AutoModelForImageTextToText,
+    Qwen2_5_VLConfig,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -87,15 +94,40 @@ def build_tiny_vlm(
     vision_dim: int = 32,
     vision_depth: int = 2,
     seed: int = 0,
-) -> Qwen2VLForConditionalGeneration:
-    """A random-init Qwen2-VL-architecture model whose vocabulary matches `processor.tokenizer`."""
+    family: str = "qwen2_vl",
+):
+    """A random-init Qwen2-VL-architecture model whose vocabulary matches `processor.tokenizer`.
+
+    `family` is `"qwen2_vl"` or `"qwen2_5_vl"` (same processor; windowed-attention vision tower).
+    """
     import torch
 
     tokenizer = processor.tokenizer
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
-    config = Qwen2VLConfig(
+    vision_config = {
+        "depth": vision_depth,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_vl":
+        config_class = Qwen2VLConfig
+        vision_config.update(embed_dim=vision_dim, hidden_size=hidden_size, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        config_class = Qwen2_5_VLConfig
+        vision_config.update(
+            hidden_size=vision_dim,
+            intermediate_size=2 * vision_dim,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+        )
+    else:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+    config = config_class(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": hidden_size,
@@ -109,23 +141,14 @@ def build_tiny_vlm(
             "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": vision_depth,
-            "embed_dim": vision_dim,
-            "hidden_size": hidden_size,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision_config,
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(config).eval()
+    return AutoModelForImageTextToText.from_config(config).eval()
 
 
 def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, vlm_kwargs=None, **config_kwargs):

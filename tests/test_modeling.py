@@ -203,3 +203,20 @@ def test_config_rejects_bad_values():
         EmoVLMKDConfig(id2label={0: "a"})
     with pytest.raises(ValueError, match="answer_token_ids"):
         EmoVLMKDConfig(id2label={0: "a", 1: "b"}, answer_token_ids=[[1, 2]])
+
+
+def test_qwen2_5_vl_family_scores_exactly():
+    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_kwargs={"family": "qwen2_5_vl"})
+    assert model.vlm.config.model_type == "qwen2_5_vl"
+    images = make_images()
+    with torch.no_grad():
+        scored = model(**image_processor(images)).vlm_log_likelihoods
+        reference = brute_force_log_likelihoods(model, image_processor, images)
+    torch.testing.assert_close(scored, reference, atol=1e-4, rtol=0)
+
+
+def test_unsupported_vlm_family_is_a_clear_error():
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+    with pytest.raises(ValueError, match="not supported"):
+        EmoVLMKDConfig(id2label={0: "a", 1: "b"}, vlm_config={"model_type": "llava"})
