@@ -339,6 +339,20 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         return inputs_embeds, position_ids
 
+    def _attention_mask_for_backend(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The tree-shaped 4D mask in the form the attention backend takes (boolean for SDPA, additive for eager)."""
+        backend = self.vlm.model.language_model.config._attn_implementation
+        if backend in (None, "sdpa"):
+            return allowed
+        if backend == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        raise ValueError(
+            f"The 'score' VLM branch needs a custom attention mask, which attn_implementation={backend!r} does not "
+            "take; load the model with attn_implementation='sdpa' (default) or 'eager'."
+        )
+
     def score_answers(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds):
         """Exact log-likelihood `(batch, num_labels)` of every class's answer given image and prompt.
 
@@ -368,8 +382,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         allowed[:, length:, :length] = keys_valid[:, None, :]
         allowed[:, length:, length:] = trie["ancestors"]
         allowed |= torch.eye(length + nodes, dtype=torch.bool, device=input_ids.device)  # padding rows: no NaN
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=input_ids.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min).unsqueeze(1)
+        mask = self._attention_mask_for_backend(allowed.unsqueeze(1), inputs_embeds.dtype)
 
         hidden = self.vlm.model.language_model(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False

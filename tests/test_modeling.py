@@ -220,3 +220,14 @@ def test_unsupported_vlm_family_is_a_clear_error():
 
     with pytest.raises(ValueError, match="not supported"):
         EmoVLMKDConfig(id2label={0: "a", 1: "b"}, vlm_config={"model_type": "llava"})
+
+
+def test_eager_attention_scores_like_sdpa():
+    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"])
+    inputs = image_processor(make_images())
+    with torch.no_grad():
+        sdpa = model(**inputs).vlm_log_likelihoods
+        model.vlm.set_attn_implementation("eager")
+        assert model.vlm.model.language_model.config._attn_implementation == "eager"
+        eager = model(**inputs).vlm_log_likelihoods
+    torch.testing.assert_close(sdpa, eager, atol=1e-4, rtol=0)
