@@ -1,0 +1,280 @@
+# Copyright 2026 The emovlm-kd authors. Licensed under the Apache License, Version 2.0.
+"""Gradio demo of an EmoVLM-KD emotion classifier (a Hugging Face Space app, shipped in every exported model repo).
+
+Upload an image: the app shows the fused prediction, the VLM branch and the distilled head side by side, and how
+the gate combined them (each branch's contribution to the fused logits).
+
+    python app.py [MODEL] [--host 0.0.0.0] [--port 7860]
+
+MODEL is a model folder or Hub repo id. Without it: `$EMOVLM_KD_MODEL`, then the model repo this file sits in
+(next to `config.json` or one folder below it), then - when the `emovlm_kd` package is installed - a tiny random
+model built offline (for trying the app; its predictions mean nothing).
+
+As a Space: a Gradio Space holding this file and `requirements.txt`, with the Space variable `EMOVLM_KD_MODEL` set to
+the model repo (and `HF_TOKEN` as a secret if that repo is private).
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version checks
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
+
+MODEL_ENV = "EMOVLM_KD_MODEL"
+TINY_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+HEAD, VLM = "distilled head", "VLM branch"
+
+
+# ---------------------------------------------------------------------------------------------- model
+def resolve_model(model: str | None = None) -> tuple[str, bool]:
+    """`(model folder or repo id, is_tiny)` from the argument, `$EMOVLM_KD_MODEL`, this file's repo, or a tiny model."""
+    model = model or os.environ.get(MODEL_ENV)
+    if model:
+        return model, False
+    here = Path(__file__).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / "config.json").is_file():
+            return str(folder), False
+    try:
+        return build_tiny_model_folder(), True
+    except ImportError:
+        raise SystemExit(
+            f"No model given: pass a model folder or Hub repo id (`python app.py MODEL`) or set ${MODEL_ENV}."
+        ) from None
+
+
+def build_tiny_model_folder(labels=TINY_LABELS) -> str:
+    """Save a tiny random EmoVLM-KD (built offline by the `emovlm_kd` package) to a temporary model folder."""
+    from emovlm_kd.tiny import build_tiny_model  # ImportError when only the PyPI packages are installed
+
+    folder = tempfile.mkdtemp(prefix="emovlm-kd-tiny-model-")
+    model, image_processor, vlm_processor = build_tiny_model(labels)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    vlm_processor.tokenizer.save_pretrained(folder)
+    return folder
+
+
+class EmotionPredictor:
+    """The model, its image processor and a `__call__(image)` returning every branch's output for one image."""
+
+    def __init__(self, model: str, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForImageClassification.from_pretrained(model, trust_remote_code=True, dtype="auto")
+        self.model.to(self.device).eval()
+        self.image_processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
+        self.config = self.model.config
+        self.labels = [self.config.id2label[index] for index in range(self.config.num_labels)]
+
+    @torch.inference_mode()
+    def __call__(self, image: Image.Image) -> dict:
+        """Class probabilities of the fused output and of each branch, the gate's view, and the time taken."""
+        start = time.perf_counter()
+        inputs = self.image_processor([image], return_tensors="pt").to(self.device)
+        out = self.model(**inputs)
+        seconds = time.perf_counter() - start
+        head_logits, vlm_scores = out.head_logits[0].float(), out.vlm_scores[0].float()
+        gate_weights = None if out.gate_weights is None else out.gate_weights[0].float()
+        # The VLM branch as a distribution: its answer likelihoods when scored (also when the gate sees a one-hot).
+        if out.vlm_log_likelihoods is not None:
+            vlm_probs = out.vlm_log_likelihoods[0].float().softmax(-1)
+        else:
+            vlm_probs = vlm_scores
+        return {
+            "fused": out.logits[0].float().softmax(-1),
+            "vlm": vlm_probs,
+            "head": head_logits.softmax(-1),
+            "logits": out.logits[0].float(),
+            "contributions": branch_contributions(self.model, head_logits, vlm_scores, gate_weights),
+            "gate_weights": gate_weights,
+            "seconds": seconds,
+            "device": self.device.type.upper(),
+        }
+
+
+def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict | None:
+    """Exact split of the fused logits into `head + vlm + bias` (each `(num_labels,)`), or None for the bilinear gate.
+
+    Every gate but the bilinear one is linear in each branch once its own weights are fixed: for `concat_linear`
+    (`Linear(2C -> C)` on `cat(head_logits, vlm_scores)`) a branch's part is the product with its half of the weight
+    columns; `moe` mixes its experts' weights by the routing weights; `cross_gating` applies its output layer to
+    the gated branches; `dynamic_weighting` scales each branch by its weight.
+    """
+    gate, gate_type, num_labels = model.gate, model.config.gate_type, model.config.num_labels
+    head_logits, vlm_scores = head_logits.float(), vlm_scores.float()
+    if gate_type == "dynamic_weighting":
+        return {"head": gate_weights[0] * head_logits, "vlm": gate_weights[1] * vlm_scores, "bias": torch.zeros_like(head_logits)}
+    if gate_type == "concat_linear":
+        weight, bias = gate.proj.weight.float(), gate.proj.bias.float()
+    elif gate_type == "moe":
+        weight = sum(w * expert.weight.float() for w, expert in zip(gate_weights, gate.experts))
+        bias = sum(w * expert.bias.float() for w, expert in zip(gate_weights, gate.experts))
+    elif gate_type == "cross_gating":
+        weight, bias = gate.proj.weight.float(), gate.proj.bias.float()
+        head_logits, vlm_scores = head_logits * gate_weights[0], vlm_scores * gate_weights[1]
+    else:
+        return None
+    return {
+        "head": weight[:, :num_labels] @ head_logits,
+        "vlm": weight[:, num_labels:] @ vlm_scores,
+        "bias": bias,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- presentation
+def as_label(labels: list[str], values: torch.Tensor) -> dict[str, float]:
+    return {label: float(value) for label, value in zip(labels, values.tolist())}
+
+
+def gate_summary(prediction: dict, labels: list[str]) -> dict[str, float] | None:
+    """Each branch's share of the absolute contribution to the predicted class's fused logit."""
+    parts = prediction["contributions"]
+    if parts is None:
+        return None
+    winner = int(prediction["fused"].argmax())
+    head, vlm = abs(float(parts["head"][winner])), abs(float(parts["vlm"][winner]))
+    total = head + vlm
+    return {HEAD: head / total, VLM: vlm / total} if total > 0 else {HEAD: 0.5, VLM: 0.5}
+
+
+def gate_markdown(prediction: dict, labels: list[str], gate_type: str) -> str:
+    """The gate's own weights (when it has any) and a per-class table of the fused logit's parts."""
+    fused, parts, weights = prediction["fused"], prediction["contributions"], prediction["gate_weights"]
+    winner = int(fused.argmax())
+    lines = [f"**Gate:** `{gate_type}`, prediction **{labels[winner]}** ({float(fused[winner]):.1%})."]
+    if gate_type == "dynamic_weighting":
+        lines.append(f"Per-image weights: {HEAD} {float(weights[0]):.3f}, {VLM} {float(weights[1]):.3f}.")
+    elif gate_type == "moe":
+        lines.append("Expert routing: " + ", ".join(f"expert {i + 1} {float(w):.3f}" for i, w in enumerate(weights)) + ".")
+    elif gate_type == "cross_gating":
+        lines.append(
+            f"Mean per-class gate: on the {HEAD} {float(weights[0].mean()):.3f}, on the {VLM} {float(weights[1].mean()):.3f}."
+        )
+    if parts is None:
+        lines.append("The bilinear gate multiplies the two branches together, so its output has no per-branch split.")
+        return "\n\n".join(lines)
+    lines.append(f"Fused logit = from {HEAD} + from {VLM} + bias:")
+    table = [f"| class | {HEAD} prob | {VLM} prob | from head | from VLM | bias | fused logit |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for index, label in enumerate(labels):
+        name = f"**{label}**" if index == winner else label
+        table.append(
+            f"| {name} | {float(prediction['head'][index]):.3f} | {float(prediction['vlm'][index]):.3f} "
+            f"| {float(parts['head'][index]):+.3f} | {float(parts['vlm'][index]):+.3f} "
+            f"| {float(parts['bias'][index]):+.3f} | {float(prediction['logits'][index]):+.3f} |"
+        )
+    lines.append("\n".join(table))
+    lines.append(f"_{prediction['seconds'] * 1000:.0f} ms on {prediction['device']}._")
+    return "\n\n".join(lines)
+
+
+def make_example_images(folder: str | os.PathLike) -> list[str]:
+    """A few procedurally drawn scenes (no files to ship, nothing to download)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size, rng = 224, np.random.default_rng(0)
+    rows = np.linspace(0, 1, size)[:, None, None]
+
+    def gradient(top, bottom):
+        return Image.fromarray((np.array(top) * (1 - rows) + np.array(bottom) * rows).repeat(size, 1).astype(np.uint8))
+
+    sunset = gradient((255, 140, 40), (90, 30, 120))
+    ImageDraw.Draw(sunset).ellipse((80, 120, 144, 184), fill=(255, 220, 90))
+    storm = gradient((40, 40, 50), (90, 90, 100))
+    noise = rng.normal(0, 18, (size, size, 3))
+    storm = Image.fromarray(np.clip(np.asarray(storm) + noise, 0, 255).astype(np.uint8)).filter(ImageFilter.BLUR)
+    ImageDraw.Draw(storm).line([(120, 0), (100, 70), (130, 90), (95, 180)], fill=(250, 250, 210), width=5)
+    meadow = gradient((120, 190, 255), (200, 230, 255))
+    draw = ImageDraw.Draw(meadow)
+    draw.ellipse((-60, 130, 290, 400), fill=(70, 160, 60))
+    for x, y in rng.integers((0, 160), (size, size), (40, 2)):
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(255, 220, 0))
+    night = gradient((5, 10, 40), (20, 30, 80))
+    draw = ImageDraw.Draw(night)
+    for x, y in rng.integers(0, size, (60, 2)):
+        draw.point((int(x), int(y)), fill=(255, 255, 255))
+    paths = []
+    for name, image in {"sunset": sunset, "storm": storm, "meadow": meadow, "night": night}.items():
+        path = folder / f"{name}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list[str] = (), tiny: bool = False):
+    labels, config = predictor.labels, predictor.config
+    num_labels = len(labels)
+
+    def classify(image):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        prediction = predictor(image)
+        return (
+            as_label(labels, prediction["fused"]),
+            as_label(labels, prediction["vlm"]),
+            as_label(labels, prediction["head"]),
+            gate_summary(prediction, labels),
+            gate_markdown(prediction, labels, config.gate_type),
+        )
+
+    vlm_name = getattr(config.vlm_config, "_name_or_path", "") or config.vlm_config.model_type
+    notice = (
+        "\n\n> This is a **tiny randomly initialised model** built offline to try the app: its predictions mean "
+        f"nothing. Pass a trained model: `python app.py MODEL` or set `{MODEL_ENV}`."
+        if tiny
+        else ""
+    )
+    vlm_branch = "exact likelihood of each answer" if config.vlm_branch_mode == "score" else "generated answer"
+    with gr.Blocks(title="EmoVLM-KD emotion classifier") as demo:
+        gr.Markdown(
+            f"# EmoVLM-KD: which emotion does this image evoke?\n"
+            f"Model `{model_name}` ({vlm_name}, {num_labels} classes: {', '.join(labels)}). "
+            f"The **VLM branch** ({vlm_branch}) and the **distilled head** (an MLP on the VLM's own image "
+            f"embeddings) each predict; the **gate** (`{config.gate_type}`) fuses them.{notice}"
+        )
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                submit = gr.Button("Classify", variant="primary", elem_id="submit")
+                if example_paths:
+                    gr.Examples([[path] for path in example_paths], inputs=image, label="Examples (generated)")
+            fused = gr.Label(num_top_classes=num_labels, label="Prediction (fused by the gate)", elem_id="fused")
+        with gr.Row(equal_height=True):
+            vlm = gr.Label(num_top_classes=num_labels, label=VLM, elem_id="vlm-branch")
+            head = gr.Label(num_top_classes=num_labels, label=HEAD, elem_id="head-branch")
+            share = gr.Label(label="Share of the predicted class's fused logit", elem_id="gate-share")
+        explanation = gr.Markdown(elem_id="gate-table")
+        submit.click(classify, inputs=image, outputs=[fused, vlm, head, share, explanation], api_name="classify")
+    return demo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help=f"model folder or Hub repo id (default: ${MODEL_ENV})")
+    parser.add_argument("--host", default=None, help="server address (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="server port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tiny = resolve_model(args.model)
+    print(f"Loading {model}{' (tiny random model)' if tiny else ''}", flush=True)
+    predictor = EmotionPredictor(model, device=args.device)
+    example_folder = Path(tempfile.gettempdir()) / "emovlm-kd-space-examples"
+    examples = make_example_images(example_folder)
+    demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, allowed_paths=[str(example_folder)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

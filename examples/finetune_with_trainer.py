@@ -1,0 +1,158 @@
+"""Fine-tune the distilled head and the gate of an EmoVLM-KD model with `transformers.Trainer` (the VLM stays frozen).
+
+    python examples/finetune_with_trainer.py                          # tiny random model, generated data, offline
+    python examples/finetune_with_trainer.py MODEL --data DIR --output-dir OUT --epochs 3 --learning-rate 1e-4
+
+MODEL is a model folder or Hub repo id. DIR is an ImageFolder tree (`train/<class>/*.jpg`, and `test/` or
+`validation/` for evaluation) whose class names are the model's labels. The full retraining recipe (teacher,
+distillation from cached features, gate) is in `train/`; this shows the model is an ordinary Trainer citizen.
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from sklearn.metrics import accuracy_score
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help="model folder or Hub repo id (default: a tiny random model)")
+    parser.add_argument("--data", help="ImageFolder directory (default: a small generated dataset)")
+    parser.add_argument("--output-dir", help="where the fine-tuned model is saved (default: a temporary folder)")
+    parser.add_argument("--epochs", type=float, default=10)
+    parser.add_argument("--learning-rate", type=float, help="default: 3e-2 for the tiny model, 1e-4 for a given one")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def build_tiny_model_folder(folder: Path) -> str:
+    """A tiny random-weight model saved as a model folder, built offline."""
+    from emovlm_kd.tiny import build_tiny_model
+
+    model, image_processor, vlm_processor = build_tiny_model(["negative", "neutral", "positive"])
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    vlm_processor.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def generated_dataset(labels: list[str], train_per_class: int = 12, test_per_class: int = 6) -> DatasetDict:
+    """Images whose dominant colour is the class's (plus noise and a distractor square): a learnable signal."""
+    from emovlm_kd.testing import make_image
+
+    rng = np.random.default_rng(0)
+    features = Features({"image": Image(), "label": ClassLabel(names=labels)})
+
+    def split(per_class):
+        rows = [(make_image(label, rng), label) for label in range(len(labels)) for _ in range(per_class)]
+        return Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]}, features=features)
+
+    return DatasetDict(train=split(train_per_class), test=split(test_per_class))
+
+
+def imagefolder_dataset(data_dir: str, label2id: dict[str, int]) -> DatasetDict:
+    """An ImageFolder tree as a DatasetDict whose label ids follow the model's `label2id`."""
+    dataset = load_dataset("imagefolder", data_dir=data_dir)
+    names = dataset["train"].features["label"].names
+    if sorted(names) != sorted(label2id):
+        raise ValueError(f"The classes of {data_dir!r} {names} are not the model's labels {sorted(label2id)}")
+    return dataset.align_labels_with_mapping(label2id, "label")
+
+
+def make_collator(image_processor):
+    """Batch examples with the model's own image processor: pixels, prompt ids and masks, plus `labels`."""
+
+    def collate(examples: list[dict]) -> dict:
+        batch = dict(image_processor([example["image"] for example in examples], return_tensors="pt"))
+        batch["labels"] = torch.tensor([example["label"] for example in examples])
+        return batch
+
+    return collate
+
+
+def compute_metrics(prediction) -> dict:
+    # The model returns (logits, head_logits, vlm_scores, ...): accuracy of the fused output and of each branch.
+    logits, head_logits, vlm_scores = prediction.predictions[:3]
+    labels = prediction.label_ids
+    return {
+        "accuracy": accuracy_score(labels, logits.argmax(-1)),
+        "head_accuracy": accuracy_score(labels, head_logits.argmax(-1)),
+        "vlm_accuracy": accuracy_score(labels, vlm_scores.argmax(-1)),
+    }
+
+
+def main():
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="emovlm-kd-finetune-"))
+    model_path = args.model or build_tiny_model_folder(workdir / "model")
+    output_dir = args.output_dir or str(workdir / "finetuned")
+    learning_rate = args.learning_rate or (1e-4 if args.model else 3e-2)  # a random tiny head needs big steps
+
+    model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
+    model.set_trainable(head=True, gate=True, vlm=False)  # the VLM is frozen: only the head and gate learn
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    dataset = imagefolder_dataset(args.data, model.config.label2id) if args.data else generated_dataset(labels)
+    eval_split = next((name for name in ("test", "validation") if name in dataset), "train")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{len(dataset['train'])} training images, {len(dataset[eval_split])} {eval_split} images, classes {labels}")
+    print(f"trainable parameters: {trainable:,} of {total:,} (head + gate)")
+
+    training_args = TrainingArguments(
+        output_dir=str(workdir / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=learning_rate,
+        weight_decay=1e-4,
+        lr_scheduler_type="constant",
+        remove_unused_columns=False,  # the collator needs the raw "image" column
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=5,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset[eval_split],
+        data_collator=make_collator(image_processor),
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    for name in ("loss", "accuracy", "head_accuracy", "vlm_accuracy"):
+        print(f"{eval_split} {name:<14} before {before[f'eval_{name}']:.4f}  after {after[f'eval_{name}']:.4f}")
+
+    trainer.save_model(output_dir)  # weights, config, remote code and the image processor
+    try:  # the tokenizer is not needed for inference, but a model repo carries it (e.g. to change the labels)
+        AutoTokenizer.from_pretrained(model_path, trust_remote_code=True).save_pretrained(output_dir)
+    except OSError:
+        print(f"{model_path} has no tokenizer; the fine-tuned folder has none either")
+    classifier = pipeline("image-classification", model=output_dir, trust_remote_code=True)
+    example = dataset[eval_split][0]
+    print(f"reloaded from {output_dir}: {classifier(example['image'], top_k=1)[0]} (true: {labels[example['label']]})")
+
+
+if __name__ == "__main__":
+    main()
