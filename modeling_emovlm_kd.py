@@ -256,21 +256,30 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_vlm(cls, vlm, processor, id2label: dict[int, str] | list[str], **config_kwargs):
+    def from_vlm(cls, vlm, processor=None, id2label: dict[int, str] | list[str] = None, **config_kwargs):
         """Wrap a VLM with a fresh head and gate for a label set.
 
         Args:
             vlm (`str` or `PreTrainedModel`): an `AutoModelForImageTextToText` checkpoint name or folder
-                (e.g. `"Qwen/Qwen2-VL-2B-Instruct"`), or an already loaded model.
-            processor: the VLM's processor (e.g. `Qwen2VLProcessor`); its tokenizer tokenises the class answers.
+                (e.g. `"Qwen/Qwen2-VL-2B-Instruct"`), or an already loaded model. Its weights are used as they are.
+            processor: the VLM's processor (e.g. `Qwen2VLProcessor`), whose tokenizer tokenises the class answers;
+                loaded from `vlm` when `vlm` is a name and `processor` is None.
             id2label: the classes, as `{index: name}` or a list of names in order.
             **config_kwargs: any [`EmoVLMKDConfig`] field (gate_type, head_hidden_sizes, ...).
 
         Returns the model; build the matching image processor with
         `EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())`.
         """
+        if id2label is None:
+            raise ValueError("from_vlm needs the class labels (id2label)")
         if isinstance(vlm, str):
+            if processor is None:
+                from transformers import AutoProcessor
+
+                processor = AutoProcessor.from_pretrained(vlm)
             vlm = AutoModelForImageTextToText.from_pretrained(vlm, dtype=config_kwargs.pop("dtype", "auto"))
+        if processor is None:
+            raise ValueError("from_vlm needs the VLM's processor to tokenise the class answers")
         if isinstance(id2label, (list, tuple)):
             id2label = dict(enumerate(id2label))
         config = EmoVLMKDConfig(
@@ -280,11 +289,16 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             **config_kwargs,
         )
         config.answer_token_ids = tokenize_answers(processor.tokenizer, config)
-        model = cls(config)
+        with torch.device("meta"):  # skip building (and initialising) a second, random VLM
+            model = cls(config)
         model.vlm = vlm
-        if config.freeze_vlm:
-            vlm.requires_grad_(False)
-        return model.to(next(vlm.parameters()).dtype) if vlm.dtype.is_floating_point else model
+        device = next(vlm.parameters()).device
+        for module in (model.head, model.gate):
+            module.to_empty(device=device)
+            for submodule in module.modules():
+                model._init_weights(submodule)
+        model.set_trainable(head=True, gate=True, vlm=not config.freeze_vlm)
+        return model
 
     # ------------------------------------------------------------------ trainability
     def train(self, mode: bool = True):

@@ -231,3 +231,20 @@ def test_eager_attention_scores_like_sdpa():
         assert model.vlm.model.language_model.config._attn_implementation == "eager"
         eager = model(**inputs).vlm_log_likelihoods
     torch.testing.assert_close(sdpa, eager, atol=1e-4, rtol=0)
+
+
+def test_from_vlm_keeps_the_vlm_weights_and_builds_a_fresh_head():
+    from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    processor = build_tiny_vlm_processor()
+    vlm = build_tiny_vlm(processor, seed=3)
+    before = {name: tensor.clone() for name, tensor in vlm.state_dict().items()}
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["calm", "angry"], gate_type="bilinear")
+    assert model.vlm is vlm
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.vlm.state_dict().items())
+    for parameter in list(model.head.parameters()) + list(model.gate.parameters()):
+        assert parameter.device.type == "cpu" and torch.isfinite(parameter).all()
+    weight = model.head.mlp[0].weight
+    assert 0.01 < weight.std().item() < 0.03  # the head's own init (std 0.02), not left uninitialised
+    assert model.config.id2label == {0: "calm", 1: "angry"} and len(model.config.answer_token_ids) == 2
