@@ -114,12 +114,12 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     if gate_type == "dynamic_weighting":
         return {"head": gate_weights[0] * head_logits, "vlm": gate_weights[1] * vlm_scores, "bias": torch.zeros_like(head_logits)}
     if gate_type == "concat_linear":
-        weight, bias = gate.proj.weight.float(), gate.proj.bias.float()
+        weight, bias = gate.proj.weight.detach().float(), gate.proj.bias.detach().float()
     elif gate_type == "moe":
-        weight = sum(w * expert.weight.float() for w, expert in zip(gate_weights, gate.experts))
-        bias = sum(w * expert.bias.float() for w, expert in zip(gate_weights, gate.experts))
+        weight = sum(w * expert.weight.detach().float() for w, expert in zip(gate_weights, gate.experts))
+        bias = sum(w * expert.bias.detach().float() for w, expert in zip(gate_weights, gate.experts))
     elif gate_type == "cross_gating":
-        weight, bias = gate.proj.weight.float(), gate.proj.bias.float()
+        weight, bias = gate.proj.weight.detach().float(), gate.proj.bias.detach().float()
         head_logits, vlm_scores = head_logits * gate_weights[0], vlm_scores * gate_weights[1]
     else:
         return None

@@ -1,0 +1,207 @@
+"""The Inference Endpoints handler shipped in every model repo: base64 / raw-bytes images in, ranked labels out."""
+
+import ast
+import base64
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers_hub_files import (
+    BLOCK_PROJECT_MODULES,
+    HANDLER,
+    PROJECT_MODULES,
+    SPACE_APP,
+    copy_model_repo,
+    image_bytes,
+    load_module,
+    sample_images,
+)
+
+SAMPLES = sample_images()
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_folder):
+    return load_module(HANDLER, "handler").EndpointHandler(str(tiny_folder))
+
+
+def expected_probabilities(tiny, raw: bytes) -> dict[str, float]:
+    model, image_processor, _ = tiny
+    with torch.no_grad():
+        logits = model(**image_processor(Image.open(io.BytesIO(raw)))).logits
+    return dict(zip(model.config.labels, logits.softmax(-1)[0].tolist()))
+
+
+def assert_ranked(result: list, labels: list[str], top_k=None):
+    scores = [entry["score"] for entry in result]
+    assert scores == sorted(scores, reverse=True)
+    assert all(isinstance(entry["score"], float) and 0 <= entry["score"] <= 1 for entry in result)
+    if top_k is None:
+        assert sorted(entry["label"] for entry in result) == sorted(labels)
+        assert abs(sum(scores) - 1) < 1e-5
+    else:
+        assert len(result) == top_k and len({entry["label"] for entry in result}) == top_k
+
+
+def imported_modules(path) -> list[tuple[str, str | None]]:
+    """(top-level module, enclosing function or None) for every import statement in a file."""
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.extend((alias.name.split(".")[0], function) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.append(((child.module or "").split(".")[0], function))
+            visit(child, child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function)
+
+    visit(ast.parse(path.read_text()), None)
+    return found
+
+
+def test_hub_files_import_only_pypi_packages():
+    handler_imports = {module for module, _ in imported_modules(HANDLER)}
+    assert handler_imports <= {"base64", "binascii", "io", "torch", "PIL", "transformers"}, handler_imports
+    # The app may build a tiny model with the package, lazily, only when no model is given.
+    project = [(m, f) for m, f in imported_modules(SPACE_APP) if m in PROJECT_MODULES]
+    assert project == [("emovlm_kd", "build_tiny_model_folder")], project
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_base64_and_raw_bytes_give_the_model_probabilities(handler, tiny, name):
+    image, image_format = SAMPLES[name]
+    raw = image_bytes(image, image_format)
+    expected = expected_probabilities(tiny, raw)
+    encoded = base64.b64encode(raw).decode()
+    mime = f"image/{image_format.lower()}"
+    requests = {
+        "base64": {"inputs": encoded},
+        "data_url": {"inputs": f"data:{mime};base64,{encoded}"},
+        "raw_bytes": {"inputs": raw},
+        "base64_as_bytes": {"inputs": encoded.encode()},
+        "pil": {"inputs": Image.open(io.BytesIO(raw))},  # what the toolkit passes for an image/* request body
+    }
+    for kind, request in requests.items():
+        result = handler(request)
+        assert_ranked(result, tiny[0].config.labels)
+        for entry in result:
+            assert abs(entry["score"] - expected[entry["label"]]) < 1e-5, (kind, entry, expected)
+
+
+def test_top_k_and_batches(handler, tiny):
+    raws = [image_bytes(image, image_format) for image, image_format in SAMPLES.values()]
+    singles = [handler({"inputs": raw}) for raw in raws]
+    top_two = handler({"inputs": raws[0], "parameters": {"top_k": 2}})
+    assert_ranked(top_two, tiny[0].config.labels, top_k=2)
+    assert top_two == singles[0][:2]
+    assert handler({"inputs": raws[0], "parameters": {"top_k": 50}}) == singles[0]  # capped at the class count
+    assert handler({"inputs": raws[0], "parameters": {}}) == singles[0]
+
+    handler.max_batch_size = 4  # 6 images -> two chunks
+    try:
+        batch = handler({"inputs": [base64.b64encode(raw).decode() for raw in raws], "parameters": {"top_k": 3}})
+    finally:
+        handler.max_batch_size = 16
+    assert len(batch) == len(raws)
+    for single, batched in zip(singles, batch):
+        assert [entry["label"] for entry in batched] == [entry["label"] for entry in single]
+        for a, b in zip(single, batched):
+            assert abs(a["score"] - b["score"]) < 1e-5
+
+
+def _truncated_png() -> bytes:
+    raw = image_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    return raw[: len(raw) // 2]
+
+
+GOOD = base64.b64encode(image_bytes(Image.new("RGB", (20, 20)), "PNG")).decode()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inputs": ""}, r"inputs is an empty string"),
+        ({"inputs": "   "}, r"inputs is an empty string"),
+        ({"inputs": b""}, r"inputs is empty \(0 bytes\)"),
+        ({"inputs": "https://example.com/cat.jpg"}, r"inputs is a URL .*does not fetch URLs"),
+        ({"inputs": "not base64 at all!"}, r"inputs is not valid base64"),
+        ({"inputs": "data:image/png,abc"}, r"without ';base64'"),
+        ({"inputs": base64.b64encode(b"just some text").decode()}, r"inputs is not a readable image .*known image format"),
+        ({"inputs": b"\x00\x01 binary junk"}, r"inputs is not a readable image"),
+        ({"inputs": _truncated_png()}, r"inputs is not a readable image"),
+        ({"inputs": 42}, r"inputs must be a base64-encoded image string or raw image bytes, got int"),
+        ({"inputs": [GOOD, "???"]}, r"inputs\[1\] is not valid base64"),
+        ({"inputs": []}, r"'inputs' is an empty list"),
+        ({"image": GOOD}, r"'inputs' field"),
+        ("a string body", r"'inputs' field"),
+        ({"inputs": GOOD, "parameters": {"top_k": 0}}, r"'top_k' must be a positive integer, got 0"),
+        ({"inputs": GOOD, "parameters": {"top_k": "3"}}, r"'top_k' must be a positive integer, got '3'"),
+        ({"inputs": GOOD, "parameters": {"top_k": True}}, r"'top_k' must be a positive integer"),
+        ({"inputs": GOOD, "parameters": {"topk": 2}}, r"Unknown parameter\(s\) \['topk'\]"),
+        ({"inputs": GOOD, "parameters": [1]}, r"'parameters' must be an object"),
+    ],
+)
+def test_bad_input_errors_name_the_problem(handler, data, message):
+    with pytest.raises(ValueError, match=message):
+        handler(data)
+
+
+FRESH_HANDLER_SCRIPT = BLOCK_PROJECT_MODULES + textwrap.dedent(
+    """
+    import base64, importlib.util, io, json
+    from PIL import Image
+
+    repo, out_path = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("handler", f"{repo}/handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(repo)
+
+    def encode(image, image_format):
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format)
+        return buffer.getvalue()
+
+    png = encode(Image.new("RGB", (90, 70), (210, 40, 40)), "PNG")
+    jpeg = encode(Image.linear_gradient("L").resize((80, 80)), "JPEG")
+    results = {
+        "model_module": type(handler.model).__module__,
+        "base64_png": handler({"inputs": base64.b64encode(png).decode()}),
+        "raw_jpeg_top2": handler({"inputs": jpeg, "parameters": {"top_k": 2}}),
+        "batch": handler({"inputs": [base64.b64encode(png).decode(), jpeg]}),
+    }
+    try:
+        handler({"inputs": b"not an image"})
+    except ValueError as error:
+        results["error"] = str(error)
+    json.dump(results, open(out_path, "w"))
+    """
+)
+
+
+def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder, tmp_path):
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo", HANDLER)
+    script = tmp_path / "endpoint.py"
+    script.write_text(FRESH_HANDLER_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(repo), str(tmp_path / "out.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+
+    assert out["model_module"].startswith("transformers_modules.")  # the repo's code, not the package's
+    labels = handler.labels
+    assert_ranked(out["base64_png"], labels)
+    assert_ranked(out["raw_jpeg_top2"], labels, top_k=2)
+    assert [entry["label"] for entry in out["batch"][0]] == [entry["label"] for entry in out["base64_png"]]
+    png = image_bytes(Image.new("RGB", (90, 70), (210, 40, 40)), "PNG")
+    for fresh, here in zip(out["base64_png"], handler({"inputs": png})):
+        assert fresh["label"] == here["label"] and abs(fresh["score"] - here["score"]) < 1e-5
+    assert "inputs is not a readable image" in out["error"]

@@ -1,0 +1,230 @@
+"""The Gradio Space app: its predictions and gate view, how it finds its model, and end to end in headless Chromium."""
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers_hub_files import BLOCK_PROJECT_MODULES, REPO_ROOT, SPACE_APP, SPACE_REQUIREMENTS, copy_model_repo, load_module
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+GATE_TYPES = ["concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating"]
+
+
+@pytest.fixture(scope="module")
+def app():
+    return load_module(SPACE_APP, "emovlm_kd_space_app")
+
+
+@pytest.fixture(scope="module")
+def predictor(app, tiny_folder):
+    return app.EmotionPredictor(str(tiny_folder))
+
+
+def fused_probabilities(tiny, image) -> torch.Tensor:
+    model, image_processor, _ = tiny
+    with torch.no_grad():
+        return model(**image_processor([image])).logits.softmax(-1)[0]
+
+
+@pytest.mark.parametrize("gate_type", GATE_TYPES)
+def test_branch_contributions_add_up_to_the_fused_logits(app, tiny, gate_type):
+    from modeling_emovlm_kd import GATES
+
+    model, image_processor, _ = tiny
+    model = copy.deepcopy(model)
+    model.config.gate_type = gate_type
+    torch.manual_seed(0)
+    model.gate = GATES[gate_type](model.config.num_labels, num_experts=model.config.gate_num_experts)
+    images = [Image.new("RGB", (80, 60), (200, 30, 30)), Image.linear_gradient("L").resize((90, 90))]
+    with torch.no_grad():
+        out = model(**image_processor(images))
+        for row in range(len(images)):
+            weights = None if out.gate_weights is None else out.gate_weights[row]
+            parts = app.branch_contributions(model, out.head_logits[row], out.vlm_scores[row], weights)
+            if gate_type == "bilinear":
+                assert parts is None
+                continue
+            total = parts["head"] + parts["vlm"] + parts["bias"]
+            torch.testing.assert_close(total, out.logits[row].float(), atol=1e-5, rtol=1e-5)
+            assert parts["head"].abs().sum() > 0 and parts["vlm"].abs().sum() > 0
+
+
+def test_predictor_shows_every_branch(app, predictor, tiny):
+    image = Image.new("RGB", (120, 90), (40, 60, 200))
+    prediction = predictor(image)
+    labels = predictor.labels
+    for key in ("fused", "vlm", "head"):
+        assert prediction[key].shape == (len(labels),) and abs(float(prediction[key].sum()) - 1) < 1e-5
+    torch.testing.assert_close(prediction["fused"], fused_probabilities(tiny, image), atol=1e-5, rtol=1e-5)
+    model = tiny[0]
+    with torch.no_grad():
+        out = model(**tiny[1]([image]))
+    torch.testing.assert_close(prediction["vlm"], out.vlm_scores[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prediction["head"], out.head_logits[0].softmax(-1), atol=1e-5, rtol=1e-5)
+
+    share = app.gate_summary(prediction, labels)
+    assert set(share) == {app.HEAD, app.VLM} and abs(sum(share.values()) - 1) < 1e-6
+    table = app.gate_markdown(prediction, labels, predictor.config.gate_type)
+    winner = labels[int(prediction["fused"].argmax())]
+    assert f"| **{winner}** |" in table and all(f"| {label} |" in table or label == winner for label in labels)
+
+
+def test_example_images_are_distinct_pictures(app, tmp_path):
+    paths = app.make_example_images(tmp_path / "examples")
+    assert len(paths) == 4
+    pixels = set()
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size == (224, 224) and image.mode == "RGB"
+            pixels.add(image.tobytes())
+    assert len(pixels) == 4
+
+
+def test_model_resolution(app, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv(app.MODEL_ENV, raising=False)
+    assert app.resolve_model("some-user/some-model") == ("some-user/some-model", False)
+    monkeypatch.setenv(app.MODEL_ENV, str(tiny_folder))
+    assert app.resolve_model(None) == (str(tiny_folder), False)
+    monkeypatch.delenv(app.MODEL_ENV)
+
+    # Exported into a model repo, at its root or in a space/ folder: the app serves that repo.
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo", SPACE_APP)
+    (repo / "space").mkdir()
+    shutil.copy(SPACE_APP, repo / "space" / "app.py")
+    for app_path in (repo / "app.py", repo / "space" / "app.py"):
+        assert load_module(app_path, "exported_app").resolve_model(None) == (str(repo), False)
+
+    # No model anywhere: a tiny model when the package is installed, otherwise a clear exit.
+    folder, tiny = app.resolve_model(None)
+    assert tiny and (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+    shutil.rmtree(folder)
+    monkeypatch.setitem(sys.modules, "emovlm_kd.tiny", None)  # importing it now raises ImportError
+    with pytest.raises(SystemExit, match=f"No model given.*{app.MODEL_ENV}"):
+        app.resolve_model(None)
+
+
+def test_space_requirements_cover_the_app_imports():
+    requirements = {line.split(">")[0].split("<")[0].split("=")[0].strip().lower()
+                    for line in SPACE_REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#")}  # fmt: skip
+    assert {"torch", "torchvision", "transformers", "pillow", "numpy", "gradio"} <= requirements
+
+
+def test_examples_space_launcher_runs_the_shipped_app():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "space" / "app.py"), "--help"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EMOVLM_KD_MODEL" in result.stdout and "--port" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_server(url: str, process: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"The app exited with code {process.returncode}:\n{process.stdout.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"The app did not answer on {url} within {timeout} s")
+
+
+def _chromium(user_data_dir: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    assert not missing, f"{missing} missing: install Debian's packages with `apt-get install -y chromium chromium-driver`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1300",
+        f"--user-data-dir={user_data_dir}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager (which would download a driver) never runs.
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The app as exported into a model repo, run where only the PyPI packages are installed, with no arguments.
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo", SPACE_APP, SPACE_REQUIREMENTS)
+    launcher = tmp_path / "launch_space.py"
+    launcher.write_text(BLOCK_PROJECT_MODULES + f"import runpy\nrunpy.run_path({str(repo / 'app.py')!r}, run_name='__main__')\n")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env.pop("EMOVLM_KD_MODEL", None)
+    server = subprocess.Popen(
+        [sys.executable, str(launcher), "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    image_path = tmp_path / "upload.png"
+    image = Image.new("RGB", (120, 90), (220, 40, 40))
+    image.save(image_path)
+    labels = tiny[0].config.labels
+    expected = labels[int(fused_probabilities(tiny, image).argmax())]
+    driver = None
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_for_server(url, server, timeout=90)
+        driver = _chromium(tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-"))
+        driver.set_page_load_timeout(30)
+        wait = WebDriverWait(driver, 30)
+        driver.get(url)
+        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]"))
+        upload.send_keys(str(image_path))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: "fused logit" in d.find_element(By.ID, "gate-table").text)
+        texts = {
+            name: driver.find_element(By.ID, name).text.splitlines()
+            for name in ("fused", "vlm-branch", "head-branch", "gate-share", "gate-table")
+        }
+        driver.save_screenshot(str(tmp_path / "space.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    # Label components read: [title, headline class, then (class, percentage) per class].
+    assert texts["fused"][:2] == ["Prediction (fused by the gate)", expected], texts["fused"]
+    for name, title in (("fused", "Prediction (fused by the gate)"), ("vlm-branch", "VLM branch"), ("head-branch", "distilled head")):
+        lines = texts[name]
+        assert lines[0] == title and lines[1] in labels, lines
+        assert sorted(lines[2::2]) == sorted(labels), lines
+        assert all(value.endswith("%") for value in lines[3::2]), lines
+    assert sorted(texts["gate-share"][2::2]) == ["VLM branch", "distilled head"]
+    table = "\n".join(texts["gate-table"])
+    assert f"prediction {expected}" in table and "concat_linear" in table
+    assert all(label in table for label in labels)
+    with Image.open(tmp_path / "space.png") as screenshot:
+        assert screenshot.size[0] >= 1000
