@@ -308,13 +308,14 @@ def resolve_vlm(run_dir: str | os.PathLike, vlm: str) -> str:
     return str(tuned) if is_complete(run_dir, "instruction_tuning") else vlm
 
 
-def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, **config_kwargs):
-    """Load a VLM (`"tiny"`, a Hub name or a folder) and wrap it: `(model, image_processor, vlm_processor)`."""
+def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, dtype="auto", **config_kwargs):
+    """Load a VLM (`"tiny"`, a Hub name or a folder) and wrap it with a fresh head and gate for `class_names`:
+    `(model, image_processor, vlm_processor)`. `config_kwargs` are `EmoVLMKDConfig` fields."""
     from emovlm_kd.vlm import load_vlm_and_processor
     from image_processing_emovlm_kd import EmoVLMKDImageProcessor
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
-    vlm_model, vlm_processor = load_vlm_and_processor(vlm, seed=seed)
+    vlm_model, vlm_processor = load_vlm_and_processor(vlm, dtype=dtype, seed=seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm_model, vlm_processor, list(class_names), **config_kwargs)
     image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config.prompt_text())
     return model.eval(), image_processor, vlm_processor

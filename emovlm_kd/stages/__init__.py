@@ -225,7 +225,30 @@ def start_stage(accelerator, run_dir, stage: str):
     accelerator.wait_for_everyone()
 
 
+def finish_stage(accelerator, args, stage: str):
+    """After the outputs and COMPLETE.json are written: drop the stage's epoch checkpoints, close the trackers."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoint_root(args.run_dir, stage), ignore_errors=True)
+    close_trackers(accelerator)
+
+
+def close_trackers(accelerator):
+    """`accelerator.end_training()` without destroying the process group: later stages of the same process
+    (`train/run_all.py`) reuse it. `cli_main` / run_all destroy it once at exit."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 # ---------------------------------------------------------------------------------------------- CLI
+def end_processes():
+    """Tear the process group down cleanly (multi-process runs otherwise may abort at exit)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        PartialState().destroy_process_group()
+
+
 def cli_main(module, argv=None) -> dict:
     """Entry point of the `train/*.py` wrappers: parse, run, print the summary as JSON."""
     logging.basicConfig(
@@ -237,6 +260,8 @@ def cli_main(module, argv=None) -> dict:
     except DataError as error:
         logger.error(str(error))
         sys.exit(2)
+    finally:
+        end_processes()
     print(json.dumps(result, indent=2, default=str))
     return result
 
@@ -247,8 +272,11 @@ __all__ = [
     "add_run_args",
     "checkpoint_root",
     "cli_main",
+    "close_trackers",
+    "end_processes",
     "dataset_fingerprint",
     "find_checkpoint",
+    "finish_stage",
     "load_run_data",
     "make_accelerator",
     "progress",

@@ -1,0 +1,274 @@
+"""Per-image features for stages 3-5, computed once and cached on disk.
+
+Everything upstream of the head and the gate is frozen, so per image and split we cache
+  * from one pass of the VLM: the pooled LM-ready image embeddings (the head's input) and the log-likelihood of
+    every class answer (the VLM branch; plus the generated one-hot answer in `generate` mode), and
+  * from the teacher: its logits (eval transform).
+Files are `<run_dir>/cache/{vlm,teacher}-<split>-<key>.safetensors`; the key hashes everything the features depend
+on (which VLM / teacher and the run's stage fingerprint of it, prompt and answers, the split's files), so a changed
+model, teacher or dataset gets new files and an unchanged one reuses them across epochs, stages and re-runs.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from emovlm_kd.data import fingerprint, open_image_rgb, read_complete, stage_output
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+# Model config fields the VLM features depend on (the rest only concerns the head and the gate).
+VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------- identities
+def vlm_identity(run_dir, vlm: str) -> dict:
+    """What identifies a VLM's weights cheaply: the run's stage-1 fingerprint, a folder's file stats, or a name."""
+    if Path(vlm).resolve() == stage_output(run_dir, "instruction_tuning").resolve():
+        return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
+    if os.path.isdir(vlm):
+        files = sorted(p for p in Path(vlm).iterdir() if p.is_file())
+        return {"folder": str(Path(vlm).resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {"name": vlm}
+
+
+def vlm_feature_key(spec: dict, split_fingerprint: str) -> str:
+    return fingerprint(
+        {
+            "vlm": spec["vlm_identity"],
+            "dtype": spec.get("vlm_dtype"),
+            "classes": spec["class_names"],
+            "config": {k: spec["model_config"].get(k) for k in VLM_FEATURE_FIELDS},
+            "split": split_fingerprint,
+        }
+    )
+
+
+def teacher_feature_key(teacher_fingerprint: str, split_fingerprint: str) -> str:
+    return fingerprint({"teacher": teacher_fingerprint, "split": split_fingerprint})
+
+
+def cache_file(run_dir, kind: str, split: str, key: str) -> Path:
+    return Path(run_dir) / CACHE_DIR / f"{kind}-{split}-{key}.safetensors"
+
+
+def read_cache(path: Path, num_examples: int) -> dict[str, torch.Tensor] | None:
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # a partial write from a killed run: recompute
+        logger.warning(f"Ignoring unreadable feature cache {str(path)!r}: {error}")
+        return None
+    if any(t.shape[0] != num_examples for t in tensors.values()):
+        logger.warning(f"Ignoring feature cache {str(path)!r}: wrong number of examples")
+        return None
+    return tensors
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"info": json.dumps(metadata, default=str)})
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, paths, indices):
+        self.paths, self.indices = paths, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        index = self.indices[position]
+        return index, open_image_rgb(self.paths[index])
+
+
+class _Collate:
+    """Decode once, build the inputs of each model that needs them (VLM prompt + patches, teacher pixels)."""
+
+    def __init__(self, image_processor=None, teacher_transform=None):
+        self.image_processor, self.teacher_transform = image_processor, teacher_transform
+
+    def __call__(self, items):
+        indices, images = zip(*items)
+        batch = {"index": torch.tensor(indices)}
+        if self.image_processor is not None:
+            batch["vlm_inputs"] = self.image_processor(list(images), return_tensors="pt")
+        if self.teacher_transform is not None:
+            batch["teacher_pixels"] = torch.stack([self.teacher_transform(image) for image in images])
+        return batch
+
+
+@torch.no_grad()
+def vlm_features(model, inputs) -> dict[str, torch.Tensor]:
+    """One vision pass: pooled image embeddings and the class-answer log-likelihoods (+ generated one-hot)."""
+    image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    features = {
+        "image_embeds": model.pool_image_embeds(image_embeds).float(),
+        "vlm_log_likelihoods": model.score_answers(*branch, image_embeds).float(),
+    }
+    if model.config.vlm_branch_mode == "generate":
+        features["vlm_generated"] = model.generate_answers(*branch, image_embeds)[0].float()
+    return features
+
+
+@torch.no_grad()
+def extract_features(
+    accelerator,
+    paths: list[str],
+    model=None,
+    image_processor=None,
+    teacher=None,
+    teacher_transform=None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    desc: str = "Features",
+) -> dict[str, torch.Tensor]:
+    """Features of every image in `paths` (in order), the work split across processes and gathered on all."""
+    from emovlm_kd.stages import progress
+
+    with accelerator.split_between_processes(list(range(len(paths))), apply_padding=True) as shard:
+        shard = list(shard)
+    loader = torch.utils.data.DataLoader(
+        _Images(paths, shard),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_Collate(image_processor if model is not None else None, teacher_transform if teacher else None),
+    )
+    outputs: dict[str, list[torch.Tensor]] = {"index": []}
+    for batch in progress(accelerator, loader, desc=desc, leave=False):
+        computed = {}
+        if model is not None:
+            inputs = batch["vlm_inputs"].to(accelerator.device)
+            computed.update(vlm_features(model, inputs))
+        if teacher is not None:
+            computed["teacher_logits"] = teacher(batch["teacher_pixels"].to(accelerator.device)).float()
+        outputs["index"].append(batch["index"])
+        for name, value in computed.items():
+            outputs.setdefault(name, []).append(value.cpu())
+    local = {name: torch.cat(values) for name, values in outputs.items()}
+    gathered = accelerator.gather({name: value.to(accelerator.device) for name, value in local.items()})
+    gathered = {name: value.cpu() for name, value in gathered.items()}
+    # padding repeated the last index on some processes: keep each index once, in order
+    order = torch.argsort(gathered["index"], stable=True)
+    index = gathered["index"][order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = index[1:] != index[:-1]
+    if not torch.equal(index[keep], torch.arange(len(paths))):
+        raise RuntimeError("Feature extraction lost or duplicated images across processes")
+    return {name: value[order][keep] for name, value in gathered.items() if name != "index"}
+
+
+# ---------------------------------------------------------------------------------------------- cached features
+def get_features(
+    accelerator,
+    run_dir,
+    data,
+    spec: dict,
+    splits: list[str],
+    teacher_fingerprint: str | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}` from the cache,
+    computing (one VLM pass and one teacher pass per image) and caching what is missing.
+
+    `spec` describes the VLM features (see `distill.feature_spec`); `teacher_fingerprint` is the run's stage-2
+    fingerprint, when teacher logits are wanted. Models are loaded only when something is missing.
+    """
+    features, missing = {}, []
+    for split in splits:
+        split_fp = data.fingerprint(split)
+        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_fp))}
+        if teacher_fingerprint is not None:
+            files["teacher"] = cache_file(run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_fp))
+        num = len(data.splits[split])
+        features[split] = {"labels": torch.tensor(data.splits[split]["label"])}
+        for kind, path in files.items():
+            cached = read_cache(path, num)
+            if cached is None:
+                missing.append((split, kind, path))
+            else:
+                features[split].update(cached)
+    if not missing:
+        logger.info(f"Using cached features for {splits}")
+        return features
+
+    kinds = {kind for _, kind, _ in missing}
+    model = image_processor = teacher = teacher_transform = None
+    if "vlm" in kinds:
+        from emovlm_kd.data import build_emovlm_kd
+
+        with accelerator.main_process_first():
+            model, image_processor, _ = build_emovlm_kd(
+                spec["vlm"], spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **spec["model_config"]
+            )
+        model.to(accelerator.device).eval()
+    if "teacher" in kinds:
+        from emovlm_kd.stages.teacher import load_teacher, teacher_transforms
+
+        teacher = load_teacher(stage_output(run_dir, "teacher")).to(accelerator.device)
+        teacher_transform = teacher_transforms(teacher)[1]
+
+    for split in splits:
+        todo = {kind: path for s, kind, path in missing if s == split}
+        if not todo:
+            continue
+        computed = extract_features(
+            accelerator,
+            data.splits[split]["image_path"],
+            model=model if "vlm" in todo else None,
+            image_processor=image_processor,
+            teacher=teacher if "teacher" in todo else None,
+            teacher_transform=teacher_transform,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            desc=f"Caching {'+'.join(sorted(todo))} features of {split}",
+        )
+        features[split].update(computed)
+        if accelerator.is_main_process:
+            for kind, path in todo.items():
+                names = ["teacher_logits"] if kind == "teacher" else [n for n in computed if n != "teacher_logits"]
+                write_cache(path, {n: computed[n] for n in names}, {"split": split, "kind": kind, "spec": spec})
+        accelerator.wait_for_everyone()
+    del model, teacher
+    return features
+
+
+def vlm_gate_input(features: dict[str, torch.Tensor], vlm_branch_mode: str, vlm_branch_input: str) -> torch.Tensor:
+    """What the gate sees of the VLM branch, from cached features (as `EmoVLMKDForImageClassification` computes it)."""
+    if vlm_branch_mode == "generate":
+        return features["vlm_generated"]
+    log_likelihoods = features["vlm_log_likelihoods"]
+    if vlm_branch_input == "one_hot":
+        return F.one_hot(log_likelihoods.argmax(-1), log_likelihoods.shape[-1]).float()
+    return log_likelihoods.softmax(dim=-1)
+
+
+def vlm_predictions(features: dict[str, torch.Tensor], vlm_branch_mode: str) -> torch.Tensor:
+    """The VLM branch's predicted class per image; -1 where a generated answer named no class."""
+    if vlm_branch_mode == "generate":
+        one_hot = features["vlm_generated"]
+        return torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), torch.full_like(one_hot[:, 0], -1).long())
+    return features["vlm_log_likelihoods"].argmax(-1)
+
+
+__all__ = [
+    "extract_features",
+    "get_features",
+    "vlm_feature_key",
+    "vlm_features",
+    "vlm_gate_input",
+    "vlm_identity",
+    "vlm_predictions",
+]

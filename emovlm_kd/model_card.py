@@ -1,0 +1,111 @@
+"""The model card (README.md) of an exported EmoVLM-KD repo: Hub metadata, usage, measured results."""
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from emovlm_kd.stages.evaluate import MODEL_TITLES, results_table
+
+TAGS = ["emotion-recognition", "visual-emotion-analysis", "emovlm-kd", "knowledge-distillation", "vision-language-model", "custom_code"]
+
+USAGE = '''```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
+```
+
+Or with the model and its image processor (which also writes the classification prompt):
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+inputs = processor([Image.open("photo.jpg")])
+with torch.no_grad():
+    outputs = model(**inputs)
+print(model.config.id2label[outputs.logits.argmax(-1).item()])
+# outputs.vlm_scores: the VLM branch; outputs.head_logits: the distilled head; outputs.gate_weights: the gate
+```'''
+
+
+def build_model_card(
+    repo_id: str,
+    class_names: list[str],
+    results: dict | None,
+    base_model: str | None,
+    dataset_name: str | None,
+    training: dict,
+    license: str = "apache-2.0",
+    vlm_description: str | None = None,
+) -> ModelCard:
+    """A `huggingface_hub.ModelCard` with YAML metadata (pipeline tag, library, base model, datasets, metrics, tags,
+    model-index results) and a body with usage, classes, the measured results table and the training setup."""
+    eval_split = None
+    if results:
+        eval_split = "test" if "test" in results["splits"] else next(iter(results["splits"]))
+    eval_results = []
+    if results and dataset_name:
+        fused = results["splits"][eval_split]["fused"]
+        for metric, value in (("accuracy", fused["accuracy"]), ("f1", fused["macro_f1"])):
+            eval_results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=dataset_name,
+                    dataset_name=dataset_name,
+                    dataset_split=eval_split,
+                    metric_type=metric,
+                    metric_name="macro-F1" if metric == "f1" else "accuracy",
+                    metric_value=round(value, 4),
+                )
+            )
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        base_model=base_model,
+        datasets=[dataset_name] if dataset_name else None,
+        metrics=["accuracy", "f1"],
+        tags=TAGS,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    sections = [
+        f"# {repo_id.split('/')[-1]}",
+        "An **EmoVLM-KD** visual emotion classifier (Lee, Lee & Park, CVPR Workshops 2025, "
+        "[arXiv 2505.07164](https://arxiv.org/abs/2505.07164)): a frozen instruction-tuned vision-language model "
+        f"(`{base_model or vlm_description or 'see config.json'}`), a small head distilled from a conventional vision model onto the "
+        "VLM's own image embeddings, and a gate fusing both predictions. The image goes through the visual encoder "
+        "once; the VLM branch is the exact likelihood of each class's answer (no sampling).",
+        "## Usage",
+        USAGE.format(repo_id=repo_id),
+        "## Classes",
+        ", ".join(f"`{name}`" for name in class_names),
+        "## Results",
+        _results_section(results, dataset_name),
+        "## Training",
+        _training_section(training),
+        "## Reference",
+        "Lee, Lee & Park, *EmoVLM-KD*, CVPR Workshops 2025, arXiv:2505.07164. Trained and exported with the "
+        "emovlm-kd training pipeline (`train/run_all.py`).",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _results_section(results: dict | None, dataset_name: str | None) -> str:
+    if not results:
+        return "Not evaluated."
+    sizes = ", ".join(f"{split}: {values['num_examples']} images" for split, values in results["splits"].items())
+    text = f"Measured on `{dataset_name or 'the training dataset'}` ({sizes}); macro-F1 over all classes.\n\n"
+    text += results_table(results)
+    text += f"\n\nRows: {', '.join(MODEL_TITLES[m] for m in ('teacher', 'vlm', 'head', 'fused'))}. "
+    text += "The teacher is not part of this model (it only taught the head); it is listed for comparison."
+    return text
+
+
+def _training_section(training: dict) -> str:
+    return "\n".join(f"- **{key}**: {value}" for key, value in training.items() if value is not None)
+
+
+__all__ = ["build_model_card"]
