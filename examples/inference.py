@@ -122,9 +122,8 @@ def main():
     )
     print(f"\npipeline and model agree: max probability difference {difference:.2e}")
     if args.output_json:
-        Path(args.output_json).write_text(
-            json.dumps({"labels": labels, "pipeline": pipeline_results, "model": results, "max_difference": difference}, indent=2)
-        )
+        summary = {"labels": labels, "pipeline": pipeline_results, "model": results, "max_difference": difference}
+        Path(args.output_json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

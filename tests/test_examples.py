@@ -75,7 +75,8 @@ def test_finetune_with_trainer_example(tiny_folder, tmp_path):
     files = {path.name for path in output_dir.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
             "preprocessor_config.json", "image_processing_emovlm_kd.py", "tokenizer.json"} <= files  # fmt: skip
-    with safe_open(output_dir / "model.safetensors", "pt") as tuned, safe_open(tiny_folder / "model.safetensors", "pt") as base:
+    tuned_file, base_file = output_dir / "model.safetensors", tiny_folder / "model.safetensors"
+    with safe_open(tuned_file, "pt") as tuned, safe_open(base_file, "pt") as base:
         vlm_keys = [key for key in base.keys() if key.startswith("vlm.")]
         assert vlm_keys and all(tuned.get_tensor(key).equal(base.get_tensor(key)) for key in vlm_keys)
         head_keys = [key for key in base.keys() if key.startswith(("head.", "gate."))]

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_hub_files import BLOCK_PROJECT_MODULES, REPO_ROOT, SPACE_APP, SPACE_REQUIREMENTS, copy_model_repo, load_module
+from helpers_hub_files import (
+    BLOCK_PROJECT_MODULES,
+    REPO_ROOT,
+    SPACE_APP,
+    SPACE_REQUIREMENTS,
+    copy_model_repo,
+    load_module,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 GATE_TYPES = ["concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating"]
@@ -115,18 +123,14 @@ def test_model_resolution(app, tiny_folder, tmp_path, monkeypatch):
 
 
 def test_space_requirements_cover_the_app_imports():
-    requirements = {line.split(">")[0].split("<")[0].split("=")[0].strip().lower()
-                    for line in SPACE_REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#")}  # fmt: skip
+    lines = [line for line in SPACE_REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#")]
+    requirements = {re.split(r"[<>=~!\[ ]", line)[0].lower() for line in lines}
     assert {"torch", "torchvision", "transformers", "pillow", "numpy", "gradio"} <= requirements
 
 
-def test_examples_space_launcher_runs_the_shipped_app():
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "space" / "app.py"), "--help"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "EMOVLM_KD_MODEL" in result.stdout and "--port" in result.stdout
+def test_examples_space_launcher_points_at_the_shipped_app():
+    launcher = load_module(REPO_ROOT / "examples" / "space" / "app.py", "space_launcher")  # __main__ only launches
+    assert launcher.SPACE_APP == SPACE_APP and SPACE_APP.is_file()
 
 
 # ---------------------------------------------------------------------------------------------- the browser
@@ -155,7 +159,7 @@ def _chromium(user_data_dir: str):
     from selenium.webdriver.chrome.service import Service
 
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
-    assert not missing, f"{missing} missing: install Debian's packages with `apt-get install -y chromium chromium-driver`"
+    assert not missing, f"{missing} missing: install Debian's `apt-get install -y chromium chromium-driver`"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -175,7 +179,8 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     # The app as exported into a model repo, run where only the PyPI packages are installed, with no arguments.
     repo = copy_model_repo(tiny_folder, tmp_path / "repo", SPACE_APP, SPACE_REQUIREMENTS)
     launcher = tmp_path / "launch_space.py"
-    launcher.write_text(BLOCK_PROJECT_MODULES + f"import runpy\nrunpy.run_path({str(repo / 'app.py')!r}, run_name='__main__')\n")
+    run_app = f"import runpy\nrunpy.run_path({str(repo / 'app.py')!r}, run_name='__main__')\n"
+    launcher.write_text(BLOCK_PROJECT_MODULES + run_app)
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
     env.pop("EMOVLM_KD_MODEL", None)
@@ -217,7 +222,8 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
 
     # Label components read: [title, headline class, then (class, percentage) per class].
     assert texts["fused"][:2] == ["Prediction (fused by the gate)", expected], texts["fused"]
-    for name, title in (("fused", "Prediction (fused by the gate)"), ("vlm-branch", "VLM branch"), ("head-branch", "distilled head")):
+    titles = {"fused": "Prediction (fused by the gate)", "vlm-branch": "VLM branch", "head-branch": "distilled head"}
+    for name, title in titles.items():
         lines = texts[name]
         assert lines[0] == title and lines[1] in labels, lines
         assert sorted(lines[2::2]) == sorted(labels), lines

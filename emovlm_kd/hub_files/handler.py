@@ -109,8 +109,11 @@ def decode_image(item, name: str = "inputs") -> Image.Image:
             image.load()
             return ImageOps.exif_transpose(image).copy()
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
-        reason = "not a known image format" if isinstance(error, UnidentifiedImageError) else f"{type(error).__name__}: {error}"
-        raise ValueError(f"{name} is not a readable image ({len(raw)} bytes starting with {raw[:12]!r}): {reason}") from error
+        unknown = isinstance(error, UnidentifiedImageError)
+        reason = "not a known image format" if unknown else f"{type(error).__name__}: {error}"
+        raise ValueError(
+            f"{name} is not a readable image ({len(raw)} bytes starting with {raw[:12]!r}): {reason}"
+        ) from error
 
 
 def _decode_base64(text: str, name: str) -> bytes:
@@ -118,15 +121,15 @@ def _decode_base64(text: str, name: str) -> bytes:
     if not text:
         raise ValueError(f"{name} is an empty string: send a base64-encoded image")
     if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
-        raise ValueError(f"{name} is a URL ({text[:80]!r}); this endpoint does not fetch URLs, send the image base64-encoded")
+        raise ValueError(f"{name} is a URL ({text[:80]!r}); this endpoint fetches nothing: send the image in base64")
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if ";base64" not in header:
-            raise ValueError(f"{name} is a data URL without ';base64' ({header[:40]!r}): only base64 data URLs are accepted")
+            raise ValueError(f"{name} is a data URL without ';base64' ({header[:40]!r}): only base64 data URLs work")
     try:
         raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ValueError(f"{name} is not valid base64 ({len(text)} characters starting with {text[:20]!r}): {error}") from None
+        raise ValueError(f"{name} is not valid base64 ({len(text)} characters from {text[:20]!r}): {error}") from None
     if not raw:
         raise ValueError(f"{name} decodes to 0 bytes: send a base64-encoded image")
     return raw

@@ -36,7 +36,7 @@ HEAD, VLM = "distilled head", "VLM branch"
 
 # ---------------------------------------------------------------------------------------------- model
 def resolve_model(model: str | None = None) -> tuple[str, bool]:
-    """`(model folder or repo id, is_tiny)` from the argument, `$EMOVLM_KD_MODEL`, this file's repo, or a tiny model."""
+    """`(model folder or repo id, is_tiny)`: the argument, `$EMOVLM_KD_MODEL`, this file's repo, or a tiny model."""
     model = model or os.environ.get(MODEL_ENV)
     if model:
         return model, False
@@ -112,7 +112,8 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     gate, gate_type, num_labels = model.gate, model.config.gate_type, model.config.num_labels
     head_logits, vlm_scores = head_logits.float(), vlm_scores.float()
     if gate_type == "dynamic_weighting":
-        return {"head": gate_weights[0] * head_logits, "vlm": gate_weights[1] * vlm_scores, "bias": torch.zeros_like(head_logits)}
+        head, vlm = gate_weights[0] * head_logits, gate_weights[1] * vlm_scores
+        return {"head": head, "vlm": vlm, "bias": torch.zeros_like(head)}
     if gate_type == "concat_linear":
         weight, bias = gate.proj.weight.detach().float(), gate.proj.bias.detach().float()
     elif gate_type == "moe":
@@ -154,16 +155,21 @@ def gate_markdown(prediction: dict, labels: list[str], gate_type: str) -> str:
     if gate_type == "dynamic_weighting":
         lines.append(f"Per-image weights: {HEAD} {float(weights[0]):.3f}, {VLM} {float(weights[1]):.3f}.")
     elif gate_type == "moe":
-        lines.append("Expert routing: " + ", ".join(f"expert {i + 1} {float(w):.3f}" for i, w in enumerate(weights)) + ".")
+        routing = ", ".join(f"expert {index + 1} {float(weight):.3f}" for index, weight in enumerate(weights))
+        lines.append(f"Expert routing: {routing}.")
     elif gate_type == "cross_gating":
         lines.append(
-            f"Mean per-class gate: on the {HEAD} {float(weights[0].mean()):.3f}, on the {VLM} {float(weights[1].mean()):.3f}."
+            f"Mean per-class gate: on the {HEAD} {float(weights[0].mean()):.3f}, "
+            f"on the {VLM} {float(weights[1].mean()):.3f}."
         )
     if parts is None:
         lines.append("The bilinear gate multiplies the two branches together, so its output has no per-branch split.")
         return "\n\n".join(lines)
     lines.append(f"Fused logit = from {HEAD} + from {VLM} + bias:")
-    table = [f"| class | {HEAD} prob | {VLM} prob | from head | from VLM | bias | fused logit |", "|---|---:|---:|---:|---:|---:|---:|"]
+    table = [
+        f"| class | {HEAD} prob | {VLM} prob | from head | from VLM | bias | fused logit |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for index, label in enumerate(labels):
         name = f"**{label}**" if index == winner else label
         table.append(
@@ -273,7 +279,9 @@ def main(argv=None):
     example_folder = Path(tempfile.gettempdir()) / "emovlm-kd-space-examples"
     examples = make_example_images(example_folder)
     demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, allowed_paths=[str(example_folder)])
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=False, show_error=True, allowed_paths=[str(example_folder)]
+    )
 
 
 if __name__ == "__main__":
