@@ -10,8 +10,10 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HUB_FILES = REPO_ROOT / "emovlm_kd" / "hub_files"
 HANDLER = HUB_FILES / "handler.py"
-SPACE_APP = HUB_FILES / "space" / "app.py"
-SPACE_REQUIREMENTS = HUB_FILES / "space" / "requirements.txt"
+ENDPOINT_REQUIREMENTS = HUB_FILES / "requirements.txt"
+SPACE_DIR = HUB_FILES / "space"
+SPACE_APP = SPACE_DIR / "app.py"
+SPACE_REQUIREMENTS = SPACE_DIR / "requirements.txt"
 PROJECT_MODULES = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd"}
 
 # Prepended to a script run in a fresh interpreter: the project's modules are unimportable there, as on a machine
@@ -37,11 +39,13 @@ def load_module(path: str | Path, name: str):
     return module
 
 
-def copy_model_repo(model_folder: Path, destination: Path, *files: Path) -> Path:
-    """A model repo as export writes it: the model folder plus the given hub files at its root."""
+def copy_model_repo(model_folder: Path, destination: Path) -> Path:
+    """A model repo laid out as export writes it: the model folder, `handler.py` and `requirements.txt` at its root
+    (where Inference Endpoints look for them) and the Space app in `space/`."""
     shutil.copytree(model_folder, destination)
-    for file in files:
-        shutil.copy(file, destination / file.name)
+    shutil.copy(HANDLER, destination / HANDLER.name)
+    shutil.copy(ENDPOINT_REQUIREMENTS, destination / ENDPOINT_REQUIREMENTS.name)
+    shutil.copytree(SPACE_DIR, destination / "space", ignore=shutil.ignore_patterns("__pycache__"))
     return destination
 
 

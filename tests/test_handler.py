@@ -186,7 +186,7 @@ FRESH_HANDLER_SCRIPT = BLOCK_PROJECT_MODULES + textwrap.dedent(
 
 
 def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder, tmp_path):
-    repo = copy_model_repo(tiny_folder, tmp_path / "repo", HANDLER)
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo")
     script = tmp_path / "endpoint.py"
     script.write_text(FRESH_HANDLER_SCRIPT)
     result = subprocess.run(

@@ -16,10 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+from huggingface_hub import SpaceCard
+
 from helpers_hub_files import (
     BLOCK_PROJECT_MODULES,
+    ENDPOINT_REQUIREMENTS,
     REPO_ROOT,
     SPACE_APP,
+    SPACE_DIR,
     SPACE_REQUIREMENTS,
     copy_model_repo,
     load_module,
@@ -106,11 +110,10 @@ def test_model_resolution(app, tiny_folder, tmp_path, monkeypatch):
     assert app.resolve_model(None) == (str(tiny_folder), False)
     monkeypatch.delenv(app.MODEL_ENV)
 
-    # Exported into a model repo, at its root or in a space/ folder: the app serves that repo.
-    repo = copy_model_repo(tiny_folder, tmp_path / "repo", SPACE_APP)
-    (repo / "space").mkdir()
-    shutil.copy(SPACE_APP, repo / "space" / "app.py")
-    for app_path in (repo / "app.py", repo / "space" / "app.py"):
+    # Exported into a model repo, in its space/ folder or at its root: the app serves that repo.
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo")
+    shutil.copy(SPACE_APP, repo / "app.py")
+    for app_path in (repo / "space" / "app.py", repo / "app.py"):
         assert load_module(app_path, "exported_app").resolve_model(None) == (str(repo), False)
 
     # No model anywhere: a tiny model when the package is installed, otherwise a clear exit.
@@ -122,10 +125,19 @@ def test_model_resolution(app, tiny_folder, tmp_path, monkeypatch):
         app.resolve_model(None)
 
 
-def test_space_requirements_cover_the_app_imports():
-    lines = [line for line in SPACE_REQUIREMENTS.read_text().splitlines() if line and not line.startswith("#")]
-    requirements = {re.split(r"[<>=~!\[ ]", line)[0].lower() for line in lines}
-    assert {"torch", "torchvision", "transformers", "pillow", "numpy", "gradio"} <= requirements
+def _requirements(path) -> set[str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {re.split(r"[<>=~!\[ ]", line)[0].lower() for line in lines}
+
+
+def test_requirements_and_space_card():
+    # torchvision: the image processor (Qwen2-VL's) needs it; no project package: only PyPI names.
+    space, endpoint = _requirements(SPACE_REQUIREMENTS), _requirements(ENDPOINT_REQUIREMENTS)
+    assert {"torch", "torchvision", "transformers", "pillow", "numpy", "gradio"} <= space
+    assert {"torch", "torchvision", "transformers", "pillow"} <= endpoint
+    assert not any("emovlm" in name for name in space | endpoint)
+    card = SpaceCard.load(SPACE_DIR / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
 
 
 def test_examples_space_launcher_points_at_the_shipped_app():
@@ -177,9 +189,9 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     # The app as exported into a model repo, run where only the PyPI packages are installed, with no arguments.
-    repo = copy_model_repo(tiny_folder, tmp_path / "repo", SPACE_APP, SPACE_REQUIREMENTS)
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo")
     launcher = tmp_path / "launch_space.py"
-    run_app = f"import runpy\nrunpy.run_path({str(repo / 'app.py')!r}, run_name='__main__')\n"
+    run_app = f"import runpy\nrunpy.run_path({str(repo / 'space' / 'app.py')!r}, run_name='__main__')\n"
     launcher.write_text(BLOCK_PROJECT_MODULES + run_app)
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
