@@ -231,7 +231,7 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
             gate_markdown(prediction, labels, config.gate_type),
         )
 
-    vlm_name = getattr(config.vlm_config, "_name_or_path", "") or config.vlm_config.model_type
+    vlm_family = config.vlm_config.model_type  # (its _name_or_path is a path on the training machine)
     notice = (
         "\n\n> This is a **tiny randomly initialised model** built offline to try the app: its predictions mean "
         f"nothing. Pass a trained model: `python app.py MODEL` or set `{MODEL_ENV}`."
@@ -242,7 +242,7 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
     with gr.Blocks(title="EmoVLM-KD emotion classifier") as demo:
         gr.Markdown(
             f"# EmoVLM-KD: which emotion does this image evoke?\n"
-            f"Model `{model_name}` ({vlm_name}, {num_labels} classes: {', '.join(labels)}). "
+            f"Model `{model_name}` ({vlm_family} VLM, {num_labels} classes: {', '.join(labels)}). "
             f"The **VLM branch** ({vlm_branch}) and the **distilled head** (an MLP on the VLM's own image "
             f"embeddings) each predict; the **gate** (`{config.gate_type}`) fuses them.{notice}"
         )
