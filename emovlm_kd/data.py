@@ -30,9 +30,11 @@ arguments; the all-stages command skips a stage whose COMPLETE.json matches the 
 The stage-0 output is a file, so its marker is `<run_dir>/instruction_data.COMPLETE.json`.
 """
 
+import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +149,19 @@ def _split_dataset(images: dict[str, list[str]], class_names: list[str], bad: se
     )
 
 
+def _stratified_holdout(train: Dataset, val_fraction: float, seed: int, class_names: list[str], where: str) -> DatasetDict:
+    """Hold out `val_fraction` of train, stratified by class; at least one image per class."""
+    counts = collections.Counter(train["label"])
+    too_few = [class_names[label] for label in range(len(class_names)) if counts[label] < 2]
+    if too_few:
+        raise DataError(f"{where!r} needs at least 2 readable images per class to hold out a val split: {too_few}")
+    size = math.ceil(val_fraction * len(train))
+    if size < len(class_names):
+        logger.warning(f"val_fraction={val_fraction} of {len(train)} images is fewer than one per class: holding out {len(class_names)}")
+        size = len(class_names)
+    return train.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+
+
 def load_imagefolder(
     root: str | os.PathLike,
     val_fraction: float = 0.1,
@@ -204,7 +219,7 @@ def load_imagefolder(
     if val_from_train:
         if not 0 < val_fraction < 1:
             raise DataError(f"{str(root)!r} has no val/ folder and val_fraction={val_fraction} is not in (0, 1)")
-        held_out = splits["train"].train_test_split(test_size=val_fraction, stratify_by_column="label", seed=seed)
+        held_out = _stratified_holdout(splits["train"], val_fraction, seed, class_names, str(root / "train"))
         splits["train"], splits["val"] = held_out["train"], held_out["test"]
     splits = DatasetDict({split: splits[split] for split in SPLITS if split in splits})
 

@@ -9,7 +9,6 @@ from PIL import Image
 # One base colour per class: the visual signal a model can learn.
 CLASS_COLOURS = [(200, 40, 40), (40, 170, 40), (40, 60, 210), (200, 190, 40), (160, 40, 180), (40, 180, 180)]
 
-
 def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> Image.Image:
     """An image whose dominant colour is the class's (with noise, brightness jitter and a distractor square)."""
     width, height = size
@@ -19,7 +18,6 @@ def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64
     top, left = rng.integers(0, height - side), rng.integers(0, width - side)
     pixels[top : top + side, left : left + side] = rng.uniform(0, 255, size=3)  # distractor of any colour
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
-
 
 def make_imagefolder(
     root: str | os.PathLike,
@@ -45,7 +43,6 @@ def make_imagefolder(
                 make_image(label, rng, size).save(folder / f"{name}_{index:03d}.{suffix}")
     return root
 
-
 def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
     """Add three unreadable images to a class folder: a zero-byte file, a truncated JPEG, a text file named .jpg."""
     class_dir = Path(class_dir)
@@ -59,4 +56,23 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
     return [empty, truncated, text]
 
 
-__all__ = ["CLASS_COLOURS", "add_bad_images", "make_image", "make_imagefolder"]
+# Hyper-parameters that let the tiny models learn the generated colour signal in seconds (the paper's defaults are
+# for thousands of images and pretrained models): the tiny VLM's image embeddings are small (std ~0.02), hence the
+# head's large learning rate.
+TINY_STAGE_ARGS = {
+    "teacher": "--epochs 3 --learning-rate 1e-3 --batch-size 8",
+    "distill": "--epochs 60 --learning-rate 1e-2 --head-hidden-sizes 32 --batch-size 8",
+    "gate": "--epochs 30 --learning-rate 1e-2 --batch-size 8",
+}
+
+
+def tiny_run_all_argv(data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **extra) -> list[str]:
+    """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher."""
+    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", "tiny", "--teacher", "tiny"]
+    argv += ["--no-pretrained", "--num-workers", "0", "--report-to", "none", "--stages", *stages]
+    for stage, stage_args in {**TINY_STAGE_ARGS, **extra}.items():
+        argv += [f"--{stage.replace('_', '-')}-args", stage_args]
+    return argv
+
+
+__all__ = ["CLASS_COLOURS", "TINY_STAGE_ARGS", "add_bad_images", "make_image", "make_imagefolder", "tiny_run_all_argv"]

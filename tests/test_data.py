@@ -121,3 +121,11 @@ def test_complete_markers(tmp_path):
     assert resolve_vlm(run_dir, "tiny") == "tiny"
     write_complete(run_dir, "instruction_tuning", "k")
     assert resolve_vlm(run_dir, "tiny") == str(run_dir / "vlm")
+
+
+def test_tiny_train_split_holds_out_one_image_per_class(tmp_path):
+    data = load_imagefolder(make_imagefolder(tmp_path / "small", per_class=2, splits=("train",)), check_images=False)
+    assert sorted(data.splits["val"]["label"]) == [0, 1, 2] and len(data.splits["train"]) == 3
+    lonely = make_imagefolder(tmp_path / "lonely", per_class=1, splits=("train",))
+    with pytest.raises(DataError, match="at least 2 readable images per class"):
+        load_imagefolder(lonely, check_images=False)

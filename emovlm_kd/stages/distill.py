@@ -142,11 +142,11 @@ def run(args) -> dict:
 
     accelerator = make_accelerator(args, STAGE)
     set_seed(args.seed)
-    start_stage(accelerator, args.run_dir, STAGE)
     data = load_run_data(args, accelerator)
     class_names = data.class_names
     stage_fingerprint = fingerprint(args, class_names)
     spec = feature_spec(args, class_names)
+    start_stage(accelerator, args.run_dir, STAGE)
 
     features = get_features(
         accelerator,
@@ -200,9 +200,15 @@ def run(args) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         save_file(accelerator.unwrap_model(head).state_dict(), output / HEAD_WEIGHTS)
         (output / SPEC_FILE).write_text(json.dumps({**spec, "in_features": in_features}, indent=2) + "\n")
-        write_complete(args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, vlm=spec["vlm"])
+        write_complete(
+            args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, vlm=spec["vlm"],
+            unreadable_images=data.bad_images, num_processes=accelerator.num_processes,
+        )  # fmt: skip
     finish_stage(accelerator, args, STAGE)
-    return {"stage": STAGE, "output": str(output), "val_metrics": metrics, "vlm": spec["vlm"]}
+    return {
+        "stage": STAGE, "output": str(output), "val_metrics": metrics, "vlm": spec["vlm"],
+        "unreadable_images": data.bad_images,
+    }  # fmt: skip
 
 
 def main(argv=None) -> dict:

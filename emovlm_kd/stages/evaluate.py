@@ -96,10 +96,10 @@ def run(args) -> dict:
 
     accelerator = make_accelerator(args, STAGE)
     set_seed(args.seed)
-    start_stage(accelerator, args.run_dir, STAGE)
-    stage_fingerprint = fingerprint(args)
     spec = read_spec(args.run_dir)
     data = load_run_data(args, accelerator, class_names=spec["class_names"])
+    stage_fingerprint = fingerprint(args)
+    start_stage(accelerator, args.run_dir, STAGE)
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
@@ -115,7 +115,10 @@ def run(args) -> dict:
 
     output = stage_output(args.run_dir, STAGE)
     train_labels = data.splits["train"]["label"]
-    results = {"class_names": class_names, "gate_type": gate_config["gate_type"], "vlm": spec["vlm"], "splits": {}}
+    results = {
+        "class_names": class_names, "gate_type": gate_config["gate_type"], "vlm": spec["vlm"],
+        "unreadable_images": data.bad_images, "splits": {},
+    }  # fmt: skip
     for split in splits:
         labels = features[split]["labels"].numpy()
         predicted = predictions(features[split], spec, head, gate, gate_config)

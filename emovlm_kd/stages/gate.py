@@ -117,10 +117,10 @@ def run(args) -> dict:
 
     accelerator = make_accelerator(args, STAGE)
     set_seed(args.seed)
-    start_stage(accelerator, args.run_dir, STAGE)
-    stage_fingerprint = fingerprint(args)
     spec = read_spec(args.run_dir)
     data = load_run_data(args, accelerator, class_names=spec["class_names"])
+    stage_fingerprint = fingerprint(args)
+    start_stage(accelerator, args.run_dir, STAGE)
     class_names = data.class_names
     config = {**gate_config(args), "class_names": class_names}
 

@@ -145,9 +145,9 @@ def run(args) -> dict:
 
     accelerator = make_accelerator(args, STAGE)
     set_seed(args.seed)
+    data = load_run_data(args, accelerator)
     stage_fingerprint = fingerprint(args)
     start_stage(accelerator, args.run_dir, STAGE)
-    data = load_run_data(args, accelerator)
     class_names = data.class_names
 
     with accelerator.main_process_first():  # one download of pretrained weights
@@ -195,10 +195,11 @@ def run(args) -> dict:
             safe_serialization=True,
         )
         write_complete(
-            args.run_dir, STAGE, stage_fingerprint, teacher=args.teacher, val_metrics=metrics, epochs=args.epochs
-        )
+            args.run_dir, STAGE, stage_fingerprint, teacher=args.teacher, val_metrics=metrics, epochs=args.epochs,
+            unreadable_images=data.bad_images, num_processes=accelerator.num_processes,
+        )  # fmt: skip
     finish_stage(accelerator, args, STAGE)
-    return {"stage": STAGE, "output": str(output), "val_metrics": metrics}
+    return {"stage": STAGE, "output": str(output), "val_metrics": metrics, "unreadable_images": data.bad_images}
 
 
 def main(argv=None) -> dict:

@@ -1,0 +1,69 @@
+"""Stages 2 and 3 under `accelerate launch` with two real CPU processes equal a single-process run.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up
+(`--mpirun_hostfile`); two CPU processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true`
+(what `--cpu` sets) - `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs - and Accelerate
+then runs them as MULTI_CPU over gloo. `--batch-size` is global (split across processes), the augmentation of each
+image is seeded per (seed, epoch, image), and the head has no dropout here, so both runs compute the same updates.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emovlm_kd.data import read_complete
+from emovlm_kd.stages import run_all
+from emovlm_kd.testing import make_imagefolder, tiny_run_all_argv
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+STAGE_ARGS = {
+    # 45 training images -> 5 held out, 40 train: whole batches of 8, so no process pads its last batch
+    "teacher": "--epochs 2 --learning-rate 1e-3 --batch-size 8 --eval-batch-size 4",
+    "distill": "--epochs 10 --learning-rate 1e-2 --head-hidden-sizes 32 --head-dropout 0 --batch-size 8 --feature-batch-size 4",
+}
+
+
+def launch_two_processes(argv: list[str], log: Path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1",
+               str(REPO_ROOT / "train" / "run_all.py"), *argv]  # fmt: skip
+    with log.open("w") as output:
+        result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600)
+    assert result.returncode == 0, log.read_text()[-5000:]
+
+
+def test_two_processes_equal_one(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_class={"train": 15, "test": 4})
+    runs = {"two": tmp_path / "two-processes", "one": tmp_path / "one-process"}
+    argv = {name: tiny_run_all_argv(data, run, stages=("teacher", "distill"), **STAGE_ARGS) for name, run in runs.items()}
+    launch_two_processes(argv["two"], tmp_path / "launch.log")
+    run_all.run(run_all.build_parser().parse_args(argv["one"]))
+
+    for stage, output, weights in (("teacher", "teacher", "model.safetensors"), ("distill", "head", "head.safetensors")):
+        two, one = read_complete(runs["two"], stage), read_complete(runs["one"], stage)
+        assert (two["num_processes"], one["num_processes"]) == (2, 1)
+        # the gathered validation metrics cover each of the 5 held-out images once
+        assert two["val_metrics"]["num_examples"] == one["val_metrics"]["num_examples"] == 5
+        for metric in ("accuracy", "macro_f1", "train_loss"):
+            assert two["val_metrics"][metric] == pytest.approx(one["val_metrics"][metric], abs=1e-4), (stage, metric)
+        trained_two, trained_one = load_file(runs["two"] / output / weights), load_file(runs["one"] / output / weights)
+        for key in trained_one:
+            torch.testing.assert_close(trained_two[key], trained_one[key], rtol=1e-4, atol=1e-4, msg=f"{stage} {key}")
+
+    # the features computed by two processes (work split, then gathered) are those of one process, in order
+    cache_two = sorted((runs["two"] / "cache").iterdir())
+    assert [p.name for p in cache_two] == sorted(p.name for p in (runs["one"] / "cache").iterdir())
+    assert len(cache_two) == 6
+    for path in cache_two:
+        features_two, features_one = load_file(path), load_file(runs["one"] / "cache" / path.name)
+        for key in features_one:
+            torch.testing.assert_close(features_two[key], features_one[key], rtol=1e-4, atol=1e-5, msg=path.name)
+    assert json.loads((runs["two"] / "labels.json").read_text()) == json.loads((runs["one"] / "labels.json").read_text())

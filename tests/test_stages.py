@@ -1,0 +1,236 @@
+"""Stages 2-6 end to end on the tiny models and a generated dataset with a learnable colour signal (offline, CPU)."""
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from emovlm_kd.data import DataError, ensure_class_names, read_complete
+from emovlm_kd.stages import distill, evaluate, export, gate, run_all, teacher
+from emovlm_kd.testing import TINY_STAGE_ARGS, add_bad_images, make_imagefolder, tiny_run_all_argv
+from modeling_emovlm_kd import GATES
+
+CLASSES = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """14 train + 6 test images per class, plus three unreadable files in train/neutral."""
+    root = make_imagefolder(tmp_path_factory.mktemp("data") / "colours", CLASSES, {"train": 14, "test": 6})
+    add_bad_images(root / "train" / "neutral")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(dataset, tmp_path_factory):
+    """Stages 2-6 through the all-stages command; returns (run_dir, its summary)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    args = run_all.build_parser().parse_args(tiny_run_all_argv(dataset, run_dir))
+    return run_dir, run_all.run(args)
+
+
+def copy_run(run_dir, destination, *leave_out):
+    """A copy of the fixture's run (stages then change the copy only), without the final repo and `leave_out`."""
+    shutil.copytree(run_dir, destination, ignore=shutil.ignore_patterns("model", *leave_out))
+    return destination
+
+
+def stage_args(module, dataset, run_dir, *extra):
+    """A stage's parsed arguments with the tiny settings of `TINY_STAGE_ARGS`."""
+    argv = ["--data-dir", str(dataset), "--run-dir", str(run_dir), "--num-workers", "0", "--report-to", "none"]
+    stage = module.STAGE
+    argv += {"teacher": ["--teacher", "tiny"], "distill": ["--vlm", "tiny"]}.get(stage, [])
+    argv += TINY_STAGE_ARGS.get(stage, "").split()
+    return module.build_parser().parse_args(argv + list(extra))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_every_stage_writes_its_outputs(pipeline):
+    run_dir, summary = pipeline
+    for stage in ("teacher", "distill", "gate", "evaluate", "export"):
+        assert "skipped" not in summary[stage] and read_complete(run_dir, stage)["fingerprint"]
+    assert json.loads((run_dir / "labels.json").read_text())["class_names"] == CLASSES
+    assert {p.name for p in (run_dir / "teacher").iterdir()} >= {"model.safetensors", "config.json"}
+    assert json.loads((run_dir / "teacher" / "config.json").read_text())["label_names"] == CLASSES
+    # one VLM and one teacher cache file per split; the training checkpoints are gone once stages complete
+    cached = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in (run_dir / "cache").iterdir())
+    assert cached == ["teacher-test", "teacher-train", "teacher-val", "vlm-test", "vlm-train", "vlm-val"]
+    assert not (run_dir / "checkpoints" / "teacher").exists()
+    assert (run_dir / "head" / "head.safetensors").exists() and (run_dir / "gate" / "gate.safetensors").exists()
+    for split in ("val", "test"):
+        assert (run_dir / "eval" / f"confusion_{split}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["splits"]["test"]) >= {"teacher", "vlm", "head", "fused", "majority_baseline_accuracy"}
+    per_class = results["splits"]["test"]["fused"]["per_class"]
+    assert list(per_class) == CLASSES and sum(v["support"] for v in per_class.values()) == 18
+
+
+def test_learning_check_head_and_fused_beat_majority(pipeline):
+    run_dir, _ = pipeline
+    test = json.loads((run_dir / "eval" / "results.json").read_text())["splits"]["test"]
+    baseline = test["majority_baseline_accuracy"]
+    assert baseline == pytest.approx(1 / 3)
+    assert test["teacher"]["accuracy"] > baseline + 0.2
+    assert test["head"]["accuracy"] > baseline + 0.2
+    assert test["fused"]["accuracy"] > baseline + 0.2
+    assert test["fused"]["macro_f1"] > 0.5
+
+
+def test_unreadable_images_are_reported_and_skipped(pipeline, dataset):
+    run_dir, summary = pipeline
+    bad = {str(dataset / "train" / "neutral" / name) for name in ("empty.jpg", "truncated.jpg", "notes.jpg")}
+    for stage in ("teacher", "distill"):
+        reported = dict(read_complete(run_dir, stage)["unreadable_images"])
+        assert set(reported) == bad and all(reported.values())
+    assert {path for path, _ in summary["teacher"]["unreadable_images"]} == bad
+    embeds = load_file(next((run_dir / "cache").glob("vlm-train-*")))["image_embeds"]
+    val = load_file(next((run_dir / "cache").glob("vlm-val-*")))["image_embeds"]
+    assert len(embeds) + len(val) == 42  # the 42 readable training images, none of the bad ones
+
+
+def test_exported_repo_loads_with_auto_classes_and_pipeline(pipeline, dataset):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline as hf_pipeline
+
+    run_dir, _ = pipeline
+    repo = run_dir / "model"
+    config = json.loads((repo / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_emovlm_kd.EmoVLMKDForImageClassification"
+    assert [config["id2label"][str(i)] for i in range(3)] == CLASSES
+    for name in ("model.safetensors", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
+                 "image_processing_emovlm_kd.py", "preprocessor_config.json", "tokenizer.json", "handler.py"):  # fmt: skip
+        assert (repo / name).is_file(), name
+    assert (repo / "space" / "app.py").is_file()
+
+    card = (repo / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["pipeline_tag"] == "image-classification" and metadata["library_name"] == "transformers"
+    assert metadata["datasets"] == ["colours"] and set(metadata["metrics"]) == {"accuracy", "f1"}
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    fused_accuracy = results["splits"]["test"]["fused"]["accuracy"]
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == round(fused_accuracy, 4)
+    assert "trust_remote_code=True" in card and f"{fused_accuracy:.4f}" in card
+
+    model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+    images = sorted(str(p) for p in (dataset / "test").rglob("*.png"))
+    with torch.no_grad():
+        logits = model(**processor(images)).logits
+    # the exported model is the evaluated one: its predictions equal stage 5's cached pipeline
+    assembled, assembled_processor, _ = export.assemble_model(run_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, assembled(**assembled_processor(images)).logits, rtol=1e-4, atol=1e-4)
+    predictions = hf_pipeline("image-classification", model=model, image_processor=processor)(images[:2])
+    assert predictions[0][0]["label"] in CLASSES
+
+
+def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
+    run_dir = copy_run(pipeline[0], tmp_path / "run")
+    with mock.patch.object(export, "HfApi") as hf_api:
+        hf_api.return_value.create_repo.return_value = "https://huggingface.co/me/emovlm-kd-colours"
+        args = stage_args(export, dataset, run_dir, "--push-to-hub", "me/emovlm-kd-colours", "--private")
+        summary = export.run(args)
+    api = hf_api.return_value
+    api.create_repo.assert_called_once_with("me/emovlm-kd-colours", private=True, exist_ok=True, repo_type="model")
+    upload = api.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "me/emovlm-kd-colours" and Path(upload["folder_path"]) == run_dir / "model"
+    assert summary["hub_url"].endswith("me/emovlm-kd-colours")
+    assert "me/emovlm-kd-colours" in (run_dir / "model" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
+    run_dir = copy_run(pipeline[0], tmp_path / "run")
+    before = {p.name for p in (run_dir / "cache").iterdir()}
+    # another head on the same features: no model is loaded
+    with mock.patch("emovlm_kd.data.build_emovlm_kd", side_effect=AssertionError("VLM loaded")):
+        with mock.patch("emovlm_kd.stages.teacher.load_teacher", side_effect=AssertionError("teacher loaded")):
+            distill.run(stage_args(distill, dataset, run_dir, "--head-dropout", "0.2"))
+    assert {p.name for p in (run_dir / "cache").iterdir()} == before
+
+    # a changed image: that split's features are recomputed, the others reused
+    data_copy = tmp_path / "colours"
+    shutil.copytree(dataset, data_copy)
+    changed = data_copy / "test" / "positive" / "positive_000.jpg"
+    shutil.copy(data_copy / "test" / "negative" / "negative_000.jpg", changed)
+    run_copy = copy_run(run_dir, tmp_path / "run-copy")
+    evaluate.run(stage_args(evaluate, data_copy, run_copy))
+    new = {p.name for p in (run_copy / "cache").iterdir()} - before
+    assert sorted(name.split("-")[0] + "-" + name.split("-")[1] for name in new) == ["teacher-test", "vlm-test"]
+
+    # a different prompt: new VLM features, same teacher logits
+    with mock.patch("emovlm_kd.stages.teacher.load_teacher", side_effect=AssertionError("teacher loaded")):
+        distill.run(stage_args(distill, dataset, run_dir, "--classification-prompt", "Emotion? <labels>."))
+    new = {p.name for p in (run_dir / "cache").iterdir()} - before
+    assert sorted(name.split("-")[0] for name in new) == ["vlm", "vlm", "vlm"]
+
+
+def test_cached_vlm_gate_input_matches_the_model():
+    from emovlm_kd.cache import vlm_gate_input
+    from emovlm_kd.tiny import build_tiny_model
+
+    log_likelihoods = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -0.7]])
+    for branch_input in ("probs", "one_hot"):
+        model = build_tiny_model(CLASSES, vlm_branch_input=branch_input)[0]
+        expected = model.vlm_gate_input(log_likelihoods)
+        got = vlm_gate_input({"vlm_log_likelihoods": log_likelihoods}, "score", branch_input)
+        torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@pytest.mark.parametrize("gate_type", ["bilinear", "moe", "dynamic_weighting", "cross_gating"])
+def test_every_gate_variant_trains(pipeline, dataset, tmp_path, gate_type):
+    run_copy = copy_run(pipeline[0], tmp_path / "run")
+    summary = gate.run(stage_args(gate, dataset, run_copy, "--gate-type", gate_type, "--epochs", "40"))
+    trained, config = gate.load_gate(run_copy)
+    assert config["gate_type"] == gate_type and type(trained) is GATES[gate_type]
+    assert summary["val_metrics"]["accuracy"] > 0.5
+
+
+def test_class_mismatch_is_an_error_before_heavy_work(pipeline, dataset, tmp_path):
+    run_dir, _ = pipeline
+    reordered = tmp_path / "run"
+    ensure_class_names(reordered, ["positive", "neutral", "negative"])  # another stage fixed another order
+    with mock.patch.object(teacher, "create_teacher", side_effect=AssertionError("heavy work started")):
+        with pytest.raises(DataError, match="differ from those fixed for this run"):
+            teacher.run(stage_args(teacher, dataset, reordered))
+    other = make_imagefolder(tmp_path / "other", ["calm", "joy", "rage"], {"train": 10, "test": 2})
+    run_copy = copy_run(run_dir, tmp_path / "run2", "cache")
+    with mock.patch("emovlm_kd.data.build_emovlm_kd", side_effect=AssertionError("heavy work started")):
+        for module in (teacher, gate, evaluate):
+            with pytest.raises(DataError, match="differ"):
+                module.run(stage_args(module, other, run_copy))
+
+
+def test_missing_upstream_stage_is_a_clear_error(dataset, tmp_path):
+    with pytest.raises(DataError, match="needs stage 'teacher' first"):
+        distill.run(stage_args(distill, dataset, tmp_path / "fresh"))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("module", [teacher, distill], ids=["teacher", "distill"])
+def test_resume_after_interruption_equals_uninterrupted(pipeline, dataset, tmp_path, module):
+    run_dir, _ = pipeline
+    output, weights = {"teacher": ("teacher", "model.safetensors"), "distill": ("head", "head.safetensors")}[module.STAGE]
+    trained = {}
+    for name, runs in {"uninterrupted": [[]], "resumed": [["--stop-after-epoch", "1"], ["--resume"]]}.items():
+        run = copy_run(run_dir, tmp_path / name, output)
+        summaries = [module.run(stage_args(module, dataset, run, "--epochs", "2", *extra)) for extra in runs]
+        assert [s.get("stopped", False) for s in summaries] == [True] * (len(runs) - 1) + [False]
+        assert read_complete(run, module.STAGE) is not None
+        trained[name] = load_file(run / output / weights)
+    assert trained["uninterrupted"].keys() == trained["resumed"].keys()
+    for key, value in trained["uninterrupted"].items():
+        torch.testing.assert_close(trained["resumed"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_stopped_stage_leaves_a_checkpoint_and_no_complete_marker(dataset, tmp_path):
+    run = tmp_path / "run"
+    summary = teacher.run(stage_args(teacher, dataset, run, "--epochs", "2", "--stop-after-epoch", "1"))
+    assert summary["stopped"] and summary["epochs_done"] == 1
+    assert read_complete(run, "teacher") is None
+    assert (run / "checkpoints" / "teacher" / "epoch_1" / "model.safetensors").exists()
