@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 
@@ -87,7 +88,8 @@ def main():
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(image_paths), args.batch_size):
+        starts = range(0, len(image_paths), args.batch_size)
+        for start in tqdm(starts, desc="Model batches", disable=len(starts) < 3):
             inputs = image_processor(image_paths[start : start + args.batch_size], return_tensors="pt")
             outputs.append(model(**inputs.to(args.device)))
     fused = torch.cat([out.logits for out in outputs]).float().softmax(-1).cpu()
