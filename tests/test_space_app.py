@@ -30,7 +30,13 @@ from helpers_hub_files import (
 )
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-GATE_TYPES = ["concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating"]
+GATE_TEXT = {  # what the gate view says about each gate's own weights
+    "concat_linear": "Fused logit = from distilled head + from VLM branch + bias",
+    "bilinear": "no per-branch split",
+    "moe": "Expert routing: expert 1",
+    "dynamic_weighting": "Per-image weights: distilled head",
+    "cross_gating": "Mean per-class gate",
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def fused_probabilities(tiny, image) -> torch.Tensor:
         return model(**image_processor([image])).logits.softmax(-1)[0]
 
 
-@pytest.mark.parametrize("gate_type", GATE_TYPES)
+@pytest.mark.parametrize("gate_type", sorted(GATE_TEXT))
 def test_branch_contributions_add_up_to_the_fused_logits(app, tiny, gate_type):
     from modeling_emovlm_kd import GATES
 
@@ -64,12 +70,19 @@ def test_branch_contributions_add_up_to_the_fused_logits(app, tiny, gate_type):
         for row in range(len(images)):
             weights = None if out.gate_weights is None else out.gate_weights[row]
             parts = app.branch_contributions(model, out.head_logits[row], out.vlm_scores[row], weights)
+            logits, head_logits = out.logits[row], out.head_logits[row]
+            prediction = {"fused": logits.softmax(-1), "vlm": out.vlm_scores[row], "head": head_logits.softmax(-1)}
+            prediction.update(logits=logits, contributions=parts, gate_weights=weights, seconds=0.1, device="CPU")
+            labels = model.config.labels
+            text = app.gate_markdown(prediction, labels, gate_type)
+            assert GATE_TEXT[gate_type] in text, text
             if gate_type == "bilinear":
-                assert parts is None
+                assert parts is None and app.gate_summary(prediction, labels) is None
                 continue
             total = parts["head"] + parts["vlm"] + parts["bias"]
             torch.testing.assert_close(total, out.logits[row].float(), atol=1e-5, rtol=1e-5)
             assert parts["head"].abs().sum() > 0 and parts["vlm"].abs().sum() > 0
+            assert "fused logit |" in text and abs(sum(app.gate_summary(prediction, labels).values()) - 1) < 1e-6
 
 
 def test_predictor_shows_every_branch(app, predictor, tiny):

@@ -27,7 +27,7 @@ SUPPORTED_PARAMETERS = ("top_k",)
 
 
 class EndpointHandler:
-    """Loads the model and its image processor once; every call classifies a batch of images in one forward.
+    """Loads the model and its image processor once; each call classifies all its images in batched forwards.
 
     Args:
         path (`str`): the model repo folder (Inference Endpoints pass the repository's local path).
