@@ -1,0 +1,28 @@
+"""The README's "run it" command: the offline quickstart, end to end, in a subprocess."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_runs_offline_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout
+    assert f"The model folder is {run_dir / 'model'}" in out
+    for row in ("Teacher (timm)", "VLM branch", "Distilled head", "EmoVLM-KD (fused)", "majority-class baseline"):
+        assert row in out
+    fused = re.search(r"\| EmoVLM-KD \(fused\) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", out)
+    baseline = re.search(r"\| majority-class baseline \| [\d.]+ \| – \| ([\d.]+) \|", out)
+    assert float(fused.group(1)) > float(baseline.group(1)), out
+    predictions = re.findall(r"^\s+(\w+)/\S+\s+-> (\w+) \(([\d.]+)\)$", out, flags=re.MULTILINE)
+    assert len(predictions) == 3 and all(0 <= float(score) <= 1 for _, _, score in predictions)
+    assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "model" / "README.md").exists()
