@@ -105,6 +105,14 @@ def test_predictor_shows_every_branch(app, predictor, tiny):
     assert f"| **{winner}** |" in table and all(f"| {label} |" in table or label == winner for label in labels)
 
 
+def test_demo_passes_uploads_to_the_model_processor_unconverted(app, predictor):
+    # Gradio's default image_mode="RGB" would drop transparency before the processor could composite it onto white.
+    demo = app.build_demo(predictor, "tiny")
+    components = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"image", "submit", "fused", "vlm-branch", "head-branch", "gate-share", "gate-table"} <= set(components)
+    assert components["image"].image_mode is None and components["image"].type == "pil"
+
+
 def test_example_images_are_distinct_pictures(app, tmp_path):
     paths = app.make_example_images(tmp_path / "examples")
     assert len(paths) == 4
@@ -214,7 +222,7 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     image_path = tmp_path / "upload.png"
-    image = Image.new("RGB", (120, 90), (220, 40, 40))
+    image = Image.new("RGBA", (120, 90), (220, 40, 40, 90))  # transparency: handled by the model's processor
     image.save(image_path)
     labels = tiny[0].config.labels
     expected = labels[int(fused_probabilities(tiny, image).argmax())]

@@ -248,7 +248,10 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                # image_mode=None: the model's image processor converts any mode itself (transparency onto white).
+                image = gr.Image(
+                    type="pil", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="image"
+                )
                 submit = gr.Button("Classify", variant="primary", elem_id="submit")
                 if example_paths:
                     gr.Examples([[path] for path in example_paths], inputs=image, label="Examples (generated)")
