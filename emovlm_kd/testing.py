@@ -61,8 +61,8 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
 # head's large learning rate.
 TINY_STAGE_ARGS = {
     "teacher": "--epochs 3 --learning-rate 1e-3 --batch-size 8",
-    "distill": "--epochs 60 --learning-rate 1e-2 --head-hidden-sizes 32 --batch-size 8",
-    "gate": "--epochs 30 --learning-rate 1e-2 --batch-size 8",
+    "distill": "--epochs 60 --learning-rate 1e-2 --head-hidden-sizes 32 --batch-size 8 --checkpoint-every 20",
+    "gate": "--epochs 30 --learning-rate 1e-2 --batch-size 8 --checkpoint-every 10",
 }
 
 

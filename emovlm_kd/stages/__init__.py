@@ -70,6 +70,7 @@ def add_epoch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--stop-after-epoch", type=int, default=None, help="Stop after this many epochs (checkpointed; resume later)"
     )
+    group.add_argument("--checkpoint-every", type=int, default=1, help="Save a checkpoint every N epochs")
     group.add_argument("--keep-checkpoints", type=int, default=1, help="Epoch checkpoints to keep (latest first)")
     return parser
 
@@ -214,8 +215,13 @@ def save_checkpoint(accelerator, args, stage: str, stage_fingerprint: str, epoch
     accelerator.wait_for_everyone()
 
 
-def should_stop(args, epochs_done: int, total_epochs: int) -> bool:
-    return args.stop_after_epoch is not None and epochs_done >= args.stop_after_epoch and epochs_done < total_epochs
+def end_epoch(accelerator, args, stage: str, stage_fingerprint: str, epochs_done: int, total_epochs: int) -> bool:
+    """Checkpoint every `--checkpoint-every` epochs (not after the last: the stage then saves its outputs);
+    returns True when `--stop-after-epoch` ends the run here (after a checkpoint)."""
+    stop = args.stop_after_epoch is not None and args.stop_after_epoch <= epochs_done < total_epochs
+    if stop or (epochs_done < total_epochs and epochs_done % max(1, args.checkpoint_every) == 0):
+        save_checkpoint(accelerator, args, stage, stage_fingerprint, epochs_done)
+    return stop
 
 
 def start_stage(accelerator, run_dir, stage: str):
@@ -283,7 +289,7 @@ __all__ = [
     "resume_if_asked",
     "save_checkpoint",
     "seeded_rng",
-    "should_stop",
+    "end_epoch",
     "start_stage",
     "upstream_fingerprint",
 ]

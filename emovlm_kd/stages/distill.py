@@ -10,6 +10,7 @@ Writes `<run_dir>/head/` (`head.safetensors`, `config.json` with what stages 4-6
 import argparse
 import json
 import logging
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -24,13 +25,12 @@ from emovlm_kd.stages import (
     add_run_args,
     close_trackers,
     dataset_fingerprint,
+    end_epoch,
     finish_stage,
     load_run_data,
     make_accelerator,
     progress,
     resume_if_asked,
-    save_checkpoint,
-    should_stop,
     start_stage,
     upstream_fingerprint,
 )
@@ -190,8 +190,7 @@ def run(args) -> dict:
         metrics["train_loss"] = total_loss / max(steps, 1)
         logger.info(f"Head epoch {epoch + 1}: {metrics}")
         accelerator.log({f"head/val_{k}": v for k, v in metrics.items()}, step=epoch + 1)
-        save_checkpoint(accelerator, args, STAGE, stage_fingerprint, epoch + 1)
-        if should_stop(args, epoch + 1, args.epochs):
+        if end_epoch(accelerator, args, STAGE, stage_fingerprint, epoch + 1, args.epochs):
             close_trackers(accelerator)
             return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1}
 
@@ -212,9 +211,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The `train/` script: parse, run, print the summary."""
     from emovlm_kd.stages import cli_main
 
-    return cli_main(__import__(__name__, fromlist=["run"]), argv)
+    return cli_main(sys.modules[__name__], argv)
 
 
 __all__ = ["build_parser", "feature_spec", "fingerprint", "head_logits", "load_head", "read_spec", "run"]

@@ -8,6 +8,7 @@ split (`confusion_<split>.png`, one panel per model).
 import argparse
 import json
 import logging
+import sys
 
 import numpy as np
 import torch
@@ -161,9 +162,10 @@ def results_table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    """The `train/` script: parse, run, print the summary."""
     from emovlm_kd.stages import cli_main
 
-    return cli_main(__import__(__name__, fromlist=["run"]), argv)
+    return cli_main(sys.modules[__name__], argv)
 
 
 __all__ = ["MODELS", "build_parser", "fingerprint", "predictions", "read_results", "results_table", "run"]

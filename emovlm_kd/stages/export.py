@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -196,9 +197,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The `train/` script: parse, run, print the summary."""
     from emovlm_kd.stages import cli_main
 
-    return cli_main(__import__(__name__, fromlist=["run"]), argv)
+    return cli_main(sys.modules[__name__], argv)
 
 
 __all__ = ["assemble_model", "build_parser", "fingerprint", "push_to_hub", "run"]

@@ -8,6 +8,7 @@ the model) for evaluation. Writes `<run_dir>/teacher/` (`model.safetensors` + ti
 
 import argparse
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,12 @@ from emovlm_kd.stages import (
     close_trackers,
     finish_stage,
     dataset_fingerprint,
+    end_epoch,
     load_run_data,
     make_accelerator,
     progress,
     resume_if_asked,
-    save_checkpoint,
     seeded_rng,
-    should_stop,
     start_stage,
 )
 from emovlm_kd.data import fingerprint as hash_of
@@ -181,8 +181,7 @@ def run(args) -> dict:
         metrics["train_loss"] = total_loss / max(steps, 1)
         logger.info(f"Teacher epoch {epoch + 1}: {metrics}")
         accelerator.log({f"teacher/val_{k}": v for k, v in metrics.items()}, step=epoch + 1)
-        save_checkpoint(accelerator, args, STAGE, stage_fingerprint, epoch + 1)
-        if should_stop(args, epoch + 1, args.epochs):
+        if end_epoch(accelerator, args, STAGE, stage_fingerprint, epoch + 1, args.epochs):
             close_trackers(accelerator)
             return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1}
 
@@ -203,9 +202,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The `train/` script: parse, run, print the summary."""
     from emovlm_kd.stages import cli_main
 
-    return cli_main(__import__(__name__, fromlist=["run"]), argv)
+    return cli_main(sys.modules[__name__], argv)
 
 
 __all__ = ["TEACHER_PRESETS", "build_parser", "create_teacher", "fingerprint", "load_teacher", "run", "teacher_transforms"]
