@@ -20,8 +20,10 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_emovlm_kd import EmoVLMKDConfig
+    from .pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 except ImportError:  # imported from the installed package rather than from a model folder
     from configuration_emovlm_kd import EmoVLMKDConfig
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
 
 @dataclass
@@ -508,11 +510,21 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # One auto_map for the config, AutoModel and AutoModelForImageClassification (remote code).
+        # One auto_map for the config, AutoModel and AutoModelForImageClassification (remote code), and the
+        # pipeline that feeds images to the model's own image processor. The remote-code files (this one and the
+        # ones it imports relatively) are copied into the folder by transformers.
         self.config.auto_map = {
             "AutoConfig": "configuration_emovlm_kd.EmoVLMKDConfig",
             "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
             "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
+        }
+        self.config.custom_pipelines = {
+            "image-classification": {
+                "impl": f"pipeline_emovlm_kd.{EmoVLMKDImageClassificationPipeline.__name__}",
+                "pt": ["AutoModelForImageClassification"],
+                "tf": [],
+                "type": "image",
+            }
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 

@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-REMOTE_CODE = ["configuration_emovlm_kd", "modeling_emovlm_kd", "image_processing_emovlm_kd"]
+REMOTE_CODE = ["configuration_emovlm_kd", "modeling_emovlm_kd", "image_processing_emovlm_kd", "pipeline_emovlm_kd"]
 
 core = [
     "torch>=2.4",
@@ -35,6 +35,8 @@ setup(
     python_requires=">=3.10",
     py_modules=REMOTE_CODE,
     packages=find_packages(include=["emovlm_kd", "emovlm_kd.*"]),
+    # Files the export stage copies into every model repo (Endpoint handler, Space app).
+    package_data={"emovlm_kd": ["hub_files/*", "hub_files/space/*"]},
     install_requires=core,
     extras_require={"train": train, "demo": demo, "tests": tests, "all": tests},
 )

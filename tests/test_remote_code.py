@@ -53,19 +53,34 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     odd = [Image.new("P", (50, 50)), Image.new("RGBA", (60, 40)), Image.new("CMYK", (40, 40)),
            Image.new("I;16", (33, 33)), Image.new("RGB", (1, 1))]
     classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+    kinds["pipeline"] = type(classifier).__name__
     single = classifier(images[0], top_k=None)
     batched = classifier(images + odd, batch_size=3, top_k=None)
-    json.dump({"kinds": kinds, "logits": logits, "single": single, "batched": batched}, open(out_path, "w"))
+    # transparent images: the pipeline must see the same pixels as the processor (no alpha dropped on the way)
+    transparent = Image.new("RGBA", (64, 64), (255, 0, 0, 40))
+    with torch.no_grad():
+        transparent_probs = model(**processor([transparent])).logits.softmax(-1)[0].tolist()
+    transparent_pipeline = classifier(transparent, top_k=None)
+    try:
+        classifier(sys.argv[3])
+        bad_file_error = None
+    except ValueError as error:
+        bad_file_error = str(error)
+    json.dump({"kinds": kinds, "logits": logits, "single": single, "batched": batched,
+               "transparent_probs": transparent_probs, "transparent_pipeline": transparent_pipeline,
+               "id2label": {str(k): v for k, v in model.config.id2label.items()}, "bad_file_error": bad_file_error},
+              open(out_path, "w"))
     """
 )
 
 
 def _run_fresh(folder, tmp_path):
-    script, out_path = tmp_path / "fresh.py", tmp_path / "out.json"
+    script, out_path, bad_file = tmp_path / "fresh.py", tmp_path / "out.json", tmp_path / "notes.jpg"
     script.write_text(FRESH_PROCESS_SCRIPT)
+    bad_file.write_text("not an image")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(out_path)],
+        [sys.executable, str(script), str(folder), str(out_path), str(bad_file)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -75,7 +90,7 @@ def _run_fresh(folder, tmp_path):
 def test_folder_contents(tiny_folder):
     files = set(os.listdir(tiny_folder))
     expected = {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_emovlm_kd.py",
-                "modeling_emovlm_kd.py", "image_processing_emovlm_kd.py", "tokenizer.json"}  # fmt: skip
+                "modeling_emovlm_kd.py", "image_processing_emovlm_kd.py", "pipeline_emovlm_kd.py", "tokenizer.json"}  # fmt: skip
     assert expected <= files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     config = json.loads((tiny_folder / "config.json").read_text())
@@ -84,6 +99,9 @@ def test_folder_contents(tiny_folder):
         "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
         "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
     }
+    assert config["custom_pipelines"]["image-classification"]["impl"] == (
+        "pipeline_emovlm_kd.EmoVLMKDImageClassificationPipeline"
+    )
     assert config["model_type"] == "emovlm_kd" and config["vlm_config"]["model_type"] == "qwen2_vl"
     preprocessor = json.loads((tiny_folder / "preprocessor_config.json").read_text())
     assert set(preprocessor["auto_map"]) == {"AutoImageProcessor", "AutoProcessor"}
@@ -104,6 +122,7 @@ def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_pat
     assert kinds["model_module"].startswith("transformers_modules.")
     assert kinds["config"] == "EmoVLMKDConfig"
     assert kinds["image_processor"] == kinds["processor"] == "EmoVLMKDImageProcessor"
+    assert kinds["pipeline"] == "EmoVLMKDImageClassificationPipeline"
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-6, rtol=1e-5)
 
     labels = set(model.config.labels)
@@ -115,6 +134,10 @@ def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_pat
     single = {entry["label"]: entry["score"] for entry in result["single"]}
     for index, label in model.config.id2label.items():
         assert abs(single[label] - expected_probs[index].item()) < 1e-5
+    transparent = {entry["label"]: entry["score"] for entry in result["transparent_pipeline"]}
+    for index, probability in enumerate(result["transparent_probs"]):
+        assert abs(transparent[result["id2label"][str(index)]] - probability) < 1e-6
+    assert result["bad_file_error"] is not None and str(tmp_path / "notes.jpg") in result["bad_file_error"]
     # batched pipeline calls agree with unbatched ones
     batched_first = {entry["label"]: entry["score"] for entry in result["batched"][0]}
     for label in labels:
