@@ -168,4 +168,15 @@ def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, 
     return model.eval(), image_processor, processor
 
 
-__all__ = ["build_tiny_model", "build_tiny_vlm", "build_tiny_vlm_processor", "build_tiny_tokenizer", "EmoVLMKDConfig"]
+def save_tiny_model_folder(folder, labels=("negative", "neutral", "positive"), **kwargs) -> str:
+    """Build a tiny model (see `build_tiny_model`) and save it as a complete model folder: weights, remote code,
+    image processor and tokenizer. Loads with `AutoModelForImageClassification.from_pretrained(folder,
+    trust_remote_code=True)` and `pipeline("image-classification", model=folder, trust_remote_code=True)`."""
+    model, image_processor, vlm_processor = build_tiny_model(labels, **kwargs)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    vlm_processor.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+__all__ = ["build_tiny_model", "save_tiny_model_folder", "build_tiny_vlm", "build_tiny_vlm_processor", "build_tiny_tokenizer", "EmoVLMKDConfig"]

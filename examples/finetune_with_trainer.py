@@ -40,13 +40,9 @@ def parse_args():
 
 def build_tiny_model_folder(folder: Path) -> str:
     """A tiny random-weight model saved as a model folder, built offline."""
-    from emovlm_kd.tiny import build_tiny_model
+    from emovlm_kd.tiny import save_tiny_model_folder
 
-    model, image_processor, vlm_processor = build_tiny_model(["negative", "neutral", "positive"])
-    model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    vlm_processor.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model_folder(folder, ["negative", "neutral", "positive"])
 
 
 def generated_dataset(labels: list[str], train_per_class: int = 12, test_per_class: int = 6) -> DatasetDict:

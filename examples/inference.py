@@ -32,13 +32,9 @@ def parse_args():
 
 def build_tiny_model_folder(folder: Path) -> str:
     """A tiny random-weight model saved as a model folder, built offline (its predictions mean nothing)."""
-    from emovlm_kd.tiny import build_tiny_model
+    from emovlm_kd.tiny import save_tiny_model_folder
 
-    model, image_processor, vlm_processor = build_tiny_model(["negative", "neutral", "positive"])
-    model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    vlm_processor.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model_folder(folder, ["negative", "neutral", "positive"])
 
 
 def generate_images(folder: Path) -> list[str]:

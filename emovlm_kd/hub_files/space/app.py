@@ -54,14 +54,9 @@ def resolve_model(model: str | None = None) -> tuple[str, bool]:
 
 def build_tiny_model_folder(labels=TINY_LABELS) -> str:
     """Save a tiny random EmoVLM-KD (built offline by the `emovlm_kd` package) to a temporary model folder."""
-    from emovlm_kd.tiny import build_tiny_model  # ImportError when only the PyPI packages are installed
+    from emovlm_kd.tiny import save_tiny_model_folder  # ImportError when only the PyPI packages are installed
 
-    folder = tempfile.mkdtemp(prefix="emovlm-kd-tiny-model-")
-    model, image_processor, vlm_processor = build_tiny_model(labels)
-    model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    vlm_processor.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model_folder(tempfile.mkdtemp(prefix="emovlm-kd-tiny-model-"), labels)
 
 
 class EmotionPredictor:
