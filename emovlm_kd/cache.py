@@ -241,7 +241,6 @@ def get_features(
                 names = ["teacher_logits"] if kind == "teacher" else [n for n in computed if n != "teacher_logits"]
                 write_cache(path, {n: computed[n] for n in names}, {"split": split, "kind": kind, "spec": spec})
         accelerator.wait_for_everyone()
-    del model, teacher
     return features
 
 

@@ -2,7 +2,7 @@
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from emovlm_kd.stages.evaluate import MODEL_TITLES, results_table
+from emovlm_kd.stages.evaluate import results_table
 
 TAGS = ["emotion-recognition", "visual-emotion-analysis", "emovlm-kd", "knowledge-distillation", "vision-language-model", "custom_code"]
 
@@ -99,8 +99,8 @@ def _results_section(results: dict | None, dataset_name: str | None) -> str:
     sizes = ", ".join(f"{split}: {values['num_examples']} images" for split, values in results["splits"].items())
     text = f"Measured on `{dataset_name or 'the training dataset'}` ({sizes}); macro-F1 over all classes.\n\n"
     text += results_table(results)
-    text += f"\n\nRows: {', '.join(MODEL_TITLES[m] for m in ('teacher', 'vlm', 'head', 'fused'))}. "
-    text += "The teacher is not part of this model (it only taught the head); it is listed for comparison."
+    text += "\n\nThe teacher is not part of this model (it only taught the head); it is listed for comparison. "
+    text += "The VLM branch and the distilled head are the two inputs of the gate, whose output is the fused model."
     return text
 
 

@@ -234,3 +234,31 @@ def test_stopped_stage_leaves_a_checkpoint_and_no_complete_marker(dataset, tmp_p
     assert summary["stopped"] and summary["epochs_done"] == 1
     assert read_complete(run, "teacher") is None
     assert (run / "checkpoints" / "teacher" / "epoch_1" / "model.safetensors").exists()
+
+
+def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
+    """Once stage 1 completed, stage 3 onwards use <run_dir>/vlm (and its fingerprint) instead of --vlm."""
+    from emovlm_kd.data import write_complete
+    from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
+
+    run = copy_run(pipeline[0], tmp_path / "run")
+    args = run_all.build_parser().parse_args(tiny_run_all_argv(dataset, run, stages=("distill", "gate", "evaluate", "export")))
+    before = distill.fingerprint(stage_args(distill, dataset, run))
+    processor = build_tiny_vlm_processor()
+    build_tiny_vlm(processor, seed=5).save_pretrained(run / "vlm")
+    processor.save_pretrained(run / "vlm")
+    write_complete(run, "instruction_tuning", "tuned-1", summary={"vlm": "Qwen/Qwen2-VL-2B-Instruct"})
+    tuned = distill.fingerprint(stage_args(distill, dataset, run))
+    assert tuned != before
+
+    summary = run_all.run(args)
+    assert summary["distill"]["vlm"] == str(run / "vlm")
+    assert len(list((run / "cache").glob("vlm-*"))) == 6  # the tiny VLM's features and the tuned one's
+    exported, tuned_vlm = load_file(run / "model" / "model.safetensors"), load_file(run / "vlm" / "model.safetensors")
+    lm_head = [key for key in exported if key.endswith("lm_head.weight")]
+    assert len(lm_head) == 1 and torch.equal(exported[lm_head[0]], tuned_vlm["lm_head.weight"])
+    card = yaml.safe_load((run / "model" / "README.md").read_text().split("---")[1])
+    assert card["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+
+    write_complete(run, "instruction_tuning", "tuned-2")  # stage 1 ran again: stage 3 is stale
+    assert distill.fingerprint(stage_args(distill, dataset, run)) != tuned

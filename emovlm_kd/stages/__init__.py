@@ -37,7 +37,17 @@ from emovlm_kd.data import (
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("instruction_data", "instruction_tuning", "teacher", "distill", "gate", "evaluate", "export")
+# Stage (= module name under emovlm_kd.stages), in pipeline order -> its script under train/.
+SCRIPTS = {
+    "instruction_data": "instruction_data.py",
+    "instruction_tuning": "instruction_tune.py",
+    "teacher": "teacher.py",
+    "distill": "distill.py",
+    "gate": "gate.py",
+    "evaluate": "evaluate.py",
+    "export": "export.py",
+}
+STAGES = tuple(SCRIPTS)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -98,17 +108,6 @@ def upstream_fingerprint(run_dir, stage: str, needed_by: str) -> str:
             f"(run train/{SCRIPTS[stage]} with the same --run-dir)"
         )
     return record["fingerprint"]
-
-
-SCRIPTS = {
-    "instruction_data": "instruction_data.py",
-    "instruction_tuning": "instruction_tune.py",
-    "teacher": "teacher.py",
-    "distill": "distill.py",
-    "gate": "gate.py",
-    "evaluate": "evaluate.py",
-    "export": "export.py",
-}
 
 
 # ---------------------------------------------------------------------------------------------- accelerate
@@ -279,8 +278,9 @@ __all__ = [
     "checkpoint_root",
     "cli_main",
     "close_trackers",
-    "end_processes",
     "dataset_fingerprint",
+    "end_epoch",
+    "end_processes",
     "find_checkpoint",
     "finish_stage",
     "load_run_data",
@@ -289,7 +289,6 @@ __all__ = [
     "resume_if_asked",
     "save_checkpoint",
     "seeded_rng",
-    "end_epoch",
     "start_stage",
     "upstream_fingerprint",
 ]

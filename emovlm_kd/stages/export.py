@@ -24,7 +24,7 @@ from emovlm_kd.data import fingerprint as hash_of
 from emovlm_kd.data import read_class_names, read_complete, stage_output, write_complete
 from emovlm_kd.model_card import build_model_card
 from emovlm_kd.stages import add_run_args, finish_stage, load_run_data, make_accelerator, start_stage, upstream_fingerprint
-from emovlm_kd.stages.distill import HEAD_WEIGHTS, read_spec
+from emovlm_kd.stages.distill import HEAD_WEIGHTS, load_head, read_spec
 from emovlm_kd.stages.gate import GATE_WEIGHTS, fused_logits, gate_inputs, load_gate
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def verify_against_cache(accelerator, args, model, image_processor, spec: dict) 
     split = "test" if "test" in data.splits else "val"
     features = get_features(accelerator, args.run_dir, data, spec, [split], num_workers=0)[split]
     count = min(args.verify_images, len(data.splits[split]))
-    head = __import__("emovlm_kd.stages.distill", fromlist=["load_head"]).load_head(args.run_dir)
+    head = load_head(args.run_dir)
     gate, gate_config = load_gate(args.run_dir)
     subset = {name: value[:count] for name, value in features.items()}
     expected = fused_logits(gate, *gate_inputs(head, subset, spec, gate_config))

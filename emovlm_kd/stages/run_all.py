@@ -18,19 +18,10 @@ import shlex
 import time
 
 from emovlm_kd.data import is_complete, read_complete
+from emovlm_kd.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
-# Stage name -> module under emovlm_kd.stages.
-STAGE_MODULES = {
-    "instruction_data": "instruction_data",
-    "instruction_tuning": "instruction_tuning",
-    "teacher": "teacher",
-    "distill": "distill",
-    "gate": "gate",
-    "evaluate": "evaluate",
-    "export": "export",
-}
 # run_all option (dest) -> the flag(s) a stage may know it by (all that it has are set).
 SHARED_OPTIONS = {
     "data_dir": ["--data-dir"],
@@ -48,6 +39,7 @@ SHARED_OPTIONS = {
     "gate_type": ["--gate-type"],
     "push_to_hub": ["--push-to-hub"],
     "resume": ["--resume"],
+    "force": ["--overwrite"],  # stages that check their own completion
 }
 
 
@@ -75,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-type", default=None, help="Gate variant (stage 4 --gate-type)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="Upload the final repo (stage 6)")
     parser.add_argument(
-        "--stages", nargs="+", choices=list(STAGE_MODULES), default=list(STAGE_MODULES), help="Stages to consider"
+        "--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="Stages to consider"
     )
     parser.add_argument("--force", action="store_true", help="Run the stages even when complete")
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume interrupted stages"
     )
-    for stage in STAGE_MODULES:
+    for stage in STAGES:
         parser.add_argument(
             f"--{stage.replace('_', '-')}-args", default="", metavar="ARGS", help=f"Extra arguments of stage {stage!r}"
         )
@@ -110,7 +102,7 @@ def stage_argv(args, stage: str, parser: argparse.ArgumentParser) -> list[str]:
 
 
 def selected_stages(args) -> list[str]:
-    stages = [stage for stage in STAGE_MODULES if stage in args.stages]
+    stages = [stage for stage in STAGES if stage in args.stages]
     if "instruction_data" in stages and not args.base_url:
         logger.info("Stage 0 (instruction data) skipped: no --base-url; stage 1 trains the classification task alone")
         stages.remove("instruction_data")
@@ -121,21 +113,22 @@ def run(args) -> dict:
     summary = {}
     for stage in selected_stages(args):
         try:
-            module = importlib.import_module(f"emovlm_kd.stages.{STAGE_MODULES[stage]}")
+            module = importlib.import_module(f"emovlm_kd.stages.{stage}")
         except ModuleNotFoundError as error:
-            if error.name != f"emovlm_kd.stages.{STAGE_MODULES[stage]}":
+            if error.name != f"emovlm_kd.stages.{stage}":
                 raise
             logger.warning(f"Stage {stage!r} is not available in this installation; skipped")
             summary[stage] = {"skipped": "not available"}
             continue
-        stage_args = module.build_parser().parse_args(stage_argv(args, stage, module.build_parser()))
+        argv = stage_argv(args, stage, module.build_parser())
+        stage_args = module.build_parser().parse_args(argv)
         # Stages without `fingerprint()` check their own completion inside `run()`.
         if hasattr(module, "fingerprint") and not args.force:
             if is_complete(args.run_dir, stage, module.fingerprint(stage_args)):
                 logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
                 summary[stage] = {"skipped": "complete", **_recorded(args.run_dir, stage)}
                 continue
-        logger.info(f"Stage {stage!r}: {' '.join(stage_argv(args, stage, module.build_parser()))}")
+        logger.info(f"Stage {stage!r}: {shlex.join(argv)}")
         started = time.time()
         result = module.run(stage_args)
         result["seconds"] = round(time.time() - started, 1)
@@ -168,4 +161,4 @@ def main(argv=None) -> dict:
     return summary
 
 
-__all__ = ["STAGE_MODULES", "build_parser", "run", "stage_argv"]
+__all__ = ["build_parser", "run", "selected_stages", "stage_argv"]
