@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""How the cost per image of EmoVLM-KD and of the one-forward floor grows with the batch size and the class count.
+
+  batch sweep  batch sizes 1 -> 32 (8 Mikels classes);
+  class sweep  2 (sentiment), 8 (Mikels) and 32 classes (plausible emotion names). The prompt lists the classes, so
+               it grows with them for both contenders; EmoVLM-KD also scores one more trie branch per class.
+
+Both contenders share the VLM weights and the inputs; medians of `--runs` interleaved rounds after `--warmup`.
+
+    python benchmarks/bench_scaling.py                 # ~1-2 minutes on 2 CPU cores
+    python benchmarks/bench_scaling.py --device cuda --dtype bfloat16 --batch-sizes 1 8 32 128
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import (  # noqa: E402
+    ModelSpec,
+    add_common_arguments,
+    build_vlm,
+    clock_note,
+    count_parameters,
+    labels_for,
+    machine_info,
+    machine_line,
+    markdown_table,
+    model_line,
+    paired_ratio,
+    setup,
+    spec_dict,
+    summarize,
+    synthetic_images,
+    time_interleaved,
+    to_device,
+    wrap_vlm,
+    write_results,
+)
+
+FLOOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--class-counts", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--class-sweep-batch-size", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def measure(model, image_processor, batch_size, args, device, dtype, progress) -> dict:
+    images = synthetic_images(batch_size, args.image_size, seed=args.seed + batch_size)
+    inputs = to_device(image_processor(images), device, dtype)
+    floor_inputs = {key: inputs[key] for key in FLOOR_INPUTS}
+    contenders = {
+        "emovlm_kd": lambda: model(**inputs),
+        "vlm_floor": lambda: model.vlm(**floor_inputs, logits_to_keep=1),
+    }
+    with torch.inference_mode():
+        times = time_interleaved(contenders, args.runs, args.warmup, device, progress)
+    stats = {name: summarize(times[name], batch_size, args.clock) for name in contenders}
+    return {
+        "batch_size": batch_size,
+        "num_classes": model.config.num_labels,
+        "image_tokens": int(inputs["mm_token_type_ids"][0].sum()),
+        "prompt_tokens": int(inputs["attention_mask"][0].sum()),
+        "trie_nodes": len(model._trie),
+        "answer_tokens_total": sum(len(answer) for answer in model.config.answer_token_ids),
+        "contenders": stats,
+        "emovlm_kd_over_floor": stats["emovlm_kd"]["median_s"] / stats["vlm_floor"]["median_s"],
+        "emovlm_kd_over_floor_paired": paired_ratio(times, "emovlm_kd", "vlm_floor", args.clock),
+    }
+
+
+def to_markdown(result: dict) -> str:
+    model = dict(result["model"])
+    preset, parameters = model.pop("preset"), model.pop("parameters")
+    settings = result["settings"]
+
+    def cells(row):
+        ours, floor = row["contenders"]["emovlm_kd"], row["contenders"]["vlm_floor"]
+        return [f"{ours['ms_per_image']:.1f}", f"{floor['ms_per_image']:.1f}", f"{row['emovlm_kd_over_floor']:.2f}"]
+
+    batch_rows = [[row["batch_size"], *cells(row)] for row in result["batch_sweep"]]
+    class_rows = [[row["num_classes"], row["prompt_tokens"], row["trie_nodes"], *cells(row)] for row in result["class_sweep"]]
+    return "\n\n".join([
+        "### Scaling",
+        machine_line(result["machine"]),
+        model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
+        f"Images of {settings['image_size']}² ({result['batch_sweep'][0]['image_tokens']} image tokens). Times: "
+        f"{clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} interleaved runs after "
+        f"{settings['warmup']} warm-up. Batch sweep with 8 classes:",
+        markdown_table(["batch", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"], batch_rows),
+        f"Class sweep at batch {settings['class_sweep_batch_size']} (the prompt lists the classes; the trie holds every "
+        "answer token once per distinct prefix):",
+        markdown_table(
+            ["classes", "prompt tokens", "trie nodes", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"],
+            class_rows,
+        ),
+    ])  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, spec, preset, tag = setup(args)
+    machine = machine_info(device)
+    vlm, processor = build_vlm(spec, args.image_size, args.seed)
+    vlm = vlm.to(device=device, dtype=dtype)
+    models = {}  # one EmoVLM-KD per label set, all around the same VLM
+    for count in sorted(set(args.class_counts) | {8}):
+        model, image_processor = wrap_vlm(vlm, processor, labels_for(count), spec, args.seed)
+        models[count] = (model.to(device=device, dtype=dtype), image_processor)
+
+    calls = 2 * (args.warmup + args.runs) * (len(args.batch_sizes) + len(args.class_counts))
+    with tqdm(total=calls, desc="scaling", unit="call") as progress:
+        batch_sweep = [
+            measure(*models[8], size, args, device, dtype, progress) for size in args.batch_sizes
+        ]
+        class_sweep = [
+            measure(*models[count], args.class_sweep_batch_size, args, device, dtype, progress)
+            for count in args.class_counts
+        ]
+    result = {
+        "benchmark": "scaling",
+        "machine": machine,
+        "model": {**spec_dict(spec, preset), "parameters": count_parameters(models[8][0])},
+        "settings": {
+            "dtype": args.dtype, "threads": args.threads, "clock": args.clock, "image_size": args.image_size, "runs": args.runs, "warmup": args.warmup,
+            "class_sweep_batch_size": args.class_sweep_batch_size,
+            "labels": {count: labels_for(count) for count in args.class_counts},
+        },  # fmt: skip
+        "batch_sweep": batch_sweep,
+        "class_sweep": class_sweep,
+    }
+    json_path, md_path, markdown = write_results(result, to_markdown, args.output_dir, f"scaling_{tag}")
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

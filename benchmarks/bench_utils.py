@@ -1,0 +1,373 @@
+"""Shared pieces of the benchmarks: the benchmark model, synthetic inputs, interleaved timing, memory, reports.
+
+Every contender of a benchmark runs on the same weights: the VLM is a random-init Qwen2-VL-architecture model built
+offline by `emovlm_kd.tiny` from a fixed seed, sized by a preset (`cpu`: one batch-8 forward in ~50-500 ms on a
+2-core CPU; `gpu`: a ~0.6B-parameter model for an accelerator).
+"""
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDImageProcessor
+from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The paper's 8 Mikels emotions (FI, EmoSet); `contentment` has the longest answer, the realistic generation length.
+MIKELS_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+LONGEST_ANSWER_LABEL = "contentment"
+# Plausible larger label sets for the class-count scaling (Cowen & Keltner's 27 categories and a few more).
+MANY_EMOTIONS = [
+    "admiration", "adoration", "aesthetic appreciation", "amusement", "anger", "anxiety", "awe", "awkwardness",
+    "boredom", "calmness", "confusion", "craving", "disgust", "empathic pain", "entrancement", "excitement", "fear",
+    "horror", "interest", "joy", "nostalgia", "relief", "romance", "sadness", "satisfaction", "surprise",
+    "contentment", "pride", "gratitude", "hope", "loneliness", "serenity",
+]  # fmt: skip
+BINARY_LABELS = ["negative", "positive"]
+
+
+def labels_for(num_classes: int) -> list[str]:
+    """2 -> sentiment, 8 -> Mikels, anything else -> the first `num_classes` of a 32-emotion list."""
+    if num_classes == 2:
+        return list(BINARY_LABELS)
+    if num_classes == 8:
+        return list(MIKELS_LABELS)
+    if not 2 <= num_classes <= len(MANY_EMOTIONS):
+        raise ValueError(f"num_classes must be between 2 and {len(MANY_EMOTIONS)}, got {num_classes}")
+    return MANY_EMOTIONS[:num_classes]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the random-init Qwen2-VL-architecture VLM (arguments of `emovlm_kd.tiny.build_tiny_vlm`)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vision_dim: int
+    vision_depth: int
+    head_hidden: int = 1024  # the paper's head: Linear(d -> 1024) - GELU - Dropout - Linear(1024 -> C)
+
+
+MODEL_PRESETS = {
+    "cpu": ModelSpec(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2, vision_dim=256, vision_depth=4),
+    "gpu": ModelSpec(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, vision_dim=512, vision_depth=16),
+}
+
+
+def add_common_arguments(parser):
+    parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=None, help="model size (default: cpu, or gpu on cuda)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default=None, help="suffix of the result files (default: the device type)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what the tables and ratios use: wall-clock time, or process CPU time (meaningful with --threads 1: it "
+        "then ignores time lost to other processes on a shared machine). Both are always recorded in the JSON.",
+    )
+    return parser
+
+
+def setup(args):
+    """Apply thread count and defaults that depend on the device; returns (device, dtype, spec, tag)."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but CUDA is not available on this machine")
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    tag = args.tag or device.type
+    if device.type == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu measures host CPU time; use --clock wall on cuda")
+    return device, getattr(torch, args.dtype), MODEL_PRESETS[preset], preset, tag
+
+
+# ---------------------------------------------------------------------------------------------------- model and data
+def image_processor_size(image_size: int) -> dict:
+    """Qwen2-VL resizer bounds so a square `image_size` image keeps its size: (image_size / 28)^2 image tokens."""
+    return {"min_pixels": 56 * 56, "max_pixels": image_size * image_size}
+
+
+def build_vlm(spec: ModelSpec, image_size: int, seed: int = 0):
+    """(vlm, vlm_processor): the same weights for every call with the same spec and seed."""
+    processor = build_tiny_vlm_processor(**image_processor_size(image_size))
+    vlm = build_tiny_vlm(
+        processor,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        vision_dim=spec.vision_dim,
+        vision_depth=spec.vision_depth,
+        seed=seed,
+    )
+    return vlm, processor
+
+
+def wrap_vlm(vlm, processor, labels: list[str], spec: ModelSpec, seed: int = 0):
+    """(model, image_processor): EmoVLM-KD around `vlm` with the paper's head and the default gate."""
+    torch.manual_seed(seed)
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, labels, head_hidden_sizes=[spec.head_hidden])
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())
+    return model.eval(), image_processor
+
+
+def build_model(spec: ModelSpec, image_size: int, labels: list[str], device, dtype, seed: int = 0):
+    """(model, image_processor, vlm_processor) on `device` in `dtype`."""
+    vlm, processor = build_vlm(spec, image_size, seed)
+    model, image_processor = wrap_vlm(vlm, processor, labels, spec, seed)
+    return model.to(device=device, dtype=dtype), image_processor, processor
+
+
+def synthetic_images(count: int, image_size: int, seed: int = 0) -> list[Image.Image]:
+    """Deterministic RGB noise images of `image_size` x `image_size` (content does not matter to random weights)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def to_device(batch, device, dtype) -> dict:
+    """Move a processor output to `device`; floating tensors (pixel values) also to `dtype`."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        moved[key] = value
+    return moved
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(contenders: dict, runs: int, warmup: int, device="cpu", progress=None) -> dict[str, dict]:
+    """Wall-clock and process CPU seconds of every call of every contender: `{name: {"wall": [...], "cpu": [...]}}`.
+
+    `runs` rounds follow `warmup` untimed rounds. Contenders run round-robin (the order rotating each round) instead
+    of one after the other, so slow periods of a shared machine hit all of them alike and their ratios stay meaningful.
+    """
+    names = list(contenders)
+    times = {name: {"wall": [], "cpu": []} for name in names}
+    for round_index in range(warmup + runs):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            contenders[name]()
+            synchronize(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if round_index >= warmup:
+                times[name]["wall"].append(wall)
+                times[name]["cpu"].append(cpu)
+            if progress is not None:
+                progress.update(1)
+    return times
+
+
+class Stopwatch:
+    """Wall-clock and process CPU seconds of a block: `with Stopwatch(device) as watch: ...`, then `watch.wall`."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def __enter__(self):
+        synchronize(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+        return False
+
+    def seconds(self, clock: str) -> float:
+        return self.wall if clock == "wall" else self.cpu
+
+
+def summarize(times: dict, images: int, clock: str) -> dict:
+    """Median / min / max of both clocks; `median_s`, `images_per_s` and `ms_per_image` follow `clock`."""
+    stats = {}
+    for name, values in times.items():
+        stats[name] = {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "times_s": values}
+    median = stats[clock]["median_s"]
+    return {
+        "clock": clock,
+        "median_s": median,
+        "images_per_s": images / median,
+        "ms_per_image": 1000.0 * median / images,
+        "runs": len(times[clock]),
+        **stats,
+    }
+
+
+def paired_ratio(times: dict, numerator: str, denominator: str, clock: str) -> float:
+    """Median over rounds of the ratio of two contenders timed back to back (robust to a shared machine's load)."""
+    pairs = zip(times[numerator][clock], times[denominator][clock])
+    return statistics.median(top / bottom for top, bottom in pairs)
+
+
+def clock_note(clock: str, threads: int) -> str:
+    if clock == "cpu":
+        return (f"process CPU time with {threads} torch thread(s) (robust to other load on a shared machine; "
+                "equals wall-clock time on an idle one)")
+    return f"wall-clock time with {threads} torch thread(s)"
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so resident memory means live memory."""
+    global _LIBC
+    gc.collect()
+    try:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except OSError:  # not glibc: RSS may then include freed pages, which only overstates the baseline
+        pass
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # a fixed threshold also turns off glibc's adaptive one
+
+
+class MemoryProbe:
+    """Peak memory of one piece of work, in MiB.
+
+    CPU: resident set size from `/proc/self/status`; the peak (`VmHWM`) is reset before the work by writing 5 to
+    `/proc/self/clear_refs` (Linux), so each measurement sees only its own peak. Run the process with
+    `MEASURE_MEMORY_ENV` so that glibc serves every allocation of 64 KiB or more with its own mapping and returns it on
+    free: resident memory then follows live memory and repeated measurements agree to ~0.1 MiB.
+    CUDA: `torch.cuda` allocator stats.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def current_mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated() / 2**20
+        release_free_memory()
+        return _proc_status_kib("VmRSS") / 1024
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _proc_status_kib("VmHWM") / 1024
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+def machine_info(device) -> dict:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    info = {
+        "cpu_model": cpu_model,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "load_average_1m_at_start": os.getloadavg()[0],
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_results(result: dict, to_markdown, output_dir: Path, name: str) -> tuple[Path, Path, str]:
+    """Write `<name>.json` and `<name>.md` (from `to_markdown(result)`) into `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    markdown = to_markdown(result).rstrip() + "\n"
+    json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path, markdown
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(machine: dict) -> str:
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), transformers {machine['transformers']}, device {machine['device']}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else "")
+        + f"; load average {machine['load_average_1m_at_start']:.1f} at start, "
+        f"{machine.get('load_average_1m_at_end', float('nan')):.1f} at end."
+    )
+
+
+def model_line(spec: ModelSpec, preset: str, parameters: int, dtype) -> str:
+    return (
+        f"Model ({preset} preset, random init, {parameters / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}): "
+        f"Qwen2-VL architecture, text {spec.hidden_size} x {spec.num_layers} layers "
+        f"(GQA {spec.num_heads}/{spec.num_kv_heads} heads), vision {spec.vision_dim} x {spec.vision_depth} blocks, "
+        f"head {spec.hidden_size}->{spec.head_hidden}->C, concat-linear gate."
+    )
+
+
+def spec_dict(spec: ModelSpec, preset: str) -> dict:
+    return {"preset": preset, **asdict(spec)}
+
+
+def module_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of `modules` (shared tensors counted once)."""
+    seen, total = set(), 0
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
