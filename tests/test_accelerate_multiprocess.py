@@ -1,4 +1,4 @@
-"""Stages 2 and 3 under `accelerate launch` with two real CPU processes equal a single-process run.
+"""Stages 2-6 under `accelerate launch` with two real CPU processes equal a single-process run.
 
 `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up
 (`--mpirun_hostfile`); two CPU processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true`
@@ -27,6 +27,7 @@ STAGE_ARGS = {
     # 45 training images -> 5 held out, 40 train: whole batches of 8, so no process pads its last batch
     "teacher": "--epochs 2 --learning-rate 1e-3 --batch-size 8 --eval-batch-size 4",
     "distill": "--epochs 10 --learning-rate 1e-2 --head-hidden-sizes 32 --head-dropout 0 --batch-size 8 --feature-batch-size 4",
+    "gate": "--epochs 10 --learning-rate 1e-2 --batch-size 8",
 }
 
 
@@ -43,11 +44,12 @@ def launch_two_processes(argv: list[str], log: Path):
 def test_two_processes_equal_one(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class={"train": 15, "test": 4})
     runs = {"two": tmp_path / "two-processes", "one": tmp_path / "one-process"}
-    argv = {name: tiny_run_all_argv(data, run, stages=("teacher", "distill"), **STAGE_ARGS) for name, run in runs.items()}
+    argv = {name: tiny_run_all_argv(data, run, **STAGE_ARGS) for name, run in runs.items()}
     launch_two_processes(argv["two"], tmp_path / "launch.log")
     run_all.run(run_all.build_parser().parse_args(argv["one"]))
 
-    for stage, output, weights in (("teacher", "teacher", "model.safetensors"), ("distill", "head", "head.safetensors")):
+    trained = {"teacher": ("teacher", "model.safetensors"), "distill": ("head", "head.safetensors"), "gate": ("gate", "gate.safetensors")}
+    for stage, (output, weights) in trained.items():
         two, one = read_complete(runs["two"], stage), read_complete(runs["one"], stage)
         assert (two["num_processes"], one["num_processes"]) == (2, 1)
         # the gathered validation metrics cover each of the 5 held-out images once
@@ -67,3 +69,10 @@ def test_two_processes_equal_one(tmp_path):
         for key in features_one:
             torch.testing.assert_close(features_two[key], features_one[key], rtol=1e-4, atol=1e-5, msg=path.name)
     assert json.loads((runs["two"] / "labels.json").read_text()) == json.loads((runs["one"] / "labels.json").read_text())
+
+    # evaluation and export ran in both (no process waited for another forever); same measured results
+    results = {name: json.loads((run / "eval" / "results.json").read_text()) for name, run in runs.items()}
+    for split in ("val", "test"):
+        for model in ("teacher", "vlm", "head", "fused"):
+            assert results["two"]["splits"][split][model]["accuracy"] == results["one"]["splits"][split][model]["accuracy"]
+    assert all((run / "model" / "model.safetensors").exists() for run in runs.values())

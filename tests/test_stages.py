@@ -262,3 +262,31 @@ def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
 
     write_complete(run, "instruction_tuning", "tuned-2")  # stage 1 ran again: stage 3 is stale
     assert distill.fingerprint(stage_args(distill, dataset, run)) != tuned
+
+
+def test_teacher_errors_are_clear():
+    with pytest.raises(RuntimeError, match="pass --no-pretrained"):
+        teacher.create_teacher("vit_tiny_patch16_224", 3, pretrained=True)  # offline: the weights cannot come
+    with pytest.raises(ValueError, match="not a timm model name"):
+        teacher.create_teacher("no_such_model", 3, pretrained=False)
+
+
+def test_every_stage_has_a_cli_with_the_papers_defaults():
+    import subprocess
+    import sys
+
+    defaults = {module.STAGE: module.build_parser().parse_args(["--data-dir", "D", "--run-dir", "R"])
+                for module in (teacher, distill, gate, evaluate, export)}  # fmt: skip
+    assert (defaults["teacher"].teacher, defaults["teacher"].learning_rate, defaults["teacher"].weight_decay,
+            defaults["teacher"].batch_size, defaults["teacher"].epochs) == ("vit_base_patch16_384", 3e-5, 1e-5, 10, 10)  # fmt: skip
+    assert (defaults["distill"].kd_alpha, defaults["distill"].kd_temperature, defaults["distill"].learning_rate,
+            defaults["distill"].weight_decay, defaults["distill"].epochs, defaults["distill"].head_hidden_sizes,
+            defaults["distill"].head_dropout) == (0.5, 2.0, 1e-5, 1e-4, 5, [1024], 0.1)  # fmt: skip
+    assert (defaults["gate"].gate_type, defaults["gate"].learning_rate, defaults["gate"].weight_decay,
+            defaults["gate"].epochs) == ("concat_linear", 1e-4, 1e-4, 10)  # fmt: skip
+    assert defaults["distill"].vlm == "Qwen/Qwen2-VL-7B-Instruct" and defaults["teacher"].pretrained
+    root = Path(__file__).resolve().parent.parent
+    for script in ("teacher", "distill", "gate", "evaluate", "export", "run_all"):
+        assert f"from emovlm_kd.stages.{script} import main" in (root / "train" / f"{script}.py").read_text()
+    result = subprocess.run([sys.executable, str(root / "train" / "run_all.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--distill-args" in result.stdout

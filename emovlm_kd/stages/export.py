@@ -92,27 +92,30 @@ def assemble_model(run_dir):
     return model.eval(), image_processor, vlm_processor
 
 
-@torch.no_grad()
-def verify_against_cache(accelerator, args, model, image_processor, spec: dict) -> float:
-    """Max |difference| between the assembled model's fused logits and the cached pipeline's, on a few images."""
+def verification_data(accelerator, args, spec: dict, count: int):
+    """(image paths, cached features) of the first `count` test (else val) images. Runs on every process."""
     data = load_run_data(args, accelerator, class_names=spec["class_names"])
     split = "test" if "test" in data.splits else "val"
     features = get_features(accelerator, args.run_dir, data, spec, [split], num_workers=0)[split]
-    count = min(args.verify_images, len(data.splits[split]))
-    head = load_head(args.run_dir)
-    gate, gate_config = load_gate(args.run_dir)
-    subset = {name: value[:count] for name, value in features.items()}
-    expected = fused_logits(gate, *gate_inputs(head, subset, spec, gate_config))
-    inputs = image_processor(data.splits[split]["image_path"][:count], return_tensors="pt").to(model.device)
+    return data.splits[split]["image_path"][:count], {name: value[:count] for name, value in features.items()}
+
+
+@torch.no_grad()
+def verify_against_cache(run_dir, model, image_processor, paths: list[str], features: dict) -> float:
+    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `paths`."""
+    spec = read_spec(run_dir)
+    gate, gate_config = load_gate(run_dir)
+    expected = fused_logits(gate, *gate_inputs(load_head(run_dir), features, spec, gate_config))
+    inputs = image_processor(list(paths), return_tensors="pt").to(model.device)
     actual = model(**inputs).logits.float().cpu()
     difference = float((actual - expected).abs().max())
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if difference > tolerance:
         raise RuntimeError(
             f"The assembled model's logits differ from the trained pipeline's by {difference:.3g} (> {tolerance}) "
-            f"on {count} {split} images: the exported model would not be the one evaluated"
+            f"on {len(paths)} images: the exported model would not be the one evaluated"
         )
-    logger.info(f"Assembled model matches the trained pipeline on {count} {split} images (max |Δlogit| {difference:.2e})")
+    logger.info(f"Assembled model matches the trained pipeline on {len(paths)} images (max |Δlogit| {difference:.2e})")
     return difference
 
 
@@ -180,12 +183,15 @@ def run(args) -> dict:
         raise ValueError(f"The head of {args.run_dir!r} was trained for other classes than the run's labels.json")
     output = stage_output(args.run_dir, STAGE)
     summary = {"stage": STAGE, "output": str(output)}
+    verify = args.verify_images > 0 and args.data_dir
+    if verify:  # every process: loading data and features may synchronise them
+        paths, features = verification_data(accelerator, args, spec, args.verify_images)
     if accelerator.is_main_process:
         model, image_processor, vlm_processor = assemble_model(args.run_dir)
         model.to(accelerator.device)
-        if args.verify_images > 0 and args.data_dir:
+        if verify:
             summary["verified_max_logit_difference"] = verify_against_cache(
-                accelerator, args, model, image_processor, spec
+                args.run_dir, model, image_processor, paths, features
             )
         _, gate_config = load_gate(args.run_dir)
         write_repo(args, model, image_processor, vlm_processor, output, spec, gate_config)

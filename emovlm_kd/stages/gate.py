@@ -166,7 +166,10 @@ def run(args) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         save_file(accelerator.unwrap_model(gate).state_dict(), output / GATE_WEIGHTS)
         (output / GATE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        write_complete(args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, gate_type=args.gate_type)
+        write_complete(
+            args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, gate_type=args.gate_type,
+            num_processes=accelerator.num_processes,
+        )  # fmt: skip
     finish_stage(accelerator, args, STAGE)
     return {"stage": STAGE, "output": str(output), "val_metrics": metrics}
 
