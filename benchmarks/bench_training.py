@@ -54,6 +54,7 @@ from bench_utils import (  # noqa: E402
 from reference_pipeline import ReferencePipeline  # noqa: E402
 
 from emovlm_kd import distillation_loss  # noqa: E402
+from emovlm_kd.cache import vlm_features  # noqa: E402
 
 HEAD_EPOCHS, GATE_EPOCHS = 5, 10  # the paper's stage-3 and stage-4 epoch counts
 HEAD_OPTIMIZER = {"lr": 1e-5, "weight_decay": 1e-4}
@@ -110,19 +111,14 @@ class Workload:
 # ---------------------------------------------------------------------------------------------------- cached
 @torch.inference_mode()
 def extract_features(work: Workload, extract_batch_size: int):
-    """One pass per image: (pooled image embeddings, VLM class log-likelihoods, teacher logits)."""
-    model, pooled, scores, teacher_logits = work.model, [], [], []
+    """One pass per image, as stage 3 caches it: (pooled image embeddings, VLM class log-likelihoods, teacher logits)."""
+    pooled, scores, teacher_logits = [], [], []
     for index, batch in enumerate(work.batches):
-        image_embeds = model.get_image_embeds(batch["pixel_values"], batch["image_grid_thw"])
-        pooled.append(model.pool_image_embeds(image_embeds))
-        scores.append(
-            model.score_answers(
-                batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"],
-                image_embeds,
-            )
-        )  # fmt: skip
+        features = vlm_features(work.model, batch)  # the training pipeline's own feature function
+        pooled.append(features["image_embeds"])
+        scores.append(features["vlm_log_likelihoods"])
         start = index * extract_batch_size
-        teacher_logits.append(work.teacher(work.teacher_pixels[start : start + len(batch["input_ids"])]))
+        teacher_logits.append(work.teacher(work.teacher_pixels[start : start + len(batch["input_ids"])]).float())
     return torch.cat(pooled), torch.cat(scores), torch.cat(teacher_logits)
 
 
@@ -154,8 +150,11 @@ def run_cached(work: Workload, args) -> dict:
         pooled, log_likelihoods, teacher_logits = extract_features(work, args.extract_batch_size)
     timings["extract_features_s"] = watch.seconds(args.clock)
 
+    head_dtype = head.mlp[0].weight.dtype
+
     def head_loss(features, teacher, labels):
-        return distillation_loss(head(features), teacher.float(), labels, config.kd_temperature, config.kd_alpha)
+        logits = head(features.to(head_dtype)).float()
+        return distillation_loss(logits, teacher, labels, config.kd_temperature, config.kd_alpha)
 
     with Stopwatch(work.device) as watch:
         head_loss_value = train_on_tensors(head, head_loss, (pooled, teacher_logits, work.labels), args.head_epochs,
@@ -167,8 +166,8 @@ def run_cached(work: Workload, args) -> dict:
 
     with Stopwatch(work.device) as watch:
         with torch.no_grad():  # the frozen head's logits, once per image
-            head_logits = head(pooled)
-            vlm_scores = model.vlm_gate_input(log_likelihoods).to(head_logits.dtype)
+            head_logits = head(pooled.to(head_dtype))
+            vlm_scores = model.vlm_gate_input(log_likelihoods).to(head_dtype)
         gate_loss_value = train_on_tensors(gate, gate_loss, (head_logits, vlm_scores, work.labels), args.gate_epochs,
                                            args.train_batch_size, GATE_OPTIMIZER, args.seed)  # fmt: skip
     timings["train_gate_s"] = watch.seconds(args.clock)
