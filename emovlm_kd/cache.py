@@ -34,7 +34,10 @@ def vlm_identity(run_dir, vlm: str) -> dict:
         return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
     if os.path.isdir(vlm):
         files = sorted(p for p in Path(vlm).iterdir() if p.is_file())
-        return {"folder": str(Path(vlm).resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        return {
+            "folder": str(Path(vlm).resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
     return {"name": vlm}
 
 
@@ -75,7 +78,9 @@ def read_cache(path: Path, num_examples: int) -> dict[str, torch.Tensor] | None:
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"info": json.dumps(metadata, default=str)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"info": json.dumps(metadata, default=str)}
+    )
     os.replace(tmp, path)
 
 
@@ -191,7 +196,9 @@ def get_features(
         split_fp = data.fingerprint(split)
         files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_fp))}
         if teacher_fingerprint is not None:
-            files["teacher"] = cache_file(run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_fp))
+            files["teacher"] = cache_file(
+                run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_fp)
+            )
         num = len(data.splits[split])
         features[split] = {"labels": torch.tensor(data.splits[split]["label"])}
         for kind, path in files.items():

@@ -149,7 +149,9 @@ def _split_dataset(images: dict[str, list[str]], class_names: list[str], bad: se
     )
 
 
-def _stratified_holdout(train: Dataset, val_fraction: float, seed: int, class_names: list[str], where: str) -> DatasetDict:
+def _stratified_holdout(
+    train: Dataset, val_fraction: float, seed: int, class_names: list[str], where: str
+) -> DatasetDict:
     """Hold out `val_fraction` of train, stratified by class; at least one image per class."""
     counts = collections.Counter(train["label"])
     too_few = [class_names[label] for label in range(len(class_names)) if counts[label] < 2]
@@ -157,7 +159,10 @@ def _stratified_holdout(train: Dataset, val_fraction: float, seed: int, class_na
         raise DataError(f"{where!r} needs at least 2 readable images per class to hold out a val split: {too_few}")
     size = math.ceil(val_fraction * len(train))
     if size < len(class_names):
-        logger.warning(f"val_fraction={val_fraction} of {len(train)} images is fewer than one per class: holding out {len(class_names)}")
+        logger.warning(
+            f"val_fraction={val_fraction} of {len(train)} images is fewer than one per class: "
+            f"holding out {len(class_names)}"
+        )
         size = len(class_names)
     return train.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
 
@@ -201,7 +206,9 @@ def load_imagefolder(
     if class_names is None:
         class_names = folder_classes
     elif sorted(class_names) != folder_classes:
-        raise DataError(f"Given class names {list(class_names)} differ from the class folders of {str(root)!r}: {folder_classes}")
+        raise DataError(
+            f"Given class names {list(class_names)} differ from the class folders of {str(root)!r}: {folder_classes}"
+        )
     class_names = list(class_names)
 
     all_paths = [path for images in listed.values() for paths in images.values() for path in paths]
@@ -212,7 +219,8 @@ def load_imagefolder(
         missing = sorted(set(range(len(class_names))) - set(dataset["label"]))
         if missing:
             raise DataError(
-                f"Split {split!r} of {str(root)!r} has no readable image of class(es) {[class_names[i] for i in missing]}"
+                f"Split {split!r} of {str(root)!r} has no readable image of class(es) "
+                f"{[class_names[i] for i in missing]}"
             )
 
     val_from_train = "val" not in splits
@@ -305,7 +313,12 @@ def write_complete(run_dir: str | os.PathLike, stage: str, stage_fingerprint: st
     """Mark the stage complete; call it as the stage's last action (written atomically)."""
     marker = complete_marker(run_dir, stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "fingerprint": stage_fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    record = {
+        "stage": stage,
+        "fingerprint": stage_fingerprint,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **info,
+    }
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, marker)

@@ -4,9 +4,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from emovlm_kd.stages.evaluate import results_table
 
-TAGS = ["emotion-recognition", "visual-emotion-analysis", "emovlm-kd", "knowledge-distillation", "vision-language-model", "custom_code"]
+TAGS = [
+    "emotion-recognition",
+    "visual-emotion-analysis",
+    "emovlm-kd",
+    "knowledge-distillation",
+    "vision-language-model",
+    "custom_code",
+]
 
-USAGE = '''```python
+USAGE = """```python
 from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
@@ -27,7 +34,7 @@ with torch.no_grad():
     outputs = model(**inputs)
 print(model.config.id2label[outputs.logits.argmax(-1).item()])
 # outputs.vlm_scores: the VLM branch; outputs.head_logits: the distilled head; outputs.gate_weights: the gate
-```'''
+```"""
 
 
 def build_model_card(
@@ -75,9 +82,10 @@ def build_model_card(
         f"# {repo_id.split('/')[-1]}",
         "An **EmoVLM-KD** visual emotion classifier (Lee, Lee & Park, CVPR Workshops 2025, "
         "[arXiv 2505.07164](https://arxiv.org/abs/2505.07164)): a frozen instruction-tuned vision-language model "
-        f"(`{base_model or vlm_description or 'see config.json'}`), a small head distilled from a conventional vision model onto the "
-        "VLM's own image embeddings, and a gate fusing both predictions. The image goes through the visual encoder "
-        "once; the VLM branch is the exact likelihood of each class's answer (no sampling).",
+        f"(`{base_model or vlm_description or 'see config.json'}`), a small head distilled from a conventional "
+        "vision model onto the VLM's own image embeddings, and a gate fusing both predictions. The image goes "
+        "through the visual encoder once; the VLM branch is the exact likelihood of each class's answer (no "
+        "sampling).",
         "## Usage",
         USAGE.format(repo_id=repo_id),
         "## Classes",

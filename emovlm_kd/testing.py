@@ -9,6 +9,7 @@ from PIL import Image
 # One base colour per class: the visual signal a model can learn.
 CLASS_COLOURS = [(200, 40, 40), (40, 170, 40), (40, 60, 210), (200, 190, 40), (160, 40, 180), (40, 180, 180)]
 
+
 def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> Image.Image:
     """An image whose dominant colour is the class's (with noise, brightness jitter and a distractor square)."""
     width, height = size
@@ -18,6 +19,7 @@ def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64
     top, left = rng.integers(0, height - side), rng.integers(0, width - side)
     pixels[top : top + side, left : left + side] = rng.uniform(0, 255, size=3)  # distractor of any colour
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
 
 def make_imagefolder(
     root: str | os.PathLike,
@@ -43,6 +45,7 @@ def make_imagefolder(
                 make_image(label, rng, size).save(folder / f"{name}_{index:03d}.{suffix}")
     return root
 
+
 def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
     """Add three unreadable images to a class folder: a zero-byte file, a truncated JPEG, a text file named .jpg."""
     class_dir = Path(class_dir)
@@ -66,7 +69,9 @@ TINY_STAGE_ARGS = {
 }
 
 
-def tiny_run_all_argv(data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **extra) -> list[str]:
+def tiny_run_all_argv(
+    data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **extra
+) -> list[str]:
     """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher."""
     argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", "tiny", "--teacher", "tiny"]
     argv += ["--no-pretrained", "--num-workers", "0", "--report-to", "none", "--stages", *stages]

@@ -26,7 +26,8 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 STAGE_ARGS = {
     # 45 training images -> 5 held out, 40 train: whole batches of 8, so no process pads its last batch
     "teacher": "--epochs 2 --learning-rate 1e-3 --batch-size 8 --eval-batch-size 4",
-    "distill": "--epochs 10 --learning-rate 1e-2 --head-hidden-sizes 32 --head-dropout 0 --batch-size 8 --feature-batch-size 4",
+    "distill": "--epochs 10 --learning-rate 1e-2 --head-hidden-sizes 32 --head-dropout 0 --batch-size 8 "
+    "--feature-batch-size 4",
     "gate": "--epochs 10 --learning-rate 1e-2 --batch-size 8",
 }
 
@@ -48,7 +49,11 @@ def test_two_processes_equal_one(tmp_path):
     launch_two_processes(argv["two"], tmp_path / "launch.log")
     run_all.run(run_all.build_parser().parse_args(argv["one"]))
 
-    trained = {"teacher": ("teacher", "model.safetensors"), "distill": ("head", "head.safetensors"), "gate": ("gate", "gate.safetensors")}
+    trained = {
+        "teacher": ("teacher", "model.safetensors"),
+        "distill": ("head", "head.safetensors"),
+        "gate": ("gate", "gate.safetensors"),
+    }
     for stage, (output, weights) in trained.items():
         two, one = read_complete(runs["two"], stage), read_complete(runs["one"], stage)
         assert (two["num_processes"], one["num_processes"]) == (2, 1)
@@ -68,11 +73,16 @@ def test_two_processes_equal_one(tmp_path):
         features_two, features_one = load_file(path), load_file(runs["one"] / "cache" / path.name)
         for key in features_one:
             torch.testing.assert_close(features_two[key], features_one[key], rtol=1e-4, atol=1e-5, msg=path.name)
-    assert json.loads((runs["two"] / "labels.json").read_text()) == json.loads((runs["one"] / "labels.json").read_text())
+    assert json.loads((runs["two"] / "labels.json").read_text()) == json.loads(
+        (runs["one"] / "labels.json").read_text()
+    )
 
     # evaluation and export ran in both (no process waited for another forever); same measured results
     results = {name: json.loads((run / "eval" / "results.json").read_text()) for name, run in runs.items()}
     for split in ("val", "test"):
         for model in ("teacher", "vlm", "head", "fused"):
-            assert results["two"]["splits"][split][model]["accuracy"] == results["one"]["splits"][split][model]["accuracy"]
+            assert (
+                results["two"]["splits"][split][model]["accuracy"]
+                == results["one"]["splits"][split][model]["accuracy"]
+            )
     assert all((run / "model" / "model.safetensors").exists() for run in runs.values())

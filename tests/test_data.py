@@ -48,7 +48,9 @@ def test_val_folder_is_used_and_class_order_can_be_given(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_class=4, splits=("train", "val"))
     data = load_imagefolder(root, class_names=["positive", "negative", "neutral"])
     assert not data.val_from_train and len(data.splits["val"]) == 12 and "test" not in data.splits
-    positives = [p for p, label in zip(data.splits["train"]["image_path"], data.splits["train"]["label"]) if label == 0]
+    positives = [
+        p for p, label in zip(data.splits["train"]["image_path"], data.splits["train"]["label"]) if label == 0
+    ]
     assert positives and all("/positive/" in p for p in positives)
     with pytest.raises(DataError, match="differ from the class folders"):
         load_imagefolder(root, class_names=["negative", "positive"])
@@ -77,9 +79,14 @@ def test_bad_images_are_reported_and_skipped(folder, caplog):
     [
         (lambda root: None, "does not exist"),
         (lambda root: (root / "test").mkdir(parents=True), "no train/ folder"),
-        (lambda root: make_imagefolder(root, per_class=2) and (root / "train" / "extra").mkdir(), "contains no image files"),
         (
-            lambda root: make_imagefolder(root, per_class=2) and make_imagefolder(root, ["joy"], per_class=2, splits=["test"]),
+            lambda root: make_imagefolder(root, per_class=2) and (root / "train" / "extra").mkdir(),
+            "contains no image files",
+        ),
+        (
+            lambda root: (
+                make_imagefolder(root, per_class=2) and make_imagefolder(root, ["joy"], per_class=2, splits=["test"])
+            ),
             "Class folders of .*test.* differ",
         ),
     ],

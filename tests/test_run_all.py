@@ -1,7 +1,6 @@
 """The all-stages command: option routing, skipping complete stages, re-running changed ones; the bass dataset."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,7 +26,9 @@ def test_shared_options_reach_the_stages_that_have_them():
     assert (distill_args.vlm, distill_args.epochs, distill_args.head_dropout, distill_args.seed) == ("tiny", 3, 0.0, 7)
     # stage 0 runs only with an endpoint
     assert "instruction_data" not in run_all.selected_stages(args)
-    with_endpoint = run_all.build_parser().parse_args(["--data-dir", "D", "--run-dir", "R", "--base-url", "http://x/v1"])
+    with_endpoint = run_all.build_parser().parse_args(
+        ["--data-dir", "D", "--run-dir", "R", "--base-url", "http://x/v1"]
+    )
     assert run_all.selected_stages(with_endpoint)[0] == "instruction_data"
 
 
@@ -65,4 +66,6 @@ def test_all_stages_on_bass(tmp_path):
     ))  # fmt: skip
     assert results["splits"]["test"]["num_examples"] == 116 and results["splits"]["val"]["num_examples"] == 47
     assert results["unreadable_images"] == []
-    assert (run_dir / "model" / "model.safetensors").exists() and summary["export"]["verified_max_logit_difference"] < 1e-3
+    assert (run_dir / "model" / "model.safetensors").exists() and summary["export"][
+        "verified_max_logit_difference"
+    ] < 1e-3

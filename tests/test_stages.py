@@ -16,6 +16,10 @@ from emovlm_kd.testing import TINY_STAGE_ARGS, add_bad_images, make_imagefolder,
 from modeling_emovlm_kd import GATES
 
 CLASSES = ["negative", "neutral", "positive"]
+REPO_FILES = (
+    "model.safetensors", "config.json", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
+    "image_processing_emovlm_kd.py", "preprocessor_config.json", "tokenizer.json", "README.md", "handler.py",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +98,15 @@ def test_unreadable_images_are_reported_and_skipped(pipeline, dataset):
 
 
 def test_exported_repo_loads_with_auto_classes_and_pipeline(pipeline, dataset):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline as hf_pipeline
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import pipeline as hf_pipeline
 
     run_dir, _ = pipeline
     repo = run_dir / "model"
     config = json.loads((repo / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_emovlm_kd.EmoVLMKDForImageClassification"
     assert [config["id2label"][str(i)] for i in range(3)] == CLASSES
-    for name in ("model.safetensors", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
-                 "image_processing_emovlm_kd.py", "preprocessor_config.json", "tokenizer.json", "handler.py"):  # fmt: skip
+    for name in REPO_FILES:
         assert (repo / name).is_file(), name
     assert (repo / "space" / "app.py").is_file()
 
@@ -215,7 +219,9 @@ def test_missing_upstream_stage_is_a_clear_error(dataset, tmp_path):
 @pytest.mark.parametrize("module", [teacher, distill], ids=["teacher", "distill"])
 def test_resume_after_interruption_equals_uninterrupted(pipeline, dataset, tmp_path, module):
     run_dir, _ = pipeline
-    output, weights = {"teacher": ("teacher", "model.safetensors"), "distill": ("head", "head.safetensors")}[module.STAGE]
+    output, weights = {"teacher": ("teacher", "model.safetensors"), "distill": ("head", "head.safetensors")}[
+        module.STAGE
+    ]
     trained = {}
     for name, runs in {"uninterrupted": [[]], "resumed": [["--stop-after-epoch", "1"], ["--resume"]]}.items():
         run = copy_run(run_dir, tmp_path / name, output)
@@ -242,7 +248,9 @@ def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
     from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
 
     run = copy_run(pipeline[0], tmp_path / "run")
-    args = run_all.build_parser().parse_args(tiny_run_all_argv(dataset, run, stages=("distill", "gate", "evaluate", "export")))
+    args = run_all.build_parser().parse_args(
+        tiny_run_all_argv(dataset, run, stages=("distill", "gate", "evaluate", "export"))
+    )
     before = distill.fingerprint(stage_args(distill, dataset, run))
     processor = build_tiny_vlm_processor()
     build_tiny_vlm(processor, seed=5).save_pretrained(run / "vlm")
@@ -275,18 +283,24 @@ def test_every_stage_has_a_cli_with_the_papers_defaults():
     import subprocess
     import sys
 
-    defaults = {module.STAGE: module.build_parser().parse_args(["--data-dir", "D", "--run-dir", "R"])
-                for module in (teacher, distill, gate, evaluate, export)}  # fmt: skip
-    assert (defaults["teacher"].teacher, defaults["teacher"].learning_rate, defaults["teacher"].weight_decay,
-            defaults["teacher"].batch_size, defaults["teacher"].epochs) == ("vit_base_patch16_384", 3e-5, 1e-5, 10, 10)  # fmt: skip
-    assert (defaults["distill"].kd_alpha, defaults["distill"].kd_temperature, defaults["distill"].learning_rate,
-            defaults["distill"].weight_decay, defaults["distill"].epochs, defaults["distill"].head_hidden_sizes,
-            defaults["distill"].head_dropout) == (0.5, 2.0, 1e-5, 1e-4, 5, [1024], 0.1)  # fmt: skip
-    assert (defaults["gate"].gate_type, defaults["gate"].learning_rate, defaults["gate"].weight_decay,
-            defaults["gate"].epochs) == ("concat_linear", 1e-4, 1e-4, 10)  # fmt: skip
-    assert defaults["distill"].vlm == "Qwen/Qwen2-VL-7B-Instruct" and defaults["teacher"].pretrained
+    defaults = {
+        module.STAGE: vars(module.build_parser().parse_args(["--data-dir", "D", "--run-dir", "R"]))
+        for module in (teacher, distill, gate, evaluate, export)
+    }
+    paper = {
+        "teacher": {"teacher": "vit_base_patch16_384", "learning_rate": 3e-5, "weight_decay": 1e-5, "batch_size": 10},
+        "distill": {"kd_alpha": 0.5, "kd_temperature": 2.0, "learning_rate": 1e-5, "weight_decay": 1e-4, "epochs": 5},
+        "gate": {"gate_type": "concat_linear", "learning_rate": 1e-4, "weight_decay": 1e-4, "epochs": 10},
+    }
+    for stage, values in paper.items():
+        assert {key: defaults[stage][key] for key in values} == values, stage
+    assert defaults["teacher"]["epochs"] == 10 and defaults["teacher"]["pretrained"]
+    assert defaults["distill"]["head_hidden_sizes"] == [1024] and defaults["distill"]["head_dropout"] == 0.1
+    assert defaults["distill"]["vlm"] == "Qwen/Qwen2-VL-7B-Instruct"
     root = Path(__file__).resolve().parent.parent
     for script in ("teacher", "distill", "gate", "evaluate", "export", "run_all"):
         assert f"from emovlm_kd.stages.{script} import main" in (root / "train" / f"{script}.py").read_text()
-    result = subprocess.run([sys.executable, str(root / "train" / "run_all.py"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(root / "train" / "run_all.py"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--distill-args" in result.stdout

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Stage 3: distil the teacher into a head on the frozen VLM's image embeddings (features cached once).
 
-    accelerate launch train/distill.py --data-dir data/FI --run-dir runs/fi
-    python train/distill.py --data-dir data/FI --run-dir runs/fi --vlm tiny --epochs 50 --learning-rate 1e-3  # offline trial
+accelerate launch train/distill.py --data-dir data/FI --run-dir runs/fi
+python train/distill.py --data-dir data/FI --run-dir runs/fi --vlm tiny --epochs 50 --learning-rate 1e-2  # offline
 """
 
 import os

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Stage 5: accuracy and macro-F1 (overall, per class) of teacher, VLM branch, head and fused model; confusion matrices.
+"""Stage 5: accuracy and macro-F1 (overall, per class) of teacher, VLM branch, head and fused model.
 
-    python train/evaluate.py --data-dir data/FI --run-dir runs/fi
+python train/evaluate.py --data-dir data/FI --run-dir runs/fi
 """
 
 import os

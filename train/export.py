@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 6: assemble the final model repo (<run_dir>/model/) with a model card; upload it with --push-to-hub.
 
-    python train/export.py --data-dir data/FI --run-dir runs/fi --push-to-hub me/emovlm-kd-fi
+python train/export.py --data-dir data/FI --run-dir runs/fi --push-to-hub me/emovlm-kd-fi
 """
 
 import os

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 4: train the gate that fuses the head's and the VLM branch's predictions (on cached features).
 
-    accelerate launch train/gate.py --data-dir data/FI --run-dir runs/fi --gate-type concat_linear
+accelerate launch train/gate.py --data-dir data/FI --run-dir runs/fi --gate-type concat_linear
 """
 
 import os

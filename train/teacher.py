@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Stage 2: fine-tune the timm teacher (paper: vit_base_patch16_384, Adam 3e-5, batch 10, 10 epochs).
 
-    accelerate launch train/teacher.py --data-dir data/FI --run-dir runs/fi
-    python train/teacher.py --data-dir data/FI --run-dir runs/fi --teacher tiny --epochs 2   # offline trial
+accelerate launch train/teacher.py --data-dir data/FI --run-dir runs/fi
+python train/teacher.py --data-dir data/FI --run-dir runs/fi --teacher tiny --epochs 2   # offline trial
 """
 
 import os

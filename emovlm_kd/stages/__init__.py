@@ -62,9 +62,7 @@ def add_run_args(parser: argparse.ArgumentParser, data_required: bool = True) ->
         "--val-fraction", type=float, default=0.1, help="Share of train held out as val when there is no val/"
     )
     group.add_argument("--seed", type=int, default=42, help="Seed of the val split, initialisation and shuffling")
-    group.add_argument(
-        "--report-to", default="tensorboard", help="Accelerate tracker(s), comma-separated, or 'none'"
-    )
+    group.add_argument("--report-to", default="tensorboard", help="Accelerate tracker(s), comma-separated, or 'none'")
     group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     group.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="Defaults to `accelerate config`"
@@ -120,7 +118,9 @@ def make_accelerator(args, stage: str, **kwargs):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=report_to or None,
-        project_config=ProjectConfiguration(project_dir=str(args.run_dir), logging_dir=str(Path(args.run_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(args.run_dir), logging_dir=str(Path(args.run_dir) / "logs")
+        ),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         **kwargs,
     )

@@ -125,7 +125,9 @@ def load_head(run_dir) -> EmoVLMKDHead:
 
     spec = read_spec(run_dir)
     config = spec["model_config"]
-    head = EmoVLMKDHead(spec["in_features"], config["head_hidden_sizes"], len(spec["class_names"]), config["head_dropout"])
+    head = EmoVLMKDHead(
+        spec["in_features"], config["head_hidden_sizes"], len(spec["class_names"]), config["head_dropout"]
+    )
     head.load_state_dict(load_file(stage_output(run_dir, STAGE) / HEAD_WEIGHTS))
     return head.eval()
 
@@ -176,7 +178,9 @@ def run(args) -> dict:
         head.train()
         loader.set_epoch(epoch)
         total_loss, steps = 0.0, 0
-        for embeds, teacher_logits, labels in progress(accelerator, loader, desc=f"Head epoch {epoch + 1}/{args.epochs}"):
+        for embeds, teacher_logits, labels in progress(
+            accelerator, loader, desc=f"Head epoch {epoch + 1}/{args.epochs}"
+        ):
             loss = distillation_loss(
                 head(embeds), teacher_logits, labels, temperature=args.kd_temperature, alpha=args.kd_alpha
             )

@@ -11,7 +11,6 @@ import logging
 import sys
 
 import numpy as np
-import torch
 
 from emovlm_kd.cache import get_features, vlm_predictions
 from emovlm_kd.data import fingerprint as hash_of
@@ -26,7 +25,7 @@ from emovlm_kd.stages import (
     start_stage,
     upstream_fingerprint,
 )
-from emovlm_kd.stages.distill import head_logits, load_head, read_spec
+from emovlm_kd.stages.distill import load_head, read_spec
 from emovlm_kd.stages.gate import fused_logits, gate_inputs, load_gate
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,12 @@ logger = logging.getLogger(__name__)
 STAGE = "evaluate"
 RESULTS_FILE = "results.json"
 MODELS = ("teacher", "vlm", "head", "fused")
-MODEL_TITLES = {"teacher": "Teacher (timm)", "vlm": "VLM branch", "head": "Distilled head", "fused": "EmoVLM-KD (fused)"}
+MODEL_TITLES = {
+    "teacher": "Teacher (timm)",
+    "vlm": "VLM branch",
+    "head": "Distilled head",
+    "fused": "EmoVLM-KD (fused)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +130,14 @@ def run(args) -> dict:
         results["splits"][split] = {
             "num_examples": int(len(labels)),
             "majority_baseline_accuracy": majority_baseline(train_labels, labels),
-            **{model: classification_metrics(labels, preds, class_names, per_class=True) for model, preds in predicted.items()},
+            **{
+                model: classification_metrics(labels, preds, class_names, per_class=True)
+                for model, preds in predicted.items()
+            },
         }
-        summary = {f"{split}/{m}/{k}": results["splits"][split][m][k] for m in MODELS for k in ("accuracy", "macro_f1")}
+        summary = {
+            f"{split}/{m}/{k}": results["splits"][split][m][k] for m in MODELS for k in ("accuracy", "macro_f1")
+        }
         accelerator.log({f"eval/{k}": v for k, v in summary.items()})
         logger.info(f"Evaluation on {split}: {summary}")
         if accelerator.is_main_process:
@@ -154,7 +163,10 @@ def results_table(results: dict) -> str:
     header = "| model | " + " | ".join(f"{s} accuracy | {s} macro-F1" for s in splits) + " |"
     lines = [header, "|---|" + "---:|" * (2 * len(splits))]
     for model in MODELS:
-        cells = [f"{results['splits'][s][model]['accuracy']:.4f} | {results['splits'][s][model]['macro_f1']:.4f}" for s in splits]
+        cells = [
+            f"{results['splits'][s][model]['accuracy']:.4f} | {results['splits'][s][model]['macro_f1']:.4f}"
+            for s in splits
+        ]
         lines.append(f"| {MODEL_TITLES[model]} | " + " | ".join(cells) + " |")
     baseline = [f"{results['splits'][s]['majority_baseline_accuracy']:.4f} | –" for s in splits]
     lines.append("| majority-class baseline | " + " | ".join(baseline) + " |")

@@ -23,7 +23,14 @@ from emovlm_kd.cache import get_features
 from emovlm_kd.data import fingerprint as hash_of
 from emovlm_kd.data import read_class_names, read_complete, stage_output, write_complete
 from emovlm_kd.model_card import build_model_card
-from emovlm_kd.stages import add_run_args, finish_stage, load_run_data, make_accelerator, start_stage, upstream_fingerprint
+from emovlm_kd.stages import (
+    add_run_args,
+    finish_stage,
+    load_run_data,
+    make_accelerator,
+    start_stage,
+    upstream_fingerprint,
+)
 from emovlm_kd.stages.distill import HEAD_WEIGHTS, load_head, read_spec
 from emovlm_kd.stages.gate import GATE_WEIGHTS, fused_logits, gate_inputs, load_gate
 
@@ -49,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--base-model", default=None, help="Base VLM for the card (default: the VLM the run used)")
     group.add_argument("--license", default="apache-2.0")
     group.add_argument(
-        "--verify-images", type=int, default=4, help="Test images to check the assembled model on (0: skip; needs --data-dir)"
+        "--verify-images",
+        type=int,
+        default=4,
+        help="Test images to check the assembled model on (0: skip; needs --data-dir)",
     )
     return parser
 
@@ -82,13 +92,20 @@ def assemble_model(run_dir):
 
     spec = read_spec(run_dir)
     _, gate_config = load_gate(run_dir)
-    config = {**spec["model_config"], **{k: gate_config[k] for k in ("gate_type", "gate_num_experts", "vlm_branch_input")}}
+    config = {
+        **spec["model_config"],
+        **{k: gate_config[k] for k in ("gate_type", "gate_num_experts", "vlm_branch_input")},
+    }
     model, image_processor, vlm_processor = build_emovlm_kd(
         spec["vlm"], spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **config
     )
     dtype = model.head.mlp[0].weight.dtype
-    model.head.load_state_dict({k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "distill") / HEAD_WEIGHTS).items()})
-    model.gate.load_state_dict({k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "gate") / GATE_WEIGHTS).items()})
+    model.head.load_state_dict(
+        {k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "distill") / HEAD_WEIGHTS).items()}
+    )
+    model.gate.load_state_dict(
+        {k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "gate") / GATE_WEIGHTS).items()}
+    )
     return model.eval(), image_processor, vlm_processor
 
 
@@ -136,7 +153,8 @@ def _training_summary(run_dir, spec: dict, gate_config: dict) -> dict:
     return {
         "VLM": f"`{spec['vlm']}`" + (" (instruction-tuned with LoRA in this run)" if stage1 else " (frozen)"),
         "Teacher": f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" if teacher else None,
-        "Head": f"MLP {spec['model_config']['head_hidden_sizes']} distilled with alpha={spec['model_config']['kd_alpha']}, "
+        "Head": f"MLP {spec['model_config']['head_hidden_sizes']} distilled with "
+        f"alpha={spec['model_config']['kd_alpha']}, "
         f"T={spec['model_config']['kd_temperature']}",
         "Gate": f"`{gate_config['gate_type']}` on the VLM's {gate_config['vlm_branch_input']}",
         "VLM branch": f"{spec['model_config']['vlm_branch_mode']} mode",
@@ -169,7 +187,9 @@ def write_repo(args, model, image_processor, vlm_processor, output: Path, spec: 
 def push_to_hub(args, output: Path) -> str:
     api = HfApi(token=args.hub_token)
     repo_url = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=args.push_to_hub, folder_path=str(output), commit_message=args.commit_message, repo_type="model")
+    api.upload_folder(
+        repo_id=args.push_to_hub, folder_path=str(output), commit_message=args.commit_message, repo_type="model"
+    )
     logger.info(f"Pushed {str(output)!r} to {repo_url}")
     return str(repo_url)
 

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def gate_config(args) -> dict:
-    return {"gate_type": args.gate_type, "gate_num_experts": args.gate_num_experts, "vlm_branch_input": args.vlm_branch_input}
+    return {
+        "gate_type": args.gate_type,
+        "gate_num_experts": args.gate_num_experts,
+        "vlm_branch_input": args.vlm_branch_input,
+    }
 
 
 def fingerprint(args) -> str:
@@ -134,7 +138,9 @@ def run(args) -> dict:
 
     gate = build_gate(config, len(class_names))
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"]), batch_size=args.batch_size, shuffle=True
+        torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"]),
+        batch_size=args.batch_size,
+        shuffle=True,
     )
     optimizer = torch.optim.Adam(gate.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     gate, optimizer, loader = accelerator.prepare(gate, optimizer, loader)
@@ -145,7 +151,9 @@ def run(args) -> dict:
         gate.train()
         loader.set_epoch(epoch)
         total_loss, steps = 0.0, 0
-        for head_out, vlm_scores, labels in progress(accelerator, loader, desc=f"Gate epoch {epoch + 1}/{args.epochs}"):
+        for head_out, vlm_scores, labels in progress(
+            accelerator, loader, desc=f"Gate epoch {epoch + 1}/{args.epochs}"
+        ):
             loss = F.cross_entropy(gate(head_out, vlm_scores)[0], labels)
             accelerator.backward(loss)
             optimizer.step()

@@ -66,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instruction-model", default=None, help="Chat model of that endpoint (stage 0 --model)")
     parser.add_argument("--gate-type", default=None, help="Gate variant (stage 4 --gate-type)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="Upload the final repo (stage 6)")
-    parser.add_argument(
-        "--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="Stages to consider"
-    )
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="Stages to consider")
     parser.add_argument("--force", action="store_true", help="Run the stages even when complete")
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume interrupted stages"

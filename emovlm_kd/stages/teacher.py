@@ -13,15 +13,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from emovlm_kd.data import fingerprint as hash_of
 from emovlm_kd.data import open_image_rgb, stage_output, write_complete
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.stages import (
     add_epoch_args,
     add_run_args,
     close_trackers,
-    finish_stage,
     dataset_fingerprint,
     end_epoch,
+    finish_stage,
     load_run_data,
     make_accelerator,
     progress,
@@ -29,7 +30,6 @@ from emovlm_kd.stages import (
     seeded_rng,
     start_stage,
 )
-from emovlm_kd.data import fingerprint as hash_of
 
 logger = logging.getLogger(__name__)
 
@@ -208,4 +208,12 @@ def main(argv=None) -> dict:
     return cli_main(sys.modules[__name__], argv)
 
 
-__all__ = ["TEACHER_PRESETS", "build_parser", "create_teacher", "fingerprint", "load_teacher", "run", "teacher_transforms"]
+__all__ = [
+    "TEACHER_PRESETS",
+    "build_parser",
+    "create_teacher",
+    "fingerprint",
+    "load_teacher",
+    "run",
+    "teacher_transforms",
+]
