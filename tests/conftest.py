@@ -17,6 +17,9 @@ os.environ.update(
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
         "TOKENIZERS_PARALLELISM": "false",
+        # Subprocesses (examples, `accelerate launch` with 2 processes) share 2 cores: one thread each avoids
+        # oversubscription, which made tiny steps ~100x slower. The test process itself uses 2 (set below).
+        "OMP_NUM_THREADS": "1",
     }
 )
 
