@@ -9,7 +9,6 @@ OpenAI-compatible vision chat endpoint. Resumable: run it again to skip done ima
 The main process alone talks to the endpoint, so `accelerate launch` works but gains nothing here.
 """
 
-import json
 import os
 import sys
 
@@ -18,6 +17,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from emovlm_kd.stages.instruction_data import main  # noqa: E402
 
 if __name__ == "__main__":
-    summary = main()
-    if summary:
-        print(json.dumps(summary, indent=2))
+    main()

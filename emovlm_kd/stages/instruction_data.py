@@ -24,17 +24,13 @@ import json
 import logging
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from emovlm_kd.data import (
-    clear_complete,
-    ensure_class_names,
-    fingerprint,
-    load_imagefolder,
-    stage_output,
-    write_complete,
-)
+from emovlm_kd.data import clear_complete, ensure_class_names, load_imagefolder, stage_output, write_complete
+from emovlm_kd.data import fingerprint as hash_of
+from emovlm_kd.stages import dataset_fingerprint
 from emovlm_kd.openai_chat import ChatRequestError, OpenAIChatClient, RetryPolicy, image_data_url
 
 logger = logging.getLogger(__name__)
@@ -183,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backoff-base", type=float, default=1.0, help="First retry waits about this many seconds")
     parser.add_argument("--backoff-max", type=float, default=60.0, help="Longest backoff between retries (s)")
     parser.add_argument("--max-tokens", type=int, default=600, help="Answer length limit")
-    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--temperature", type=float, default=0.2, help="Sampling temperature")
     parser.add_argument(
         "--no-json-mode", dest="json_mode", action="store_false",
         help="Do not send response_format={'type': 'json_object'} (for servers that reject it)",
@@ -191,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-side", type=int, default=1024, help="Larger images are sent downscaled (px)")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N training images (trial runs)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="Held-out share of train when no val/")
-    parser.add_argument("--split-seed", type=int, default=42, help="Seed of that held-out split")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of that held-out split (as in every stage)")
     return parser
 
 
-def _prompt_fingerprint() -> str:
-    return fingerprint([SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER])
+def fingerprint(args) -> str:
+    """Hash of the data, the endpoint's model and the prompt: what a complete instruction-data file depends on."""
+    return hash_of(
+        {"stage": STAGE, "data": dataset_fingerprint(args), "model": args.model, "base_url": args.base_url,
+         "limit": args.limit, "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER]}
+    )  # fmt: skip
 
 
 def _ask(client: OpenAIChatClient, data_root: str, image: str, label: str, class_names, max_side) -> dict:
@@ -250,7 +250,7 @@ def _run_main(args: argparse.Namespace) -> dict:
             f"The API key environment variable {args.api_key_env!r} is not set (servers without authentication "
             f"accept any value, e.g. {args.api_key_env}=none)"
         )
-    data = load_imagefolder(args.data_dir, val_fraction=args.val_fraction, seed=args.split_seed)
+    data = load_imagefolder(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
     class_names = ensure_class_names(args.run_dir, data.class_names)
     train = data.splits["train"]
     images = [
@@ -314,10 +314,7 @@ def _run_main(args: argparse.Namespace) -> dict:
     if counts["failed"]:
         print(f"Run again to ask again for the {counts['failed']} failed image(s); done ones are skipped.")
     else:
-        stage_fingerprint = fingerprint(
-            [data.fingerprint("train"), args.model, args.base_url, args.limit, _prompt_fingerprint()]
-        )
-        write_complete(args.run_dir, STAGE, stage_fingerprint, summary=summary)
+        write_complete(args.run_dir, STAGE, fingerprint(args), summary=summary)
     return summary
 
 
@@ -331,8 +328,10 @@ def _is_done(record: dict | None, label: str) -> bool:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run(build_parser().parse_args(argv))
+    """The `train/` script: parse, run, print the summary."""
+    from emovlm_kd.stages import cli_main
+
+    return cli_main(sys.modules[__name__], argv)
 
 
 __all__ = [
@@ -340,6 +339,7 @@ __all__ = [
     "build_messages",
     "build_parser",
     "done_examples",
+    "fingerprint",
     "label_pattern",
     "main",
     "parse_answer",

@@ -1,0 +1,166 @@
+"""The three instruction-tuning tasks of EmoVLM-KD and their encoding into VLM training batches.
+
+Per training image:
+  * observation: describe the key visual elements (answer: the instruction data's `observation`);
+  * inference: explain the emotional reasoning (answer: the instruction data's `reasoning`);
+  * classification: the EmoVLM-KD classification prompt, answered `{'emotion': '<label>'}`.
+
+The classification prompt, chat template and answer tokens are exactly those the EmoVLM-KD model scores
+(`EmoVLMKDConfig.prompt_text()`, the VLM processor's chat template with the image first, and
+`tokenize_answers`: answer tokens + end-of-turn), so instruction tuning raises precisely the likelihoods the VLM
+branch measures. Every answer ends with the end-of-turn token and only answer tokens carry labels (the prompt,
+image placeholders and padding are -100).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from configuration_emovlm_kd import EmoVLMKDConfig
+from modeling_emovlm_kd import tokenize_answers
+
+TASKS = ("observation", "inference", "classification")
+OBSERVATION_PROMPT = (
+    "Observe the image and describe its key visual elements: the objects, people and their expressions, colours, "
+    "lighting, composition and atmosphere that shape the emotion it evokes."
+)
+INFERENCE_PROMPT = (
+    "Observe the image and explain, step by step, how its visual elements lead to the emotion the image evokes."
+)
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One training example: an image, a task, and the answer (text for observation / inference, the class index
+    for classification)."""
+
+    image_path: str
+    task: str
+    answer: str | int
+
+
+def build_examples(
+    image_paths: list[str], labels: list[int], explanations: dict[str, dict] | None = None
+) -> list[InstructionExample]:
+    """Classification for every image; observation and inference for images with an explanation.
+
+    `explanations` maps an image path to a record with non-empty `observation` and `reasoning` strings.
+    """
+    explanations = explanations or {}
+    examples = []
+    for path, label in zip(image_paths, labels):
+        record = explanations.get(path)
+        if record is not None:
+            examples.append(InstructionExample(path, "observation", record["observation"]))
+            examples.append(InstructionExample(path, "inference", record["reasoning"]))
+        examples.append(InstructionExample(path, "classification", int(label)))
+    return examples
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn (`<|im_end|>` for Qwen), as `tokenize_answers` uses it."""
+    token = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if token is None or token == tokenizer.unk_token_id:
+        token = tokenizer.eos_token_id
+    return token
+
+
+class InstructionEncoder:
+    """Turns examples into VLM inputs: `input_ids`, `attention_mask`, `mm_token_type_ids`, `pixel_values`,
+    `image_grid_thw` and `labels`, right-padded to the longest example of a batch.
+
+    Args:
+        processor: the VLM's processor (e.g. `Qwen2VLProcessor`).
+        class_names: the classes in label order (they make the classification prompt and answers).
+        max_answer_tokens: longer observation / inference answers are cut to this many tokens (before the
+            end-of-turn token).
+    """
+
+    def __init__(self, processor, class_names: list[str], max_answer_tokens: int = 512):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        config = EmoVLMKDConfig(
+            id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)}
+        )
+        self.prompts = {
+            "observation": OBSERVATION_PROMPT,
+            "inference": INFERENCE_PROMPT,
+            "classification": config.prompt_text(),
+        }
+        self.classification_answer_ids = tokenize_answers(self.tokenizer, config)
+        self.end_token_id = end_of_turn_id(self.tokenizer)
+        self.max_answer_tokens = max_answer_tokens
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+
+    def prompt_text(self, task: str) -> str:
+        """The chat-templated user turn (image first, then the task's question) and the assistant header."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompts[task]}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def answer_ids(self, task: str, answer: str | int) -> list[int]:
+        if task == "classification":
+            return list(self.classification_answer_ids[answer])
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
+        return ids + [self.end_token_id]
+
+    def encode(self, image, task: str, answer: str | int) -> dict[str, torch.Tensor]:
+        """One example, unpadded: 1-D `input_ids` / `mm_token_type_ids` / `labels`, and the image tensors."""
+        prompt = self.processor(images=[image], text=[self.prompt_text(task)], return_tensors="pt")
+        answer_ids = torch.tensor(self.answer_ids(task, answer), dtype=torch.long)
+        prompt_ids = prompt["input_ids"][0]
+        return {
+            "input_ids": torch.cat([prompt_ids, answer_ids]),
+            "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"][0], torch.zeros_like(answer_ids)]),
+            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+            "pixel_values": prompt["pixel_values"],
+            "image_grid_thw": prompt["image_grid_thw"],
+        }
+
+    def collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of `encode` outputs into a batch (padding: pad token, mask 0, label -100)."""
+        length = max(len(item["input_ids"]) for item in encoded)
+        batch = {
+            "input_ids": torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(encoded), length), dtype=torch.long),
+            "mm_token_type_ids": torch.zeros((len(encoded), length), dtype=torch.long),
+            "labels": torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, item in enumerate(encoded):
+            size = len(item["input_ids"])
+            for name in ("input_ids", "mm_token_type_ids", "labels"):
+                batch[name][row, :size] = item[name]
+            batch["attention_mask"][row, :size] = 1
+        batch["pixel_values"] = torch.cat([item["pixel_values"] for item in encoded])
+        batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in encoded])
+        return batch
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Examples encoded on the fly (images decoded in the DataLoader's workers)."""
+
+    def __init__(self, examples: list[InstructionExample], encoder: InstructionEncoder):
+        self.examples, self.encoder = examples, encoder
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        from emovlm_kd.data import open_image_rgb
+
+        example = self.examples[index]
+        return self.encoder.encode(open_image_rgb(example.image_path), example.task, example.answer)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "INFERENCE_PROMPT",
+    "OBSERVATION_PROMPT",
+    "TASKS",
+    "InstructionDataset",
+    "InstructionEncoder",
+    "InstructionExample",
+    "build_examples",
+    "end_of_turn_id",
+]

@@ -1,0 +1,392 @@
+"""Stage 1: LoRA instruction tuning of the VLM (observation, inference and classification tasks), merged for export.
+
+LoRA (`peft`) on the language model's attention projections only (q, k, v, o; the vision tower, embeddings and LM
+head stay as they are), the paper's hyper-parameters by default (r=8, alpha=8, dropout 0.05; lr 1e-4, 5 epochs,
+constant schedule with 3% warm-up, max grad norm 0.3). The loss covers answer tokens only. Without instruction data
+(no `instruction_data.jsonl`, or `--classification-only`) the classification task trains alone, and the log and
+summary say so.
+
+Accelerate runs it on any setup (`accelerate launch`, multi-GPU, mixed precision: bf16 by default on GPUs that have
+it, as in the paper); `--batch-size` is the global batch, right-padded. `--load-in-4bit` loads the base in 4-bit NF4
+(QLoRA, as the paper does; CUDA and bitsandbytes only). Epoch checkpoints (`save_state`: the LoRA adapter as
+safetensors, optimizer, scheduler, sampler and RNG states) go to `<run_dir>/checkpoints/instruction_tuning/`;
+`--resume` continues from the latest one written for the same inputs, `--stop-after-epoch N` stops after one. At
+the end the adapter is merged into the VLM (`merge_and_unload`; with `--load-in-4bit`, into a fresh bf16 copy of the
+base) and the merged VLM and its processor are saved with `save_pretrained` to `<run_dir>/vlm/`, then
+`COMPLETE.json`; the checkpoints are then removed.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from emovlm_kd.data import fingerprint as hash_of
+from emovlm_kd.data import is_complete, read_complete, stage_output, write_complete
+from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
+from emovlm_kd.stages import (
+    add_epoch_args,
+    add_run_args,
+    checkpoint_root,
+    close_trackers,
+    dataset_fingerprint,
+    end_epoch,
+    finish_stage,
+    load_run_data,
+    make_accelerator,
+    progress,
+    resume_if_asked,
+    start_stage,
+)
+
+logger = logging.getLogger(__name__)
+
+STAGE = "instruction_tuning"
+# The language model's attention projections, never the vision tower's (`visual.blocks.*.attn.qkv/proj`).
+LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+TRAINING_LOG = "training_log.json"  # per-epoch losses, next to an epoch checkpoint
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Stage 1: LoRA instruction tuning of the VLM on observation / inference / classification "
+        "tasks; saves the merged VLM and its processor to <run_dir>/vlm/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_run_args(parser)
+    add_epoch_args(parser)
+    for action in parser._actions:  # this stage picks bf16 by itself where the GPU has it (the paper's setting)
+        if action.dest == "mixed_precision":
+            action.help = "Default: the `accelerate config` / launch setting, else bf16 on GPUs that support it"
+    group = parser.add_argument_group("instruction tuning")
+    group.add_argument(
+        "--vlm", default="Qwen/Qwen2-VL-7B-Instruct", help="Base VLM: Hub name, local folder, or 'tiny' (offline)"
+    )
+    group.add_argument("--instruction-data", default=None, help="Default: <run_dir>/instruction_data.jsonl")
+    group.add_argument("--classification-only", action="store_true", help="Ignore instruction data")
+    group.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    group.add_argument("--lora-alpha", type=float, default=8, help="LoRA scaling numerator (scale = alpha / r)")
+    group.add_argument("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA input")
+    group.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--epochs", type=int, default=5, help="Passes over all examples")
+    group.add_argument(
+        "--batch-size", type=int, default=1, help="Global batch size (split across processes; padded batches)"
+    )
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Batches per optimizer update")
+    group.add_argument("--warmup-ratio", type=float, default=0.03, help="Linear warm-up share, then constant")
+    group.add_argument("--max-grad-norm", type=float, default=0.3, help="Gradient clipping norm")
+    group.add_argument("--max-answer-tokens", type=int, default=512, help="Longer explanations are cut")
+    group.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="Less memory, more compute")
+    group.add_argument("--overwrite", action="store_true", help="Train again even if vlm/ is complete")
+    return parser
+
+
+def fingerprint(args) -> str:
+    """Hash of the data, the instruction data file and every argument the tuned VLM depends on."""
+    keys = (
+        "vlm", "classification_only", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay",
+        "epochs", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "max_answer_tokens",
+        "load_in_4bit", "seed",
+    )  # fmt: skip
+    instruction_digest = None if args.classification_only else _file_digest(instruction_data_path(args))
+    return hash_of(
+        {"stage": STAGE, "data": dataset_fingerprint(args), "instruction_data": instruction_digest,
+         **{key: getattr(args, key) for key in keys}}
+    )  # fmt: skip
+
+
+def instruction_data_path(args) -> Path:
+    return Path(args.instruction_data or stage_output(args.run_dir, "instruction_data"))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def load_explanations(path: Path, image_paths: list[str], labels: list[str], data_root: str):
+    """Done instruction records by absolute image path, and how many records were unusable (label changed)."""
+    from emovlm_kd.stages.instruction_data import done_examples
+
+    records = done_examples(path)
+    explanations, stale = {}, 0
+    for image_path, label in zip(image_paths, labels):
+        record = records.get(Path(os.path.relpath(image_path, data_root)).as_posix())
+        if record is None:
+            continue
+        if record.get("label") != label:
+            stale += 1
+            continue
+        explanations[image_path] = record
+    return explanations, stale
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+def _describe_instruction_data(args, data, class_names) -> tuple[dict, str]:
+    """The usable explanations by image path, and a sentence saying what the run trains on."""
+    path = instruction_data_path(args)
+    if args.classification_only:
+        return {}, "classification only (--classification-only)"
+    if not path.exists():
+        return {}, f"classification only: no instruction data at {str(path)!r} (run stage 0 to add it)"
+    train = data.splits["train"]
+    labels = [class_names[label] for label in train["label"]]
+    explanations, stale = load_explanations(path, list(train["image_path"]), labels, data.root)
+    if stale:
+        logger.warning(f"Ignored {stale} instruction record(s) whose label differs from the dataset's")
+    if not explanations:
+        return {}, f"classification only: {str(path)!r} has no usable record for these images"
+    return explanations, f"instruction data for {len(explanations)} of {len(train)} training images"
+
+
+def _mixed_precision(requested: str | None) -> str | None:
+    if requested is not None or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return requested  # None lets Accelerate read its launch / config setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+
+
+def _check_4bit(args):
+    if not args.load_in_4bit:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); drop it to train on CPU")
+    if args.vlm == "tiny":
+        raise ValueError("--load-in-4bit loads a saved checkpoint; the built-in 'tiny' VLM is not one")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def load_base_vlm(args, device_index: int = 0):
+    """The base VLM and its processor (4-bit NF4 on GPU with `--load-in-4bit`)."""
+    from emovlm_kd.vlm import load_vlm_and_processor
+
+    if not args.load_in_4bit:
+        return load_vlm_and_processor(args.vlm, seed=args.seed)
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return load_vlm_and_processor(
+        args.vlm, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": device_index}
+    )
+
+
+def add_lora(vlm, args):
+    """Wrap the VLM in a `PeftModel` with LoRA on the language model's q/k/v/o projections."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit:
+        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_TARGET_MODULES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(vlm, config)
+
+
+def export_merged(peft_model, processor, output: Path, base_loader=None):
+    """Merge the LoRA adapter into the VLM (`merge_and_unload`) and save it and its processor to `output`.
+
+    `base_loader`: returns a fresh full-precision base VLM to merge into instead of the model's own base (for a
+    4-bit base, where merging into quantised weights would round the update away).
+    """
+    if output.exists():
+        shutil.rmtree(output)
+    if base_loader is None:
+        merged = peft_model.merge_and_unload()
+    else:
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            peft_model.save_pretrained(adapter_dir)
+            merged = PeftModel.from_pretrained(base_loader(), adapter_dir).merge_and_unload()
+    merged.eval().save_pretrained(output)
+    processor.save_pretrained(output)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _adapter_checkpoint_hooks(accelerator):
+    """Checkpoints hold the LoRA adapter (safetensors), not a copy of the frozen base."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def save_hook(models, weights, output_dir):
+        for index in reversed(range(len(models))):
+            model = accelerator.unwrap_model(models[index])
+            if isinstance(model, PeftModel):
+                model.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+                if index < len(weights):
+                    weights.pop(index)
+
+    def load_hook(models, input_dir):
+        for index in reversed(range(len(models))):
+            model = accelerator.unwrap_model(models[index])
+            if isinstance(model, PeftModel):
+                state = load_file(os.path.join(input_dir, ADAPTER_WEIGHTS))
+                result = set_peft_model_state_dict(model, state)
+                if result.unexpected_keys:
+                    raise ValueError(f"{input_dir!r} has unexpected adapter weights: {result.unexpected_keys[:5]}")
+                models.pop(index)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _write_training_log(accelerator, args, epochs_done: int, log: dict):
+    """Next to an epoch checkpoint (when one was written): the losses so far, for the summary of a resumed run."""
+    path = checkpoint_root(args.run_dir, STAGE) / f"epoch_{epochs_done}"
+    if accelerator.is_main_process and path.is_dir():
+        (path / TRAINING_LOG).write_text(json.dumps(log) + "\n")
+
+
+def _read_training_log(args, epochs_done: int) -> dict:
+    path = checkpoint_root(args.run_dir, STAGE) / f"epoch_{epochs_done}" / TRAINING_LOG
+    if epochs_done and path.exists():
+        return json.loads(path.read_text())
+    return {"epoch_losses": [None] * epochs_done, "global_step": None}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run(args: argparse.Namespace) -> dict:
+    """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
+    from accelerate.utils import set_seed
+    from transformers import get_constant_schedule_with_warmup
+
+    _check_4bit(args)
+    stage_fingerprint = fingerprint(args)
+    if is_complete(args.run_dir, STAGE, stage_fingerprint) and not args.overwrite:
+        logger.info(f"{str(stage_output(args.run_dir, STAGE))!r} is complete for these inputs; skipped (--overwrite)")
+        return {**(read_complete(args.run_dir, STAGE) or {}).get("summary", {}), "skipped": "complete"}
+    args.mixed_precision = _mixed_precision(args.mixed_precision)
+    accelerator = make_accelerator(args, STAGE, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    set_seed(args.seed)
+    data = load_run_data(args, accelerator)
+    start_stage(accelerator, args.run_dir, STAGE)
+    explanations, note = _describe_instruction_data(args, data, data.class_names)
+    (logger.info if explanations else logger.warning)(f"Instruction tuning: {note}")
+
+    vlm, processor = load_base_vlm(args, accelerator.local_process_index)
+    model = add_lora(vlm, args)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    encoder = InstructionEncoder(processor, data.class_names, args.max_answer_tokens)
+    train = data.splits["train"]
+    examples = build_examples(list(train["image_path"]), list(train["label"]), explanations)
+    task_counts = {task: sum(example.task == task for example in examples) for task in TASKS}
+    dataloader = torch.utils.data.DataLoader(
+        InstructionDataset(examples, encoder),
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=encoder.collate,
+        num_workers=args.num_workers,
+    )
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    warmup_steps = math.ceil(args.warmup_ratio * updates_per_epoch * args.epochs)
+    # A prepared scheduler steps once per process per update.
+    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps * accelerator.num_processes)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    _adapter_checkpoint_hooks(accelerator)
+
+    epochs_done = resume_if_asked(accelerator, args, STAGE, stage_fingerprint)
+    log = _read_training_log(args, epochs_done)
+    epoch_losses, global_step = list(log["epoch_losses"]), log["global_step"] or epochs_done * updates_per_epoch
+    parameters = {
+        "trainable": sum(p.numel() for p in trainable),
+        "total": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+    }
+    logger.info(
+        f"Training {parameters['trainable']:,} LoRA parameters of {parameters['total']:,} on {len(examples)} "
+        f"examples {task_counts}: {updates_per_epoch} updates/epoch, {args.epochs} epochs, {warmup_steps} warm-up"
+    )
+    started = time.time()
+    for epoch in range(epochs_done, args.epochs):
+        model.train()
+        dataloader.set_epoch(epoch)
+        loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+        bar = progress(accelerator, dataloader, desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}")
+        for batch in bar:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach().float()
+            batches += 1
+            if accelerator.sync_gradients:
+                global_step += 1
+                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        epoch_losses.append(accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1))
+        accelerator.log({"train/epoch_loss": epoch_losses[-1]}, step=global_step)
+        logger.info(f"Instruction tuning epoch {epoch + 1}/{args.epochs}: mean loss {epoch_losses[-1]:.4f}")
+        stop = end_epoch(accelerator, args, STAGE, stage_fingerprint, epoch + 1, args.epochs)
+        _write_training_log(accelerator, args, epoch + 1, {"epoch_losses": epoch_losses, "global_step": global_step})
+        if stop:
+            close_trackers(accelerator)
+            return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1, "epoch_losses": epoch_losses}
+
+    output = stage_output(args.run_dir, STAGE)
+    summary = {
+        "stage": STAGE,
+        "output": str(output),
+        "vlm": args.vlm,
+        "tasks": [task for task in TASKS if task_counts[task]],
+        "instruction_data": note,
+        "examples": task_counts,
+        "parameters": parameters,
+        "epochs": args.epochs,
+        "epoch_losses": epoch_losses,
+        "global_steps": global_step,
+        "resumed_after_epochs": epochs_done,
+        "train_seconds": round(time.time() - started, 1),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        base_loader = None
+        if args.load_in_4bit:
+            from emovlm_kd.vlm import load_vlm_and_processor
+
+            base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
+        export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
+        logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
+        write_complete(args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes)
+    finish_stage(accelerator, args, STAGE)
+    print(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
+    return summary
+
+
+def main(argv=None) -> dict:
+    """The `train/` script: parse, run, print the summary."""
+    from emovlm_kd.stages import cli_main
+
+    return cli_main(sys.modules[__name__], argv)
+
+
+__all__ = ["LORA_TARGET_MODULES", "add_lora", "build_parser", "export_merged", "fingerprint", "load_base_vlm", "main", "run"]
