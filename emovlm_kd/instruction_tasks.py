@@ -49,7 +49,7 @@ def build_examples(
     """
     explanations = explanations or {}
     examples = []
-    for path, label in zip(image_paths, labels):
+    for path, label in zip(image_paths, labels, strict=True):
         record = explanations.get(path)
         if record is not None:
             examples.append(InstructionExample(path, "observation", record["observation"]))

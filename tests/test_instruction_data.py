@@ -93,7 +93,9 @@ class FakeChatServer:
                 if self.headers.get("Authorization") != f"Bearer {API_KEY}":
                     return self._send(401, {"error": {"message": "invalid api key"}})
                 if body.get("model") != "fake-vision" or body.get("response_format") != {"type": "json_object"}:
-                    server.errors.append(f"unexpected request fields: { {k: body.get(k) for k in ('model', 'response_format')} }")
+                    server.errors.append(
+                        f"unexpected request fields: { {k: body.get(k) for k in ('model', 'response_format')} }"
+                    )
                 image, label, behaviour = server._next(body)
                 if behaviour == "429":
                     return self._send(429, {"error": {"message": "slow down"}}, [("Retry-After", str(RETRY_AFTER))])
@@ -112,7 +114,8 @@ class FakeChatServer:
                     "missing_field": json.dumps({"observation": "a lake"}),
                 }[behaviour]
                 message = {"role": "assistant", "content": content}
-                self._send(200, {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})  # fmt: skip
+                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                self._send(200, {"id": "x", "object": "chat.completion", "choices": [choice]})
 
         return Handler
 
@@ -121,7 +124,9 @@ class FakeChatServer:
 def dataset(tmp_path):
     root = make_imagefolder(tmp_path / "data", CLASSES, per_class={"train": 3, "val": 1}, splits=("train", "val"))
     images = sorted(path.relative_to(root).as_posix() for path in (root / "train").rglob("*.*"))
-    digests = {hashlib.sha256((root / image).read_bytes()).hexdigest(): (image, image.split("/")[1]) for image in images}
+    digests = {
+        hashlib.sha256((root / image).read_bytes()).hexdigest(): (image, image.split("/")[1]) for image in images
+    }
     return root, images, digests
 
 
@@ -154,6 +159,7 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
                 ["503", "503", "503", "ok"],  # retries exhausted in run 1
                 ["ok_fenced"],  # JSON in a markdown fence is accepted
             ],
+            strict=True,
         )
     )
     run_dir = tmp_path / "run"
@@ -225,7 +231,10 @@ def test_rejected_key_stops_the_run(dataset, tmp_path, monkeypatch):
 
 
 def test_answer_validation():
-    assert parse_answer('{"observation": " a lake ", "reasoning": "calm water"}', "sadness") == ("a lake", "calm water")
+    assert parse_answer('{"observation": " a lake ", "reasoning": "calm water"}', "sadness") == (
+        "a lake",
+        "calm water",
+    )
     assert parse_answer('noise {"observation": "a", "reasoning": "b", "extra": 1} noise', "awe") == ("a", "b")
     # whole words only: "sad" is not the label "sadness", "awesome" is not "awe"
     assert parse_answer('{"observation": "a sad dog", "reasoning": "awesome"}', "sadness") == ("a sad dog", "awesome")

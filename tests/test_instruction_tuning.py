@@ -157,10 +157,8 @@ def test_three_task_tuning_and_export(tuned_run, dataset):
     base_state, merged_state = base.state_dict(), merged.state_dict()
     assert base_state.keys() == merged_state.keys()
     changed = {name for name in base_state if not torch.equal(base_state[name], merged_state[name])}
-    assert changed == {
-        name for name in base_state
-        if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
-    }  # fmt: skip
+    attention = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
+    assert changed == {name for name in base_state if "language_model" in name and name.endswith(attention)}
 
     again = instruction_tuning.run(stage_args(dataset, run_dir, **TUNED_RUN))
     assert again["skipped"] == "complete" and again["epoch_losses"] == summary["epoch_losses"]
@@ -181,7 +179,10 @@ def test_resume_equals_uninterrupted(tuned_run, dataset, tmp_path):
     resumed = instruction_tuning.run(stage_args(dataset, stopped, resume=True, **TUNED_RUN))
     assert resumed["resumed_after_epochs"] == 1 and resumed["global_steps"] == summary["global_steps"]
     assert resumed["epoch_losses"] == pytest.approx(summary["epoch_losses"], abs=1e-6)
-    expected, actual = load_file(run_dir / "vlm" / "model.safetensors"), load_file(stopped / "vlm" / "model.safetensors")
+    expected, actual = (
+        load_file(run_dir / "vlm" / "model.safetensors"),
+        load_file(stopped / "vlm" / "model.safetensors"),
+    )
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)

@@ -30,14 +30,16 @@ from pathlib import Path
 
 from emovlm_kd.data import clear_complete, ensure_class_names, load_imagefolder, stage_output, write_complete
 from emovlm_kd.data import fingerprint as hash_of
-from emovlm_kd.stages import dataset_fingerprint
 from emovlm_kd.openai_chat import ChatRequestError, OpenAIChatClient, RetryPolicy, image_data_url
+from emovlm_kd.stages import dataset_fingerprint
 
 logger = logging.getLogger(__name__)
 
 STAGE = "instruction_data"
 
-SYSTEM_PROMPT = "You are an expert in visual emotion analysis. You always answer with one JSON object and nothing else."
+SYSTEM_PROMPT = (
+    "You are an expert in visual emotion analysis. You always answer with one JSON object and nothing else."
+)
 
 # One-shot: the example shows the register and length wanted, for an image of a different scene.
 EXAMPLE_ANSWER = {
@@ -53,13 +55,13 @@ EXAMPLE_ANSWER = {
 }
 
 INSTRUCTION_PROMPT = (
-    "This image is labelled with the emotion \"{label}\". The possible emotions are: {classes}.\n"
+    'This image is labelled with the emotion "{label}". The possible emotions are: {classes}.\n'
     "Explain what in the image evokes this emotion, in two parts:\n"
     "1. observation: the key visual elements of the image (objects, people, expressions, colours, lighting, "
     "composition, atmosphere) that shape the emotion it evokes.\n"
     "2. reasoning: the reasoning that leads from those elements to the emotion the image evokes.\n"
-    "Never write the word \"{label}\" or name the emotion: describe and reason so that a reader could infer it.\n"
-    "Answer with a JSON object with the string fields \"observation\" and \"reasoning\", like this example for "
+    'Never write the word "{label}" or name the emotion: describe and reason so that a reader could infer it.\n'
+    'Answer with a JSON object with the string fields "observation" and "reasoning", like this example for '
     "another image:\n{example}"
 )
 
@@ -118,7 +120,7 @@ def parse_answer(content: str, label: str) -> tuple[str, str]:
             raise MalformedAnswer(f"field {name!r} is missing or not a non-empty string (got {value!r:.80})")
         fields.append(value.strip())
     pattern = label_pattern(label)
-    for name, value in zip(("observation", "reasoning"), fields):
+    for name, value in zip(("observation", "reasoning"), fields, strict=True):
         if pattern.search(value):
             raise MalformedAnswer(f"field {name!r} names the label {label!r}")
     return fields[0], fields[1]
@@ -218,7 +220,13 @@ def _ask(client: OpenAIChatClient, data_root: str, image: str, label: str, class
         reason = f"malformed answer: {error}"
         if result.finish_reason == "length":
             reason += " (cut off at --max-tokens)"
-        return {**record, "status": "failed", "reason": reason, "raw": result.content[:2000], "attempts": result.attempts}
+        return {
+            **record,
+            "status": "failed",
+            "reason": reason,
+            "raw": result.content[:2000],
+            "attempts": result.attempts,
+        }
     return {
         **record,
         "status": "done",
@@ -255,7 +263,7 @@ def _run_main(args: argparse.Namespace) -> dict:
     train = data.splits["train"]
     images = [
         (Path(os.path.relpath(path, data.root)).as_posix(), class_names[label])
-        for path, label in zip(train["image_path"], train["label"])
+        for path, label in zip(train["image_path"], train["label"], strict=True)
     ]
     if args.limit is not None:
         images = images[: args.limit]
@@ -276,7 +284,11 @@ def _run_main(args: argparse.Namespace) -> dict:
     client = OpenAIChatClient(args.base_url, api_key, args.model, args.timeout, retry, request_fields)
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
-        with client, output.open("a", encoding="utf-8") as file, tqdm(total=len(pending), desc="Instruction data") as bar:
+        with (
+            client,
+            output.open("a", encoding="utf-8") as file,
+            tqdm(total=len(pending), desc="Instruction data") as bar,
+        ):
             futures = [
                 pool.submit(_ask, client, data.root, image, label, class_names, args.max_image_side)
                 for image, label in pending

@@ -47,6 +47,7 @@ from emovlm_kd.stages import (
     resume_if_asked,
     start_stage,
 )
+from emovlm_kd.stages.instruction_data import done_examples
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,9 @@ def instruction_data_path(args) -> Path:
 # ---------------------------------------------------------------------------------------------- inputs
 def load_explanations(path: Path, image_paths: list[str], labels: list[str], data_root: str):
     """Done instruction records by absolute image path, and how many records were unusable (label changed)."""
-    from emovlm_kd.stages.instruction_data import done_examples
-
     records = done_examples(path)
     explanations, stale = {}, 0
-    for image_path, label in zip(image_paths, labels):
+    for image_path, label in zip(image_paths, labels, strict=True):
         record = records.get(Path(os.path.relpath(image_path, data_root)).as_posix())
         if record is None:
             continue
@@ -279,7 +278,9 @@ def run(args: argparse.Namespace) -> dict:
     _check_4bit(args)
     stage_fingerprint = fingerprint(args)
     if is_complete(args.run_dir, STAGE, stage_fingerprint) and not args.overwrite:
-        logger.info(f"{str(stage_output(args.run_dir, STAGE))!r} is complete for these inputs; skipped (--overwrite)")
+        logger.info(
+            f"{str(stage_output(args.run_dir, STAGE))!r} is complete for these inputs; skipped (--overwrite trains again)"
+        )
         return {**(read_complete(args.run_dir, STAGE) or {}).get("summary", {}), "skipped": "complete"}
     args.mixed_precision = _mixed_precision(args.mixed_precision)
     accelerator = make_accelerator(args, STAGE, gradient_accumulation_steps=args.gradient_accumulation_steps)
@@ -376,7 +377,9 @@ def run(args: argparse.Namespace) -> dict:
             base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
         export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
         logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
-        write_complete(args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes)
+        write_complete(
+            args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes
+        )
     finish_stage(accelerator, args, STAGE)
     print(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
     return summary
@@ -389,4 +392,13 @@ def main(argv=None) -> dict:
     return cli_main(sys.modules[__name__], argv)
 
 
-__all__ = ["LORA_TARGET_MODULES", "add_lora", "build_parser", "export_merged", "fingerprint", "load_base_vlm", "main", "run"]
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "add_lora",
+    "build_parser",
+    "export_merged",
+    "fingerprint",
+    "load_base_vlm",
+    "main",
+    "run",
+]
