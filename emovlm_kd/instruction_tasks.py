@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from configuration_emovlm_kd import EmoVLMKDConfig
+from emovlm_kd.data import open_image_rgb
 from modeling_emovlm_kd import tokenize_answers
 
 TASKS = ("observation", "inference", "classification")
@@ -147,8 +148,6 @@ class InstructionDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, index):
-        from emovlm_kd.data import open_image_rgb
-
         example = self.examples[index]
         return self.encoder.encode(open_image_rgb(example.image_path), example.task, example.answer)
 
