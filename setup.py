@@ -21,7 +21,9 @@ train = [
     "tensorboard",
     "matplotlib",
     "tqdm",
+    "httpx",
 ]
+qlora = ["bitsandbytes"]
 demo = ["gradio>=5"]
 tests = ["pytest", "selenium"] + train + demo
 
@@ -38,5 +40,5 @@ setup(
     # Files the export stage copies into every model repo (Endpoint handler, Space app).
     package_data={"emovlm_kd": ["hub_files/*", "hub_files/space/*"]},
     install_requires=core,
-    extras_require={"train": train, "demo": demo, "tests": tests, "all": tests},
+    extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "all": tests},
 )

@@ -63,6 +63,7 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
 # for thousands of images and pretrained models): the tiny VLM's image embeddings are small (std ~0.02), hence the
 # head's large learning rate.
 TINY_STAGE_ARGS = {
+    "instruction_tuning": "--epochs 8 --learning-rate 1e-2 --batch-size 4",
     "teacher": "--epochs 3 --learning-rate 1e-3 --batch-size 8",
     "distill": "--epochs 60 --learning-rate 1e-2 --head-hidden-sizes 32 --batch-size 8 --checkpoint-every 20",
     "gate": "--epochs 30 --learning-rate 1e-2 --batch-size 8 --checkpoint-every 10",

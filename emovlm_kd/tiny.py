@@ -37,6 +37,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+LM_HEAD_SCALE = 10.0
+
 _CORPUS = [
     "You are a helpful assistant.",
     "Which emotion does this image evoke? Choose one of the following emotions: amusement, anger, awe, contentment, "
@@ -148,7 +150,13 @@ def build_tiny_vlm(
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(config).eval()
+    vlm = AutoModelForImageTextToText.from_config(config).eval()
+    # With std-0.02 output weights at hidden size 64 no token can get more than ~1% probability, so multi-token
+    # answers could never outscore one-token ones and stage 1 could not teach the VLM branch anything. A real
+    # VLM's output layer is far more peaked; this brings the tiny one closer.
+    with torch.no_grad():
+        vlm.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
+    return vlm
 
 
 def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, vlm_kwargs=None, **config_kwargs):

@@ -28,8 +28,6 @@ from emovlm_kd.stages.evaluate import read_results, results_table
 from emovlm_kd.testing import make_imagefolder, tiny_run_all_argv
 
 STAGES = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
-# Stage 1 on the tiny VLM: enough steps for the random-init LM to learn to answer with the right class.
-TINY_INSTRUCTION_ARGS = "--num-epochs 6 --learning-rate 3e-3 --batch-size 8 --lora-r 16 --lora-alpha 32"
 
 # Runs in a fresh interpreter: only transformers and the model folder (remote code), as a user on the Hub would.
 RELOAD_SCRIPT = textwrap.dedent(
@@ -59,9 +57,7 @@ def parse_args(argv=None):
 
 def run_all_argv(args, data_dir: Path, run_dir: Path) -> list[str]:
     if args.vlm == "tiny" and args.teacher == "tiny":
-        return tiny_run_all_argv(
-            data_dir, run_dir, stages=STAGES, instruction_tuning=TINY_INSTRUCTION_ARGS
-        ) + ["--seed", str(args.seed)]
+        return tiny_run_all_argv(data_dir, run_dir, stages=STAGES) + ["--seed", str(args.seed)]
     pretrained = "--pretrained" if args.teacher != "tiny" else "--no-pretrained"
     return ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", args.vlm, "--teacher", args.teacher,
             pretrained, "--seed", str(args.seed), "--stages", *STAGES]  # fmt: skip
