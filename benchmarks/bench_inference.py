@@ -75,9 +75,13 @@ def parse_args(argv=None):
         "--long-generation-tokens", type=int, default=256, help="max_new_tokens of reference_256 (0: skip it)"
     )
     parser.add_argument(
-        "--long-generation-at", type=int, nargs=2, action="append", metavar=("IMAGE_SIZE", "BATCH_SIZE"),
+        "--long-generation-at",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("IMAGE_SIZE", "BATCH_SIZE"),
         help="where to also time reference_256 (repeatable; default: the first image size at batch 1)",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--memory-worker", choices=MEMORY_CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -176,10 +180,25 @@ def measure_memory(args, image_size: int) -> dict:
     memory = {}
     for name in MEMORY_CONTENDERS:
         command = [
-            sys.executable, __file__, "--memory-worker", name, "--image-sizes", str(image_size),
-            "--batch-sizes", *map(str, args.batch_sizes), "--device", args.device, "--dtype", args.dtype,
-            "--threads", str(args.threads), "--seed", str(args.seed), "--long-generation-tokens", "1",
-        ]  # fmt: skip
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            name,
+            "--image-sizes",
+            str(image_size),
+            "--batch-sizes",
+            *map(str, args.batch_sizes),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+            "--long-generation-tokens",
+            "1",
+        ]
         if args.preset:
             command += ["--preset", args.preset]
         env = {**os.environ, **MEASURE_MEMORY_ENV}
@@ -208,12 +227,20 @@ def benchmark_image_size(args, device, dtype, spec, image_size, progress) -> tup
             "reference_over_emovlm_kd_paired": paired_ratio(times, "reference", "emovlm_kd", args.clock),
         }
         if "reference_256" in stats:
-            ratios["reference_256_over_emovlm_kd"] = stats["reference_256"]["median_s"] / stats["emovlm_kd"]["median_s"]
-        rows.append({
-            "image_size": image_size, **contenders.shapes(batch), "batch_size": batch_size,
-            "reference_generated_tokens": contenders.answer_tokens, "trie_nodes": len(contenders.model._trie),
-            "contenders": stats, "ratios": ratios,
-        })  # fmt: skip
+            ratios["reference_256_over_emovlm_kd"] = (
+                stats["reference_256"]["median_s"] / stats["emovlm_kd"]["median_s"]
+            )
+        rows.append(
+            {
+                "image_size": image_size,
+                **contenders.shapes(batch),
+                "batch_size": batch_size,
+                "reference_generated_tokens": contenders.answer_tokens,
+                "trie_nodes": len(contenders.model._trie),
+                "contenders": stats,
+                "ratios": ratios,
+            }
+        )
     return rows, count_parameters(contenders.model)
 
 
@@ -250,6 +277,19 @@ def _mark(passed) -> str:
     return "" if passed is None else (" ✓" if passed else " ✗")
 
 
+def method_note(settings: dict, row: dict) -> str:
+    timing = (
+        f"Times: {clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} runs after "
+        f"{settings['warmup']} warm-up, contenders interleaved; preprocessing not timed."
+    )
+    generation = (
+        f"`reference` generates {row['reference_generated_tokens']} tokens (`{{'emotion': 'contentment'}}` + end "
+        f"of turn), `reference_256` generates {settings['long_generation_tokens']}."
+    )
+    memory = "Peak memory (MiB) = weights held + peak inference growth of the resident set, a process per contender."
+    return f"8 classes (Mikels), trie of {row['trie_nodes']} answer tokens. {timing} {generation} {memory}"
+
+
 def to_markdown(result: dict) -> str:
     settings, rows = result["settings"], result["results"]
     table = []
@@ -259,46 +299,72 @@ def to_markdown(result: dict) -> str:
             memory = row.get("memory", {}).get(name)
             memory_cell = (
                 f"{memory['total_mib']:.0f} = {memory['weights_mib']:.0f} + {memory['inference_peak_mib']:.0f}"
-                if memory else "–"
-            )  # fmt: skip
-            table.append([
-                f"{row['image_size']}²", row["image_tokens"], row["batch_size"], name,
-                f"{1000 * stats['median_s']:.0f}", f"{stats['images_per_s']:.2f}",
-                f"{stats['median_s'] / ours:.2f}×", memory_cell,
-            ])  # fmt: skip
+                if memory
+                else "–"
+            )
+            table.append(
+                [
+                    f"{row['image_size']}²",
+                    row["image_tokens"],
+                    row["batch_size"],
+                    name,
+                    f"{1000 * stats['median_s']:.0f}",
+                    f"{stats['images_per_s']:.2f}",
+                    f"{stats['median_s'] / ours:.2f}×",
+                    memory_cell,
+                ]
+            )
     ratio_rows = []
     for row in rows:
         ratios, checks = row["ratios"], result["target_checks"][f"{row['image_size']}px_batch{row['batch_size']}"]
-        ratio_rows.append([
-            f"{row['image_size']}²", row["prompt_tokens"], row["batch_size"],
-            f"{ratios['emovlm_kd_over_floor']:.2f}{_mark(checks.get('emovlm_kd_over_floor'))}",
-            f"{ratios['reference_over_emovlm_kd']:.1f}{_mark(checks.get('reference_over_emovlm_kd'))}",
-            f"{ratios['reference_256_over_emovlm_kd']:.0f}" if "reference_256_over_emovlm_kd" in ratios else "–",
-            f"{ratios['memory_emovlm_kd_over_floor']:.3f}{_mark(checks.get('memory_emovlm_kd_over_floor'))}"
-            if "memory_emovlm_kd_over_floor" in ratios else "–",
-        ])  # fmt: skip
+        ratio_rows.append(
+            [
+                f"{row['image_size']}²",
+                row["prompt_tokens"],
+                row["batch_size"],
+                f"{ratios['emovlm_kd_over_floor']:.2f}{_mark(checks.get('emovlm_kd_over_floor'))}",
+                f"{ratios['reference_over_emovlm_kd']:.1f}{_mark(checks.get('reference_over_emovlm_kd'))}",
+                f"{ratios['reference_256_over_emovlm_kd']:.0f}" if "reference_256_over_emovlm_kd" in ratios else "–",
+                f"{ratios['memory_emovlm_kd_over_floor']:.3f}{_mark(checks.get('memory_emovlm_kd_over_floor'))}"
+                if "memory_emovlm_kd_over_floor" in ratios
+                else "–",
+            ]
+        )
     model = dict(result["model"])
     preset, parameters = model.pop("preset"), model.pop("parameters")
-    return "\n\n".join([
-        "### Inference",
-        machine_line(result["machine"]),
-        model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
-        f"8 classes (Mikels), trie of {rows[0]['trie_nodes']} answer tokens. Times: {clock_note(settings['clock'], settings['threads'])}, "
-        f"median of {settings['runs']} runs after {settings['warmup']} warm-up, contenders interleaved; preprocessing "
-        f"not timed. `reference` generates {rows[0]['reference_generated_tokens']} tokens (`{{'emotion': "
-        f"'contentment'}}` + end of turn), `reference_256` generates {settings['long_generation_tokens']}. "
-        "Peak memory (MiB) = weights held + peak inference growth of the resident set, one process per contender.",
-        markdown_table(
-            ["image", "image tokens", "batch", "contender", "ms / batch", "images/s", "time vs emovlm_kd",
-             "peak MiB = weights + inference"],
-            table,
-        ),
-        markdown_table(
-            ["image", "prompt tokens", "batch", "emovlm_kd / floor (≤ 1.15)", "reference / emovlm_kd (≥ 3 at batch 1)",
-             "reference_256 / emovlm_kd", "memory emovlm_kd / floor (≤ 1.05)"],
-            ratio_rows,
-        ),
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            "### Inference",
+            machine_line(result["machine"]),
+            model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
+            method_note(settings, rows[0]),
+            markdown_table(
+                [
+                    "image",
+                    "image tokens",
+                    "batch",
+                    "contender",
+                    "ms / batch",
+                    "images/s",
+                    "time vs emovlm_kd",
+                    "peak MiB = weights + inference",
+                ],
+                table,
+            ),
+            markdown_table(
+                [
+                    "image",
+                    "prompt tokens",
+                    "batch",
+                    "emovlm_kd / floor (≤ 1.15)",
+                    "reference / emovlm_kd (≥ 3 at batch 1)",
+                    "reference_256 / emovlm_kd",
+                    "memory emovlm_kd / floor (≤ 1.05)",
+                ],
+                ratio_rows,
+            ),
+        ]
+    )
 
 
 def main(argv=None):
@@ -323,17 +389,22 @@ def main(argv=None):
         "machine": machine,
         "model": {**spec_dict(spec, preset), "parameters": parameters},
         "settings": {
-            "dtype": args.dtype, "threads": args.threads, "clock": args.clock, "runs": args.runs,
-            "warmup": args.warmup, "labels": MIKELS_LABELS, "long_generation_tokens": args.long_generation_tokens,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "clock": args.clock,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "labels": MIKELS_LABELS,
+            "long_generation_tokens": args.long_generation_tokens,
             "reference_sampling": {"do_sample": True, "temperature": 0.8, "top_p": 1.0},
             "memory_method": (
                 "weights: bytes of the parameters and buffers each contender holds (the reference adds its encoder "
                 "copy); inference peak: in a fresh process per contender (glibc mmap threshold fixed at 64 KiB), "
                 "after one warm-up call, the growth of the peak resident set (VmHWM, reset through "
-                "/proc/self/clear_refs) over the resident set before the call; on CUDA torch.cuda.max_memory_allocated "
-                "over memory_allocated"
+                "/proc/self/clear_refs) over the resident set before the call; on CUDA "
+                "torch.cuda.max_memory_allocated over memory_allocated"
             ),
-        },  # fmt: skip
+        },
         "targets": TARGETS,
         "results": rows,
     }

@@ -88,22 +88,33 @@ def to_markdown(result: dict) -> str:
         return [f"{ours['ms_per_image']:.1f}", f"{floor['ms_per_image']:.1f}", f"{row['emovlm_kd_over_floor']:.2f}"]
 
     batch_rows = [[row["batch_size"], *cells(row)] for row in result["batch_sweep"]]
-    class_rows = [[row["num_classes"], row["prompt_tokens"], row["trie_nodes"], *cells(row)] for row in result["class_sweep"]]
-    return "\n\n".join([
-        "### Scaling",
-        machine_line(result["machine"]),
-        model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
-        f"Images of {settings['image_size']}² ({result['batch_sweep'][0]['image_tokens']} image tokens). Times: "
-        f"{clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} interleaved runs after "
-        f"{settings['warmup']} warm-up. Batch sweep with 8 classes:",
-        markdown_table(["batch", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"], batch_rows),
-        f"Class sweep at batch {settings['class_sweep_batch_size']} (the prompt lists the classes; the trie holds every "
-        "answer token once per distinct prefix):",
-        markdown_table(
-            ["classes", "prompt tokens", "trie nodes", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"],
-            class_rows,
-        ),
-    ])  # fmt: skip
+    class_rows = [
+        [row["num_classes"], row["prompt_tokens"], row["trie_nodes"], *cells(row)] for row in result["class_sweep"]
+    ]
+    return "\n\n".join(
+        [
+            "### Scaling",
+            machine_line(result["machine"]),
+            model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
+            f"Images of {settings['image_size']}² ({result['batch_sweep'][0]['image_tokens']} image tokens). Times: "
+            f"{clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} interleaved runs "
+            f"after {settings['warmup']} warm-up. Batch sweep with 8 classes:",
+            markdown_table(["batch", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"], batch_rows),
+            f"Class sweep at batch {settings['class_sweep_batch_size']} (the prompt lists the classes; the trie "
+            "holds every answer token once per distinct prefix):",
+            markdown_table(
+                [
+                    "classes",
+                    "prompt tokens",
+                    "trie nodes",
+                    "emovlm_kd ms / image",
+                    "floor ms / image",
+                    "emovlm_kd / floor",
+                ],
+                class_rows,
+            ),
+        ]
+    )
 
 
 def main(argv=None):
@@ -119,9 +130,7 @@ def main(argv=None):
 
     calls = 2 * (args.warmup + args.runs) * (len(args.batch_sizes) + len(args.class_counts))
     with tqdm(total=calls, desc="scaling", unit="call") as progress:
-        batch_sweep = [
-            measure(*models[8], size, args, device, dtype, progress) for size in args.batch_sizes
-        ]
+        batch_sweep = [measure(*models[8], size, args, device, dtype, progress) for size in args.batch_sizes]
         class_sweep = [
             measure(*models[count], args.class_sweep_batch_size, args, device, dtype, progress)
             for count in args.class_counts
@@ -131,10 +140,15 @@ def main(argv=None):
         "machine": machine,
         "model": {**spec_dict(spec, preset), "parameters": count_parameters(models[8][0])},
         "settings": {
-            "dtype": args.dtype, "threads": args.threads, "clock": args.clock, "image_size": args.image_size, "runs": args.runs, "warmup": args.warmup,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "clock": args.clock,
+            "image_size": args.image_size,
+            "runs": args.runs,
+            "warmup": args.warmup,
             "class_sweep_batch_size": args.class_sweep_batch_size,
             "labels": {count: labels_for(count) for count in args.class_counts},
-        },  # fmt: skip
+        },
         "batch_sweep": batch_sweep,
         "class_sweep": class_sweep,
     }

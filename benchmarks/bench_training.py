@@ -82,7 +82,7 @@ def parse_args(argv=None):
 
 
 class Workload:
-    """The N images prepared once for every path: model inputs in batches, per-image reference inputs, teacher pixels."""
+    """The N images, prepared once for both paths: model inputs in batches, reference inputs, teacher pixels."""
 
     def __init__(self, args, device, dtype, spec):
         self.device, self.dtype = device, dtype
@@ -111,7 +111,7 @@ class Workload:
 # ---------------------------------------------------------------------------------------------------- cached
 @torch.inference_mode()
 def extract_features(work: Workload, extract_batch_size: int):
-    """One pass per image, as stage 3 caches it: (pooled image embeddings, VLM class log-likelihoods, teacher logits)."""
+    """One pass per image, as stage 3 caches it: (pooled image embeds, VLM class log-likelihoods, teacher logits)."""
     pooled, scores, teacher_logits = [], [], []
     for index, batch in enumerate(work.batches):
         features = vlm_features(work.model, batch)  # the training pipeline's own feature function
@@ -126,8 +126,9 @@ def train_on_tensors(module, step_loss, tensors, epochs, batch_size, optimizer_k
     """Plain epochs of Adam over a TensorDataset; returns the last epoch's mean loss."""
     module.train()
     optimizer = torch.optim.Adam(module.parameters(), **optimizer_kwargs)
-    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loader = DataLoader(
+        TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     for _ in range(epochs):
         losses = []
         for batch in loader:
@@ -157,8 +158,15 @@ def run_cached(work: Workload, args) -> dict:
         return distillation_loss(logits, teacher, labels, config.kd_temperature, config.kd_alpha)
 
     with Stopwatch(work.device) as watch:
-        head_loss_value = train_on_tensors(head, head_loss, (pooled, teacher_logits, work.labels), args.head_epochs,
-                                           args.train_batch_size, HEAD_OPTIMIZER, args.seed)  # fmt: skip
+        head_loss_value = train_on_tensors(
+            head,
+            head_loss,
+            (pooled, teacher_logits, work.labels),
+            args.head_epochs,
+            args.train_batch_size,
+            HEAD_OPTIMIZER,
+            args.seed,
+        )
     timings["train_head_s"] = watch.seconds(args.clock)
 
     def gate_loss(head_part, vlm_part, labels):
@@ -168,8 +176,15 @@ def run_cached(work: Workload, args) -> dict:
         with torch.no_grad():  # the frozen head's logits, once per image
             head_logits = head(pooled.to(head_dtype))
             vlm_scores = model.vlm_gate_input(log_likelihoods).to(head_dtype)
-        gate_loss_value = train_on_tensors(gate, gate_loss, (head_logits, vlm_scores, work.labels), args.gate_epochs,
-                                           args.train_batch_size, GATE_OPTIMIZER, args.seed)  # fmt: skip
+        gate_loss_value = train_on_tensors(
+            gate,
+            gate_loss,
+            (head_logits, vlm_scores, work.labels),
+            args.gate_epochs,
+            args.train_batch_size,
+            GATE_OPTIMIZER,
+            args.seed,
+        )
     timings["train_gate_s"] = watch.seconds(args.clock)
     timings["total_s"] = sum(timings.values())
     timings["final_losses"] = {"head": head_loss_value, "gate": gate_loss_value}
@@ -186,8 +201,13 @@ def reference_head_epoch(work: Workload, head, optimizer, clock, progress) -> li
             student = work.reference.distilled_logits(inputs)
             with torch.no_grad():
                 teacher = work.teacher(work.teacher_pixels[index : index + 1])
-            loss = distillation_loss(student.float(), teacher.float(), work.labels[index : index + 1],
-                                     config.kd_temperature, config.kd_alpha)  # fmt: skip
+            loss = distillation_loss(
+                student.float(),
+                teacher.float(),
+                work.labels[index : index + 1],
+                config.kd_temperature,
+                config.kd_alpha,
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -230,7 +250,10 @@ def run_reference(work: Workload, args) -> dict:
         gate_seconds = [
             reference_gate_epoch(work, gate, gate_optimizer, args.clock, progress) for _ in range(gate_epochs)
         ]
-    for name, epochs, paper_epochs in (("head", head_seconds, args.head_epochs), ("gate", gate_seconds, args.gate_epochs)):
+    for name, epochs, paper_epochs in (
+        ("head", head_seconds, args.head_epochs),
+        ("gate", gate_seconds, args.gate_epochs),
+    ):
         epoch_totals = [sum(epoch) for epoch in epochs]
         per_epoch = statistics.median(epoch_totals)
         stages[name] = {
@@ -250,29 +273,48 @@ def to_markdown(result: dict) -> str:
     stages = reference["stages"]
     extrapolated = any(stage["extrapolated"] for stage in stages.values())
     rows = [
-        ["cached (this project)", f"{cached['extract_features_s']:.2f}", f"{cached['train_head_s']:.2f}",
-         f"{cached['train_gate_s']:.2f}", f"{cached['total_s']:.2f}", "1×"],
-        ["reference (per sample, every epoch)", "–", f"{stages['head']['total_s']:.1f}",
-         f"{stages['gate']['total_s']:.1f}", f"{reference['total_s']:.1f}", f"{result['ratio_reference_over_cached']:.0f}×"],
-    ]  # fmt: skip
+        [
+            "cached (this project)",
+            f"{cached['extract_features_s']:.2f}",
+            f"{cached['train_head_s']:.2f}",
+            f"{cached['train_gate_s']:.2f}",
+            f"{cached['total_s']:.2f}",
+            "1×",
+        ],
+        [
+            "reference (per sample, every epoch)",
+            "–",
+            f"{stages['head']['total_s']:.1f}",
+            f"{stages['gate']['total_s']:.1f}",
+            f"{reference['total_s']:.1f}",
+            f"{result['ratio_reference_over_cached']:.0f}×",
+        ],
+    ]
     model = dict(result["model"])
     preset, parameters = model.pop("preset"), model.pop("parameters")
-    return "\n\n".join([
-        "### Training stages 3 + 4",
-        machine_line(result["machine"]),
-        model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
-        f"N = {settings['num_images']} images of {settings['image_size']}², 8 classes, teacher `{settings['teacher']}` "
-        f"(random init); head {settings['head_epochs']} epochs, gate {settings['gate_epochs']} epochs. Times: "
-        f"{clock_note(settings['clock'], settings['threads'])}. Cached: median of {settings['runs']} runs. Reference: generation of {settings['reference_generated_tokens']} tokens per "
-        "sample (a real answer's length; its own budget is 256)"
-        + (f"; {stages['head']['epochs_timed']} epoch(s) of each stage timed and multiplied by the epoch counts "
-           "(its cost per epoch is constant)." if extrapolated else "; all epochs timed.")
-        + " Seconds:",
-        markdown_table(["path", "features once", "stage 3 (head)", "stage 4 (gate)", "total", "ratio"], rows),
-        f"Reference per sample: stage 3 {stages['head']['ms_per_sample_median']:.0f} ms, stage 4 "
-        f"{stages['gate']['ms_per_sample_median']:.0f} ms. Target: ratio ≥ 10× — "
-        + ("met." if result["ratio_reference_over_cached"] >= 10 else "missed."),
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            "### Training stages 3 + 4",
+            machine_line(result["machine"]),
+            model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
+            f"N = {settings['num_images']} images of {settings['image_size']}², 8 classes, teacher "
+            f"`{settings['teacher']}` (random init); head {settings['head_epochs']} epochs, gate "
+            f"{settings['gate_epochs']} epochs. Times: {clock_note(settings['clock'], settings['threads'])}. Cached: "
+            f"median of {settings['runs']} runs. Reference: generation of {settings['reference_generated_tokens']} "
+            "tokens per sample (a real answer's length; its own budget is 256)"
+            + (
+                f"; {stages['head']['epochs_timed']} epoch(s) of each stage timed and multiplied by the epoch counts "
+                "(its cost per epoch is constant)."
+                if extrapolated
+                else "; all epochs timed."
+            )
+            + " Seconds:",
+            markdown_table(["path", "features once", "stage 3 (head)", "stage 4 (gate)", "total", "ratio"], rows),
+            f"Reference per sample: stage 3 {stages['head']['ms_per_sample_median']:.0f} ms, stage 4 "
+            f"{stages['gate']['ms_per_sample_median']:.0f} ms. Target: ratio ≥ 10× — "
+            + ("met." if result["ratio_reference_over_cached"] >= 10 else "missed."),
+        ]
+    )
 
 
 def main(argv=None):
@@ -292,12 +334,21 @@ def main(argv=None):
         "machine": machine,
         "model": {**spec_dict(spec, preset), "parameters": count_parameters(work.model)},
         "settings": {
-            "dtype": args.dtype, "threads": args.threads, "clock": args.clock, "num_images": args.num_images, "image_size": args.image_size,
-            "teacher": args.teacher, "teacher_parameters": count_parameters(work.teacher),
-            "head_epochs": args.head_epochs, "gate_epochs": args.gate_epochs, "runs": args.runs,
-            "extract_batch_size": args.extract_batch_size, "train_batch_size": args.train_batch_size,
-            "reference_generated_tokens": work.answer_tokens, "reference_batch_size": 1,
-        },  # fmt: skip
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "clock": args.clock,
+            "num_images": args.num_images,
+            "image_size": args.image_size,
+            "teacher": args.teacher,
+            "teacher_parameters": count_parameters(work.teacher),
+            "head_epochs": args.head_epochs,
+            "gate_epochs": args.gate_epochs,
+            "runs": args.runs,
+            "extract_batch_size": args.extract_batch_size,
+            "train_batch_size": args.train_batch_size,
+            "reference_generated_tokens": work.answer_tokens,
+            "reference_batch_size": 1,
+        },
         "cached": median_run,
         "cached_total_s_all_runs": [run["total_s"] for run in cached_runs],
         "reference": reference,

@@ -29,11 +29,39 @@ MIKELS_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitem
 LONGEST_ANSWER_LABEL = "contentment"
 # Plausible larger label sets for the class-count scaling (Cowen & Keltner's 27 categories and a few more).
 MANY_EMOTIONS = [
-    "admiration", "adoration", "aesthetic appreciation", "amusement", "anger", "anxiety", "awe", "awkwardness",
-    "boredom", "calmness", "confusion", "craving", "disgust", "empathic pain", "entrancement", "excitement", "fear",
-    "horror", "interest", "joy", "nostalgia", "relief", "romance", "sadness", "satisfaction", "surprise",
-    "contentment", "pride", "gratitude", "hope", "loneliness", "serenity",
-]  # fmt: skip
+    "admiration",
+    "adoration",
+    "aesthetic appreciation",
+    "amusement",
+    "anger",
+    "anxiety",
+    "awe",
+    "awkwardness",
+    "boredom",
+    "calmness",
+    "confusion",
+    "craving",
+    "disgust",
+    "empathic pain",
+    "entrancement",
+    "excitement",
+    "fear",
+    "horror",
+    "interest",
+    "joy",
+    "nostalgia",
+    "relief",
+    "romance",
+    "sadness",
+    "satisfaction",
+    "surprise",
+    "contentment",
+    "pride",
+    "gratitude",
+    "hope",
+    "loneliness",
+    "serenity",
+]
 BINARY_LABELS = ["negative", "positive"]
 
 
@@ -68,7 +96,9 @@ MODEL_PRESETS = {
 
 
 def add_common_arguments(parser):
-    parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=None, help="model size (default: cpu, or gpu on cuda)")
+    parser.add_argument(
+        "--preset", choices=sorted(MODEL_PRESETS), default=None, help="model size (default: cpu, or gpu on cuda)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -211,7 +241,12 @@ def summarize(times: dict, images: int, clock: str) -> dict:
     """Median / min / max of both clocks; `median_s`, `images_per_s` and `ms_per_image` follow `clock`."""
     stats = {}
     for name, values in times.items():
-        stats[name] = {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "times_s": values}
+        stats[name] = {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "max_s": max(values),
+            "times_s": values,
+        }
     median = stats[clock]["median_s"]
     return {
         "clock": clock,
@@ -225,14 +260,16 @@ def summarize(times: dict, images: int, clock: str) -> dict:
 
 def paired_ratio(times: dict, numerator: str, denominator: str, clock: str) -> float:
     """Median over rounds of the ratio of two contenders timed back to back (robust to a shared machine's load)."""
-    pairs = zip(times[numerator][clock], times[denominator][clock])
+    pairs = zip(times[numerator][clock], times[denominator][clock], strict=True)
     return statistics.median(top / bottom for top, bottom in pairs)
 
 
 def clock_note(clock: str, threads: int) -> str:
     if clock == "cpu":
-        return (f"process CPU time with {threads} torch thread(s) (robust to other load on a shared machine; "
-                "equals wall-clock time on an idle one)")
+        return (
+            f"process CPU time with {threads} torch thread(s) (robust to other load on a shared machine; "
+            "equals wall-clock time on an idle one)"
+        )
     return f"wall-clock time with {threads} torch thread(s)"
 
 
@@ -319,7 +356,24 @@ def machine_info(device) -> dict:
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    info.update(code_version())
     return info
+
+
+def code_version() -> dict:
+    """The repository commit the numbers belong to, and whether the model's files had uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    model_files = ["modeling_emovlm_kd.py", "configuration_emovlm_kd.py", "image_processing_emovlm_kd.py"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", *model_files], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None}
+    return {"git_commit": commit.stdout.strip(), "model_files_modified": bool(changed.stdout.strip())}
 
 
 def write_results(result: dict, to_markdown, output_dir: Path, name: str) -> tuple[Path, Path, str]:
@@ -351,7 +405,8 @@ def machine_line(machine: dict) -> str:
 
 def model_line(spec: ModelSpec, preset: str, parameters: int, dtype) -> str:
     return (
-        f"Model ({preset} preset, random init, {parameters / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}): "
+        f"Model ({preset} preset, random init, {parameters / 1e6:.1f}M parameters, "
+        f"{str(dtype).replace('torch.', '')}): "
         f"Qwen2-VL architecture, text {spec.hidden_size} x {spec.num_layers} layers "
         f"(GQA {spec.num_heads}/{spec.num_kv_heads} heads), vision {spec.vision_dim} x {spec.vision_depth} blocks, "
         f"head {spec.hidden_size}->{spec.head_hidden}->C, concat-linear gate."

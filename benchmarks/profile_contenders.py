@@ -67,7 +67,11 @@ class ComponentTimer:
 
 def language_model_phase(args, kwargs) -> str:
     embeds = kwargs.get("inputs_embeds")
-    return "language model: decoding steps" if embeds is not None and embeds.shape[1] == 1 else "language model: prompt (+ trie)"
+    return (
+        "language model: decoding steps"
+        if embeds is not None and embeds.shape[1] == 1
+        else "language model: prompt (+ trie)"
+    )
 
 
 def breakdown(contenders: Contenders, name: str, run, runs: int, device, clock: str) -> dict:
@@ -109,8 +113,8 @@ def main(argv=None):
         f"### Profile: {args.image_size}² images, batch {args.batch_size}",
         machine_line({**machine_info(device), "load_average_1m_at_end": float("nan")}),
         f"Per call, {'process CPU' if args.clock == 'cpu' else 'wall-clock'} ms, mean of {args.runs} runs; "
-        f"{contenders.shapes(batch)['prompt_tokens']} prompt tokens, trie of {len(contenders.model._trie)} answer tokens, "
-        f"reference generates {contenders.answer_tokens} tokens.",
+        f"{contenders.shapes(batch)['prompt_tokens']} prompt tokens, trie of {len(contenders.model._trie)} answer "
+        f"tokens, reference generates {contenders.answer_tokens} tokens.",
     ]
     rows, tops = [], {}
     with torch.inference_mode():
@@ -120,17 +124,24 @@ def main(argv=None):
             tops[name] = top_operators(callables[name], device, args.top)
     labels = sorted({label for report in reports.values() for label in report["components"]})
     for label in labels:
-        rows.append([label] + [
-            f"{1000 * reports[name]['components'][label]:.1f} ({reports[name]['calls_per_run'].get(label, '–')})"
-            if label in reports[name]["components"] else "–"
-            for name in names
-        ])  # fmt: skip
+        rows.append(
+            [label]
+            + [
+                f"{1000 * reports[name]['components'][label]:.1f} ({reports[name]['calls_per_run'].get(label, '–')})"
+                if label in reports[name]["components"]
+                else "–"
+                for name in names
+            ]
+        )
     rows.append(["**total**"] + [f"**{1000 * reports[name]['total_s']:.1f}**" for name in names])
     sections.append(markdown_table(["component (calls per run)"] + names, rows))
     for name, operators in tops.items():
-        sections.append(f"Top operators of `{name}` (self CPU ms, calls):\n\n" + markdown_table(
-            ["operator", "self ms", "calls"], [[op, f"{ms:.1f}", count] for op, ms, count in operators]
-        ))  # fmt: skip
+        sections.append(
+            f"Top operators of `{name}` (self CPU ms, calls):\n\n"
+            + markdown_table(
+                ["operator", "self ms", "calls"], [[op, f"{ms:.1f}", count] for op, ms, count in operators]
+            )
+        )
     markdown = "\n\n".join(sections) + "\n"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"profile_{tag}_{args.image_size}px_batch{args.batch_size}.md"

@@ -87,7 +87,9 @@ class ReferencePipeline:
     def distilled_logits(self, inputs: dict) -> torch.Tensor:
         """The distillation model: its own visual encoder, mean-pooled merged tokens, the head. `(1, C)`."""
         with torch.no_grad():  # the copied encoder is frozen
-            features = self.visual_encoder_copy(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+            features = self.visual_encoder_copy(
+                inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]
+            ).pooler_output
         return self.head(features.mean(dim=0, keepdim=True))
 
     @torch.no_grad()
@@ -116,4 +118,3 @@ class ReferencePipeline:
     def modules(self) -> tuple:
         """The modules whose weights this pipeline holds: the VLM, the encoder copy, the head and the gate."""
         return (self.vlm, self.visual_encoder_copy, self.head, self.gate)
-

@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--tag")
     parser.add_argument("--only", nargs="+", choices=["inference", "training", "scaling"], help="run only these")
     parser.add_argument("--update-readme", action="store_true", help="put the summary into benchmarks/README.md")
+    parser.add_argument(
+        "--summarize-only", action="store_true", help="run nothing: rebuild the summary (and README) from result files"
+    )
     return parser.parse_args(argv)
 
 
@@ -66,12 +69,14 @@ def main(argv=None):
     scripts = {"inference": bench_inference, "training": bench_training, "scaling": bench_scaling}
     results = {}
     for name, module in scripts.items():
-        if args.only is None or name in args.only:
+        if not args.summarize_only and (args.only is None or name in args.only):
             print(f"\n===== {name} =====", flush=True)
             results[name] = module.main(common)
     tag = args.tag or (args.device or "cpu").split(":")[0]
     output_dir = args.output_dir or RESULTS_DIR
-    sections = [(output_dir / f"{name}_{tag}.md").read_text() for name in scripts if (output_dir / f"{name}_{tag}.md").exists()]
+    sections = [
+        (output_dir / f"{name}_{tag}.md").read_text() for name in scripts if (output_dir / f"{name}_{tag}.md").exists()
+    ]
     summary = "\n\n".join(section.strip() for section in sections) + "\n"
     summary_path = output_dir / f"summary_{tag}.md"
     summary_path.write_text(summary)

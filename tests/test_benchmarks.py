@@ -33,8 +33,19 @@ def _check_stats(stats: dict, images: int):
 
 
 def test_inference_benchmark_reports_every_contender_ratio_and_memory(tmp_path):
-    argv = QUICK + ["--image-sizes", "56", "--batch-sizes", "1", "2", "--long-generation-tokens", "3",
-                    "--output-dir", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    argv = QUICK + [
+        "--image-sizes",
+        "56",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--long-generation-tokens",
+        "3",
+        "--output-dir",
+        str(tmp_path),
+        "--tag",
+        "smoke",
+    ]
     bench_inference.main(argv)
     result, markdown = _read(tmp_path, "inference_smoke")
 
@@ -55,7 +66,11 @@ def test_inference_benchmark_reports_every_contender_ratio_and_memory(tmp_path):
         )
         memory = row["memory"]
         # the head and gate add weights to the VLM; the reference also holds a second visual encoder
-        assert memory["vlm_floor"]["weights_mib"] < memory["emovlm_kd"]["weights_mib"] < memory["reference"]["weights_mib"]
+        assert (
+            memory["vlm_floor"]["weights_mib"]
+            < memory["emovlm_kd"]["weights_mib"]
+            < memory["reference"]["weights_mib"]
+        )
         for report in memory.values():
             assert report["inference_peak_mib"] >= 0
             assert report["total_mib"] == pytest.approx(report["weights_mib"] + report["inference_peak_mib"])
@@ -65,8 +80,24 @@ def test_inference_benchmark_reports_every_contender_ratio_and_memory(tmp_path):
 
 
 def test_training_benchmark_extrapolates_the_reference_epochs(tmp_path):
-    argv = QUICK + ["--num-images", "3", "--image-size", "56", "--extract-batch-size", "2", "--head-epochs", "2",
-                    "--gate-epochs", "3", "--output-dir", str(tmp_path), "--tag", "smoke", "--clock", "cpu"]  # fmt: skip
+    argv = QUICK + [
+        "--num-images",
+        "3",
+        "--image-size",
+        "56",
+        "--extract-batch-size",
+        "2",
+        "--head-epochs",
+        "2",
+        "--gate-epochs",
+        "3",
+        "--output-dir",
+        str(tmp_path),
+        "--tag",
+        "smoke",
+        "--clock",
+        "cpu",
+    ]
     bench_training.main(argv)
     result, markdown = _read(tmp_path, "training_smoke")
 
@@ -87,8 +118,22 @@ def test_training_benchmark_extrapolates_the_reference_epochs(tmp_path):
 
 
 def test_scaling_benchmark_sweeps_batch_and_classes(tmp_path):
-    argv = QUICK + ["--image-size", "56", "--batch-sizes", "1", "3", "--class-counts", "2", "5",
-                    "--class-sweep-batch-size", "2", "--output-dir", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    argv = QUICK + [
+        "--image-size",
+        "56",
+        "--batch-sizes",
+        "1",
+        "3",
+        "--class-counts",
+        "2",
+        "5",
+        "--class-sweep-batch-size",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+        "--tag",
+        "smoke",
+    ]
     bench_scaling.main(argv)
     result, markdown = _read(tmp_path, "scaling_smoke")
 
@@ -122,7 +167,9 @@ def test_reference_pipeline_shares_weights_and_parses_like_the_paper():
         logits = reference.predict(reference.prepare(images))
     assert logits.shape == (2, len(MIKELS_LABELS)) and torch.isfinite(logits).all()
 
-    assert parse_answer("sure: {'emotion': 'awe'} and {'emotion': 'fear'}", MIKELS_LABELS) == MIKELS_LABELS.index("awe")
+    assert parse_answer("sure: {'emotion': 'awe'} and {'emotion': 'fear'}", MIKELS_LABELS) == MIKELS_LABELS.index(
+        "awe"
+    )
     assert parse_answer("{'emotion':'sadness'}", MIKELS_LABELS) == MIKELS_LABELS.index("sadness")
     assert parse_answer("{'emotion': 'joy'}", MIKELS_LABELS) is None  # not a class: the reference's all-zeros
     assert parse_answer("no answer here", MIKELS_LABELS) is None
