@@ -76,6 +76,13 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature=2
     return alpha * kl + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+def vlm_gate_input(vlm_log_likelihoods: torch.Tensor, vlm_branch_input: str = "probs") -> torch.Tensor:
+    """What the gate sees of the VLM branch in `"score"` mode: class probabilities, or a one-hot argmax (paper)."""
+    if vlm_branch_input == "one_hot":
+        return F.one_hot(vlm_log_likelihoods.argmax(-1), vlm_log_likelihoods.shape[-1]).float()
+    return vlm_log_likelihoods.float().softmax(dim=-1)
+
+
 class EmoVLMKDHead(nn.Module):
     """The distilled head: [Linear - GELU - Dropout] per hidden size, then Linear to the classes."""
 
@@ -329,10 +336,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return self.head(pooled_image_embeds.to(self.head.mlp[0].weight.dtype))
 
     def vlm_gate_input(self, vlm_log_likelihoods: torch.Tensor) -> torch.Tensor:
-        """What the gate sees of the VLM branch in `"score"` mode: class probabilities or a one-hot argmax."""
-        if self.config.vlm_branch_input == "one_hot":
-            return F.one_hot(vlm_log_likelihoods.argmax(-1), self.config.num_labels).float()
-        return vlm_log_likelihoods.float().softmax(dim=-1)
+        return vlm_gate_input(vlm_log_likelihoods, self.config.vlm_branch_input)
 
     def forward_gate(self, head_logits: torch.Tensor, vlm_scores: torch.Tensor):
         return self.gate(head_logits, vlm_scores.to(head_logits.dtype))
@@ -559,4 +563,5 @@ __all__ = [
     "EmoVLMKDOutput",
     "distillation_loss",
     "tokenize_answers",
+    "vlm_gate_input",
 ]

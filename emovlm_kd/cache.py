@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.data import fingerprint, open_image_rgb, read_complete, stage_output
+from modeling_emovlm_kd import vlm_gate_input as scored_gate_input
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +255,7 @@ def vlm_gate_input(features: dict[str, torch.Tensor], vlm_branch_mode: str, vlm_
     """What the gate sees of the VLM branch, from cached features (as `EmoVLMKDForImageClassification` computes it)."""
     if vlm_branch_mode == "generate":
         return features["vlm_generated"]
-    log_likelihoods = features["vlm_log_likelihoods"]
-    if vlm_branch_input == "one_hot":
-        return F.one_hot(log_likelihoods.argmax(-1), log_likelihoods.shape[-1]).float()
-    return log_likelihoods.softmax(dim=-1)
+    return scored_gate_input(features["vlm_log_likelihoods"], vlm_branch_input)
 
 
 def vlm_predictions(features: dict[str, torch.Tensor], vlm_branch_mode: str) -> torch.Tensor:
