@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     started = time.time()
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="emovlm-kd-quickstart-"))
     if args.data:
-        data_dir = Path(args.data)
+        data_dir = Path(args.data).resolve()
     else:
         data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
         print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")

@@ -28,3 +28,21 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     predictions = re.findall(r"^\s+(\w+)/\S+\s+-> (\w+) \(([\d.]+)\)$", out, flags=re.MULTILINE)
     assert len(predictions) == 3 and all(0 <= float(score) <= 1 for _, _, score in predictions)
     assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "model" / "README.md").exists()
+
+
+BASS = REPO_ROOT.parent / "shared" / "data" / "bass"
+
+
+def test_quickstart_on_a_real_dataset_given_by_relative_path(tmp_path):
+    """The README's offline trial on your own data: `--data ../shared/data/bass` (583 real images)."""
+    assert BASS.is_dir(), f"the shared bass dataset is expected at {BASS}"
+    run_dir = tmp_path / "bass-run"
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--data", "../shared/data/bass", "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "train=420, val=47, test=116" in result.stderr
+    predictions = re.findall(r"^\s+(\w+)/\S+\.png\s+-> (negative|neutral|positive) \(", result.stdout, re.MULTILINE)
+    assert [folder for folder, _ in predictions] == ["negative", "neutral", "positive"]
+    assert (run_dir / "eval" / "results.json").exists() and (run_dir / "model" / "handler.py").exists()
