@@ -31,6 +31,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from emovlm_kd import distillation_loss
+from emovlm_kd.cache import vlm_features
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
     LONGEST_ANSWER_LABEL,
@@ -52,9 +55,6 @@ from bench_utils import (  # noqa: E402
     write_results,
 )
 from reference_pipeline import ReferencePipeline  # noqa: E402
-
-from emovlm_kd import distillation_loss  # noqa: E402
-from emovlm_kd.cache import vlm_features  # noqa: E402
 
 HEAD_EPOCHS, GATE_EPOCHS = 5, 10  # the paper's stage-3 and stage-4 epoch counts
 HEAD_OPTIMIZER = {"lr": 1e-5, "weight_decay": 1e-4}

@@ -267,10 +267,10 @@ def paired_ratio(times: dict, numerator: str, denominator: str, clock: str) -> f
 def clock_note(clock: str, threads: int) -> str:
     if clock == "cpu":
         return (
-            f"process CPU time with {threads} torch thread(s) (robust to other load on a shared machine; "
+            f"process CPU time with {_threads(threads)} (robust to other load on a shared machine; "
             "equals wall-clock time on an idle one)"
         )
-    return f"wall-clock time with {threads} torch thread(s)"
+    return f"wall-clock time with {_threads(threads)}"
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -393,13 +393,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def machine_line(machine: dict) -> str:
+    commit = machine.get("git_commit")
     return (
         f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), transformers {machine['transformers']}, device {machine['device']}"
+        f"({_threads(machine['torch_threads'])}), transformers {machine['transformers']}, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
         + f"; load average {machine['load_average_1m_at_start']:.1f} at start, "
-        f"{machine.get('load_average_1m_at_end', float('nan')):.1f} at end."
+        f"{machine.get('load_average_1m_at_end', float('nan')):.1f} at end"
+        + (f"; code at commit {commit[:10]}" if commit else "")
+        + ("" if not machine.get("model_files_modified") else " with uncommitted changes to the model files")
+        + "."
     )
 
 

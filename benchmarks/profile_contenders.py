@@ -10,6 +10,7 @@ gate). The top operators come from `torch.profiler`.
 """
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -106,22 +107,24 @@ def top_operators(run, device, top: int) -> list[tuple[str, float, int]]:
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, spec, preset, tag = setup(args)
+    machine = machine_info(device)
     contenders = Contenders(args, device, dtype, spec, args.image_size)
     batch = contenders.batch(args.batch_size)
     names = ["emovlm_kd", "vlm_floor", "reference", "reference_256"]
-    sections = [
-        f"### Profile: {args.image_size}² images, batch {args.batch_size}",
-        machine_line({**machine_info(device), "load_average_1m_at_end": float("nan")}),
-        f"Per call, {'process CPU' if args.clock == 'cpu' else 'wall-clock'} ms, mean of {args.runs} runs; "
-        f"{contenders.shapes(batch)['prompt_tokens']} prompt tokens, trie of {len(contenders.model._trie)} answer "
-        f"tokens, reference generates {contenders.answer_tokens} tokens.",
-    ]
     rows, tops = [], {}
     with torch.inference_mode():
         callables = contenders.callables(batch, names)
         reports = {name: breakdown(contenders, name, callables[name], args.runs, device, args.clock) for name in names}
         for name in names[:3]:
             tops[name] = top_operators(callables[name], device, args.top)
+    machine["load_average_1m_at_end"] = os.getloadavg()[0]
+    sections = [
+        f"### Profile: {args.image_size}² images, batch {args.batch_size}",
+        machine_line(machine),
+        f"Per call, {'process CPU' if args.clock == 'cpu' else 'wall-clock'} ms, mean of {args.runs} runs; "
+        f"{contenders.shapes(batch)['prompt_tokens']} prompt tokens, trie of {len(contenders.model._trie)} answer "
+        f"tokens, reference generates {contenders.answer_tokens} tokens.",
+    ]
     labels = sorted({label for report in reports.values() for label in report["components"]})
     for label in labels:
         rows.append(

@@ -10,6 +10,7 @@ its own options, e.g. `bench_inference.py --image-sizes 224 448 896`).
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -74,9 +75,13 @@ def main(argv=None):
             results[name] = module.main(common)
     tag = args.tag or (args.device or "cpu").split(":")[0]
     output_dir = args.output_dir or RESULTS_DIR
-    sections = [
-        (output_dir / f"{name}_{tag}.md").read_text() for name in scripts if (output_dir / f"{name}_{tag}.md").exists()
-    ]
+    sections = []
+    for name, module in scripts.items():  # re-rendered from the JSON, so the markdown follows the current code
+        json_path = output_dir / f"{name}_{tag}.json"
+        if json_path.exists():
+            markdown = module.to_markdown(json.loads(json_path.read_text())).strip() + "\n"
+            json_path.with_suffix(".md").write_text(markdown)
+            sections.append(markdown)
     summary = "\n\n".join(section.strip() for section in sections) + "\n"
     summary_path = output_dir / f"summary_{tag}.md"
     summary_path.write_text(summary)

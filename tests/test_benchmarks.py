@@ -182,3 +182,22 @@ def test_label_sets_and_bad_arguments():
         labels_for(33)
     with pytest.raises(SystemExit):
         bench_training.parse_args(["--num-images", "0"])
+
+
+def test_run_all_summarizes_results_into_the_readme(tmp_path):
+    import run_all
+
+    bench_scaling.main(QUICK + ["--image-size", "56", "--batch-sizes", "1", "--class-counts", "2",
+                                "--output-dir", str(tmp_path), "--tag", "smoke"])  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:smoke:start -->\nold table\n<!-- results:smoke:end -->\noutro\n")
+    run_all.main(["--summarize-only", "--output-dir", str(tmp_path), "--tag", "smoke"])
+    summary = (tmp_path / "summary_smoke.md").read_text()
+    assert "### Scaling" in summary and "### Inference" not in summary  # only what was run
+    run_all.update_readme(summary, "smoke", readme)
+    text = readme.read_text()
+    assert (
+        "old table" not in text and "### Scaling" in text and text.startswith("intro\n") and text.endswith("outro\n")
+    )
+    with pytest.raises(ValueError, match="no <!-- results:cuda:start -->"):
+        run_all.update_readme(summary, "cuda", readme)
