@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
-    LONGEST_ANSWER_LABEL,
     MEASURE_MEMORY_ENV,
     MIKELS_LABELS,
     MemoryProbe,
     ModelSpec,
     add_common_arguments,
     build_model,
+    check_arguments,
     clock_note,
     count_parameters,
     machine_info,
@@ -46,6 +46,7 @@ from bench_utils import (  # noqa: E402
     model_line,
     module_bytes,
     paired_ratio,
+    realistic_answer_length,
     setup,
     spec_dict,
     summarize,
@@ -85,6 +86,12 @@ def parse_args(argv=None):
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--memory-worker", choices=MEMORY_CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_arguments(
+        parser,
+        args,
+        image_sizes=[("--image-sizes", size) for size in args.image_sizes],
+        counts=[("--batch-sizes", size) for size in args.batch_sizes],
+    )
     if args.long_generation_at is None:
         args.long_generation_at = [[args.image_sizes[0], 1]]
     return args
@@ -98,9 +105,7 @@ class Contenders:
         self.model, self.image_processor, self.vlm_processor = build_model(
             spec, image_size, MIKELS_LABELS, device, dtype, args.seed
         )
-        config = self.model.config
-        # tokens of `{'emotion': 'contentment'}` + end of turn: the answer a trained VLM generates, then stops
-        self.answer_tokens = len(config.answer_token_ids[config.label2id[LONGEST_ANSWER_LABEL]])
+        self.answer_tokens = realistic_answer_length(self.model)
         self.reference = ReferencePipeline(self.model, self.vlm_processor, self.answer_tokens, self.answer_tokens)
         tokens = args.long_generation_tokens
         self.reference_long = ReferencePipeline(

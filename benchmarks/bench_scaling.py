@@ -23,6 +23,7 @@ from bench_utils import (  # noqa: E402
     ModelSpec,
     add_common_arguments,
     build_vlm,
+    check_arguments,
     clock_note,
     count_parameters,
     labels_for,
@@ -51,7 +52,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--class-counts", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--class-sweep-batch-size", type=int, default=8)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    counts = [("--batch-sizes", size) for size in args.batch_sizes]
+    counts += [("--class-sweep-batch-size", args.class_sweep_batch_size)]
+    check_arguments(parser, args, image_sizes=[("--image-size", args.image_size)], counts=counts)
+    for count in args.class_counts:
+        try:
+            labels_for(count)
+        except ValueError as error:
+            parser.error(f"--class-counts: {error}")
+    return args
 
 
 def measure(model, image_processor, batch_size, args, device, dtype, progress) -> dict:

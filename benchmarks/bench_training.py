@@ -36,18 +36,19 @@ from emovlm_kd.cache import vlm_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
-    LONGEST_ANSWER_LABEL,
     MIKELS_LABELS,
     ModelSpec,
     Stopwatch,
     add_common_arguments,
     build_model,
+    check_arguments,
     clock_note,
     count_parameters,
     machine_info,
     machine_line,
     markdown_table,
     model_line,
+    realistic_answer_length,
     setup,
     spec_dict,
     synthetic_images,
@@ -76,8 +77,13 @@ def parse_args(argv=None):
         "--reference-epochs", type=int, default=1, help="epochs of each reference stage to time (0: all of them)"
     )
     args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error(f"--num-images must be at least 1, got {args.num_images}")
+    counts = [
+        (f"--{name.replace('_', '-')}", getattr(args, name))
+        for name in ("num_images", "extract_batch_size", "train_batch_size", "head_epochs", "gate_epochs")
+    ]
+    check_arguments(parser, args, image_sizes=[("--image-size", args.image_size)], counts=counts)
+    if args.reference_epochs < 0:
+        parser.error(f"--reference-epochs must be 0 (all) or more, got {args.reference_epochs}")
     return args
 
 
@@ -89,9 +95,8 @@ class Workload:
         self.model, image_processor, vlm_processor = build_model(
             spec, args.image_size, MIKELS_LABELS, device, dtype, args.seed
         )
-        answer_tokens = len(self.model.config.answer_token_ids[self.model.config.label2id[LONGEST_ANSWER_LABEL]])
-        self.answer_tokens = answer_tokens
-        self.reference = ReferencePipeline(self.model, vlm_processor, answer_tokens, answer_tokens)
+        self.answer_tokens = realistic_answer_length(self.model)
+        self.reference = ReferencePipeline(self.model, vlm_processor, self.answer_tokens, self.answer_tokens)
         self.teacher = timm.create_model(args.teacher, pretrained=False, num_classes=len(MIKELS_LABELS))
         self.teacher = self.teacher.to(device=device, dtype=dtype).eval()
         teacher_transform = timm.data.create_transform(**timm.data.resolve_model_data_config(self.teacher))
@@ -324,7 +329,8 @@ def main(argv=None):
     machine = machine_info(device)
     work = Workload(args, device, dtype, spec)
 
-    run_cached(work, args)  # warm-up
+    for _ in range(args.warmup):
+        run_cached(work, args)
     cached_runs = [run_cached(work, args) for _ in tqdm(range(args.runs), desc="cached runs")]
     median_run = sorted(cached_runs, key=lambda run: run["total_s"])[len(cached_runs) // 2]
     reference = run_reference(work, args)

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,40 +29,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIKELS_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 LONGEST_ANSWER_LABEL = "contentment"
 # Plausible larger label sets for the class-count scaling (Cowen & Keltner's 27 categories and a few more).
-MANY_EMOTIONS = [
-    "admiration",
-    "adoration",
-    "aesthetic appreciation",
-    "amusement",
-    "anger",
-    "anxiety",
-    "awe",
-    "awkwardness",
-    "boredom",
-    "calmness",
-    "confusion",
-    "craving",
-    "disgust",
-    "empathic pain",
-    "entrancement",
-    "excitement",
-    "fear",
-    "horror",
-    "interest",
-    "joy",
-    "nostalgia",
-    "relief",
-    "romance",
-    "sadness",
-    "satisfaction",
-    "surprise",
-    "contentment",
-    "pride",
-    "gratitude",
-    "hope",
-    "loneliness",
-    "serenity",
-]
+MANY_EMOTIONS = (
+    "admiration, adoration, aesthetic appreciation, amusement, anger, anxiety, awe, awkwardness, boredom, calmness, "
+    "confusion, craving, disgust, empathic pain, entrancement, excitement, fear, horror, interest, joy, nostalgia, "
+    "relief, romance, sadness, satisfaction, surprise, contentment, pride, gratitude, hope, loneliness, serenity"
+).split(", ")
 BINARY_LABELS = ["negative", "positive"]
 
 
@@ -117,8 +89,22 @@ def add_common_arguments(parser):
     return parser
 
 
+def check_arguments(parser, args, image_sizes=(), counts=()) -> None:
+    """Reject sizes the benchmarks cannot run with a message that names the option (`parser.error` exits)."""
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error(
+            f"need --runs >= 1, --warmup >= 0, --threads >= 1; got {args.runs}, {args.warmup}, {args.threads}"
+        )
+    for option, size in image_sizes:
+        if size < 56:
+            parser.error(f"{option} must be at least 56 (Qwen2-VL's smallest image side), got {size}")
+    for option, count in counts:
+        if count < 1:
+            parser.error(f"{option} must be at least 1, got {count}")
+
+
 def setup(args):
-    """Apply thread count and defaults that depend on the device; returns (device, dtype, spec, tag)."""
+    """Apply the thread count and the device-dependent defaults: `(device, dtype, spec, preset name, result tag)`."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -165,6 +151,12 @@ def build_model(spec: ModelSpec, image_size: int, labels: list[str], device, dty
     vlm, processor = build_vlm(spec, image_size, seed)
     model, image_processor = wrap_vlm(vlm, processor, labels, spec, seed)
     return model.to(device=device, dtype=dtype), image_processor, processor
+
+
+def realistic_answer_length(model) -> int:
+    """Tokens of `{'emotion': 'contentment'}` + end of turn: what a trained VLM generates before it stops."""
+    config = model.config
+    return len(config.answer_token_ids[config.label2id[LONGEST_ANSWER_LABEL]])
 
 
 def synthetic_images(count: int, image_size: int, seed: int = 0) -> list[Image.Image]:
@@ -362,8 +354,6 @@ def machine_info(device) -> dict:
 
 def code_version() -> dict:
     """The repository commit the numbers belong to, and whether the model's files had uncommitted changes."""
-    import subprocess
-
     root = Path(__file__).resolve().parent.parent
     model_files = ["modeling_emovlm_kd.py", "configuration_emovlm_kd.py", "image_processing_emovlm_kd.py"]
     try:

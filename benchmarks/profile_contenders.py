@@ -97,11 +97,17 @@ def breakdown(contenders: Contenders, name: str, run, runs: int, device, clock: 
 
 
 def top_operators(run, device, top: int) -> list[tuple[str, float, int]]:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    """The `top` operators by self time (device time on CUDA, CPU time otherwise): (name, ms, calls)."""
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as profiler:
         run()
-    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
-    return [(event.key, event.self_cpu_time_total / 1000, event.count) for event in events]
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    events = sorted(profiler.key_averages(), key=self_us, reverse=True)[:top]
+    return [(event.key, self_us(event) / 1000, event.count) for event in events]
 
 
 def main(argv=None):
@@ -140,7 +146,7 @@ def main(argv=None):
     sections.append(markdown_table(["component (calls per run)"] + names, rows))
     for name, operators in tops.items():
         sections.append(
-            f"Top operators of `{name}` (self CPU ms, calls):\n\n"
+            f"Top operators of `{name}` (self {'device' if device.type == 'cuda' else 'CPU'} ms, calls):\n\n"
             + markdown_table(
                 ["operator", "self ms", "calls"], [[op, f"{ms:.1f}", count] for op, ms, count in operators]
             )

@@ -180,8 +180,13 @@ def test_label_sets_and_bad_arguments():
     assert len(set(labels_for(32))) == 32
     with pytest.raises(ValueError, match="num_classes must be between 2 and 32, got 33"):
         labels_for(33)
-    with pytest.raises(SystemExit):
-        bench_training.parse_args(["--num-images", "0"])
+    for parse, argv in (
+        (bench_training.parse_args, ["--num-images", "0"]),
+        (bench_scaling.parse_args, ["--class-counts", "2", "40"]),
+        (bench_inference.parse_args, ["--image-sizes", "20"]),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv)
 
 
 def test_run_all_summarizes_results_into_the_readme(tmp_path):
