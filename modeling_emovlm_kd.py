@@ -179,6 +179,8 @@ class AnswerTrie:
 
     `tokens[i]`, `parents[i]` (-1 for a child of the prompt) and `depths[i]` describe node `i`; `paths[c]` marks the
     nodes on class `c`'s answer. Shared prefixes (`{'emotion': '`, `sad` of `sad`/`sadness`) are scored once.
+    Only nodes with children (`context`) enter the language model: a node is predicted from its parent's hidden
+    state, so a leaf's own hidden state (the end-of-turn token closing each answer) would never be used.
     """
 
     def __init__(self, answers: list[list[int]]):
@@ -203,21 +205,26 @@ class AnswerTrie:
         return len(self.tokens)
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Index tensors on `device` (cached): tokens, depths, the ancestor-or-self mask and the class paths."""
+        """Index tensors on `device` (cached): tokens, parents, each parent as an index into the context nodes (those
+        with children), the context nodes' tokens, depths and ancestor-or-self mask, and the class paths."""
         if device not in self._tensors:
             n = len(self.tokens)
             ancestors = torch.eye(n, dtype=torch.bool)
             for node, parent in enumerate(self.parents):
                 if parent >= 0:
                     ancestors[node] |= ancestors[parent]
+            context = sorted({parent for parent in self.parents if parent >= 0})  # parents precede children
+            parent_slot = [context.index(parent) if parent >= 0 else -1 for parent in self.parents]
             paths = torch.zeros(len(self.paths), n)
             for label, path in enumerate(self.paths):
                 paths[label, path] = 1.0
             self._tensors[device] = {
                 "tokens": torch.tensor(self.tokens, device=device),
                 "parents": torch.tensor(self.parents, device=device),
-                "depths": torch.tensor(self.depths, device=device),
-                "ancestors": ancestors.to(device),
+                "parent_slot": torch.tensor(parent_slot, device=device),
+                "context_tokens": torch.tensor([self.tokens[i] for i in context], dtype=torch.long, device=device),
+                "context_depths": torch.tensor([self.depths[i] for i in context], dtype=torch.long, device=device),
+                "context_ancestors": ancestors[context][:, context].to(device),
                 "paths": paths.to(device),
             }
         return self._tensors[device]
@@ -378,7 +385,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
         One language-model pass over `[prompt ; trie of all answers]`: trie nodes attend to the prompt and to their
         own ancestors only, and sit at the text positions they would have right after the prompt, so each node's
-        hidden state equals the one of a separate forward over prompt + that answer.
+        hidden state equals the one of a separate forward over prompt + that answer. Leaves are left out of the pass
+        (nothing is predicted from them).
         """
         if self._trie is None:
             raise ValueError("config.answer_token_ids is empty; build the model with `from_vlm` to tokenise answers")
@@ -387,12 +395,12 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
         batch, length, _ = prompt_embeds.shape
-        nodes = len(self._trie)
+        nodes = len(trie["context_tokens"])
 
-        node_embeds = self.vlm.get_input_embeddings()(trie["tokens"]).unsqueeze(0).expand(batch, -1, -1)
+        node_embeds = self.vlm.get_input_embeddings()(trie["context_tokens"]).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompt_embeds, node_embeds.to(prompt_embeds.dtype)], dim=1)
         next_position = position_ids.amax(dim=(0, 2)) + 1  # (batch,): first text position after the prompt
-        node_positions = (next_position[:, None] + trie["depths"][None, :]).unsqueeze(0).expand(3, -1, -1)
+        node_positions = (next_position[:, None] + trie["context_depths"][None, :]).unsqueeze(0).expand(3, -1, -1)
         position_ids = torch.cat([position_ids, node_positions], dim=2)
 
         keys_valid = attention_mask.bool()
@@ -400,7 +408,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         allowed[:, :length, :length] = causal & keys_valid[:, None, :]
         allowed[:, length:, :length] = keys_valid[:, None, :]
-        allowed[:, length:, length:] = trie["ancestors"]
+        allowed[:, length:, length:] = trie["context_ancestors"]
         allowed |= torch.eye(length + nodes, dtype=torch.bool, device=input_ids.device)  # padding rows: no NaN
         mask = self._attention_mask_for_backend(allowed.unsqueeze(1), inputs_embeds.dtype)
 
@@ -408,7 +416,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         # node i is predicted from its parent's hidden state (the last prompt token for first answer tokens)
-        predicted_from = torch.where(trie["parents"] < 0, length - 1, length + trie["parents"])
+        predicted_from = torch.where(trie["parents"] < 0, length - 1, length + trie["parent_slot"])
         positions, which = torch.unique(predicted_from, return_inverse=True)
         log_probs = self.vlm.get_output_embeddings()(hidden[:, positions]).float().log_softmax(dim=-1)
         node_log_probs = log_probs[:, which, trie["tokens"]]  # (batch, nodes)

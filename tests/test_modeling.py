@@ -248,3 +248,11 @@ def test_from_vlm_keeps_the_vlm_weights_and_builds_a_fresh_head():
     weight = model.head.mlp[0].weight
     assert 0.01 < weight.std().item() < 0.03  # the head's own init (std 0.02), not left uninitialised
     assert model.config.id2label == {0: "calm", 1: "angry"} and len(model.config.answer_token_ids) == 2
+
+
+def test_trie_leaves_stay_out_of_the_language_model_pass():
+    trie = AnswerTrie([[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 6, 9]])
+    tensors = trie.tensors(torch.device("cpu"))
+    # nodes with children: 1, 2, 3, 4, 5, 6 of the 9; the three end tokens (leaves) are only predicted, never run
+    assert tensors["context_tokens"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert tensors["context_ancestors"].shape == (6, 6)
