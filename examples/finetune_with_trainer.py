@@ -25,6 +25,8 @@ from transformers import (
     pipeline,
 )
 
+from emovlm_kd.collator import ImageClassificationCollator
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,17 +68,6 @@ def imagefolder_dataset(data_dir: str, label2id: dict[str, int]) -> DatasetDict:
     if sorted(names) != sorted(label2id):
         raise ValueError(f"The classes of {data_dir!r} {names} are not the model's labels {sorted(label2id)}")
     return dataset.align_labels_with_mapping(label2id, "label")
-
-
-def make_collator(image_processor):
-    """Batch examples with the model's own image processor: pixels, prompt ids and masks, plus `labels`."""
-
-    def collate(examples: list[dict]) -> dict:
-        batch = dict(image_processor([example["image"] for example in examples], return_tensors="pt"))
-        batch["labels"] = torch.tensor([example["label"] for example in examples])
-        return batch
-
-    return collate
 
 
 def compute_metrics(prediction) -> dict:
@@ -130,7 +121,7 @@ def main():
         args=training_args,
         train_dataset=dataset["train"],
         eval_dataset=dataset[eval_split],
-        data_collator=make_collator(image_processor),
+        data_collator=ImageClassificationCollator(image_processor),
         compute_metrics=compute_metrics,
         processing_class=image_processor,
     )
