@@ -147,11 +147,23 @@ def _base_model(args, spec: dict) -> str | None:
     return None if spec["vlm"] == "tiny" or Path(spec["vlm"]).exists() else spec["vlm"]
 
 
-def _training_summary(run_dir, spec: dict, gate_config: dict) -> dict:
+def _vlm_description(args, spec: dict) -> str:
+    """How the card names the VLM: its base name (never a path on the training machine), and whether it was tuned."""
+    tuned = Path(spec["vlm"]).resolve() == stage_output(args.run_dir, "instruction_tuning").resolve()
+    base = spec["vlm"]
+    if tuned:
+        record = read_complete(args.run_dir, "instruction_tuning") or {}
+        base = record.get("summary", {}).get("vlm") or record.get("vlm") or "base VLM"
+    if Path(base).exists():
+        base = Path(base).name
+    base = "the built-in tiny random-init Qwen2-VL" if base == "tiny" else base
+    return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
+
+
+def _training_summary(run_dir, spec: dict, gate_config: dict, vlm_description: str) -> dict:
     teacher = read_complete(run_dir, "teacher") or {}
-    stage1 = read_complete(run_dir, "instruction_tuning")
     return {
-        "VLM": f"`{spec['vlm']}`" + (" (instruction-tuned with LoRA in this run)" if stage1 else " (frozen)"),
+        "VLM": f"{vlm_description} (frozen in stages 3-6)",
         "Teacher": f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" if teacher else None,
         "Head": f"MLP {spec['model_config']['head_hidden_sizes']} distilled with "
         f"alpha={spec['model_config']['kd_alpha']}, "
@@ -175,9 +187,11 @@ def write_repo(args, model, image_processor, vlm_processor, output: Path, spec: 
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(args.run_dir).resolve().name}"
     dataset_name = args.dataset_name or (Path(args.data_dir).resolve().name if args.data_dir else None)
+    vlm_description = _vlm_description(args, spec)
     card = build_model_card(
         repo_id, spec["class_names"], results, _base_model(args, spec), dataset_name,
-        _training_summary(args.run_dir, spec, gate_config), license=args.license, vlm_description=spec["vlm"],
+        _training_summary(args.run_dir, spec, gate_config, vlm_description), license=args.license,
+        vlm_description=vlm_description,
     )  # fmt: skip
     card.save(output / "README.md")
     for plot in sorted(stage_output(args.run_dir, "evaluate").glob("confusion_*.png")):
