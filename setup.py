@@ -38,7 +38,7 @@ setup(
     py_modules=REMOTE_CODE,
     packages=find_packages(include=["emovlm_kd", "emovlm_kd.*"]),
     # Files the export stage copies into every model repo (Endpoint handler, Space app).
-    package_data={"emovlm_kd": ["hub_files/*", "hub_files/space/*"]},
+    package_data={"emovlm_kd": ["repo_template/*", "repo_template/space/*"]},
     install_requires=core,
     extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "all": tests},
 )

@@ -7,7 +7,7 @@ import sys
 
 from safetensors import safe_open
 
-from helpers_hub_files import REPO_ROOT
+from helpers_repo_template import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_hub_files import (
+from helpers_repo_template import (
     BLOCK_PROJECT_MODULES,
     HANDLER,
     PROJECT_MODULES,
@@ -65,7 +65,7 @@ def imported_modules(path) -> list[tuple[str, str | None]]:
     return found
 
 
-def test_hub_files_import_only_pypi_packages():
+def test_repo_template_imports_only_pypi_packages():
     handler_imports = {module for module, _ in imported_modules(HANDLER)}
     assert handler_imports <= {"base64", "binascii", "io", "torch", "PIL", "transformers"}, handler_imports
     # The app may build a tiny model with the package, lazily, only when no model is given.

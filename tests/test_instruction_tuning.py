@@ -245,7 +245,7 @@ def test_4bit_needs_a_gpu(dataset, tmp_path, monkeypatch):
 def test_train_script_help(monkeypatch, capsys):
     import runpy
 
-    script = Path(__file__).resolve().parent.parent / "train" / "instruction_tune.py"
+    script = Path(__file__).resolve().parent.parent / "train" / "instruction_tuning.py"
     monkeypatch.setattr("sys.argv", [str(script), "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")

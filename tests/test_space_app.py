@@ -18,7 +18,7 @@ from PIL import Image
 
 from huggingface_hub import SpaceCard
 
-from helpers_hub_files import (
+from helpers_repo_template import (
     BLOCK_PROJECT_MODULES,
     ENDPOINT_REQUIREMENTS,
     REPO_ROOT,

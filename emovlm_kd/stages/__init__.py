@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 # Stage (= module name under emovlm_kd.stages), in pipeline order -> its script under train/.
 SCRIPTS = {
     "instruction_data": "instruction_data.py",
-    "instruction_tuning": "instruction_tune.py",
+    "instruction_tuning": "instruction_tuning.py",
     "teacher": "teacher.py",
     "distill": "distill.py",
     "gate": "gate.py",

@@ -37,8 +37,8 @@ from emovlm_kd.stages.gate import GATE_WEIGHTS, fused_logits, gate_inputs, load_
 logger = logging.getLogger(__name__)
 
 STAGE = "export"
-HUB_FILES = Path(__file__).resolve().parent.parent / "hub_files"
-ROOT_HUB_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints look for these at the repo root
+REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "repo_template"
+ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints look for these at the repo root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hub_files() -> dict[str, Path]:
+def _template_files() -> dict[str, Path]:
     """Files shipped into every repo: `{path in repo: source}`."""
-    files = {name: HUB_FILES / name for name in ROOT_HUB_FILES if (HUB_FILES / name).is_file()}
-    space = HUB_FILES / "space"
+    files = {name: REPO_TEMPLATE / name for name in ROOT_TEMPLATE_FILES if (REPO_TEMPLATE / name).is_file()}
+    space = REPO_TEMPLATE / "space"
     if space.is_dir():
         files.update({f"space/{p.name}": p for p in sorted(space.iterdir()) if p.is_file() and p.suffix != ".pyc"})
     return files
@@ -75,12 +75,12 @@ def _hub_files() -> dict[str, Path]:
 
 def fingerprint(args) -> str:
     keys = ("push_to_hub", "private", "model_name", "dataset_name", "base_model", "license", "verify_images")
-    hub_files = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _hub_files().items()}
+    template_files = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _template_files().items()}
     return hash_of(
         {
             "stage": STAGE,
             "evaluate": upstream_fingerprint(args.run_dir, "evaluate", STAGE),
-            "hub_files": hub_files,
+            "repo_template": template_files,
             **{k: getattr(args, k) for k in keys},
         }
     )
@@ -180,7 +180,7 @@ def write_repo(args, model, image_processor, vlm_processor, output: Path, spec: 
     vlm_processor.tokenizer.save_pretrained(output)
     image_processor.save_pretrained(output)  # after the tokenizer: its preprocessor_config.json is the one to keep
     model.save_pretrained(output)
-    for name, source in _hub_files().items():
+    for name, source in _template_files().items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, output / name)
     results_file = stage_output(args.run_dir, "evaluate") / "results.json"

@@ -8,10 +8,10 @@ from pathlib import Path
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HUB_FILES = REPO_ROOT / "emovlm_kd" / "hub_files"
-HANDLER = HUB_FILES / "handler.py"
-ENDPOINT_REQUIREMENTS = HUB_FILES / "requirements.txt"
-SPACE_DIR = HUB_FILES / "space"
+REPO_TEMPLATE = REPO_ROOT / "emovlm_kd" / "repo_template"
+HANDLER = REPO_TEMPLATE / "handler.py"
+ENDPOINT_REQUIREMENTS = REPO_TEMPLATE / "requirements.txt"
+SPACE_DIR = REPO_TEMPLATE / "space"
 SPACE_APP = SPACE_DIR / "app.py"
 SPACE_REQUIREMENTS = SPACE_DIR / "requirements.txt"
 PROJECT_MODULES = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd"}

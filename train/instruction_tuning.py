@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Stage 1: LoRA instruction tuning of the VLM (observation, inference, classification), merged for export.
 
-    accelerate launch train/instruction_tune.py --data-dir data/FI --run-dir runs/fi            # paper defaults
-    accelerate launch train/instruction_tune.py --data-dir data/FI --run-dir runs/fi --load-in-4bit   # QLoRA
-    python train/instruction_tune.py --data-dir data/toy --run-dir runs/toy --vlm tiny             # offline, CPU
+    accelerate launch train/instruction_tuning.py --data-dir data/FI --run-dir runs/fi            # paper defaults
+    accelerate launch train/instruction_tuning.py --data-dir data/FI --run-dir runs/fi --load-in-4bit   # QLoRA
+    python train/instruction_tuning.py --data-dir data/toy --run-dir runs/toy --vlm tiny             # offline, CPU
 
 Reads <run_dir>/instruction_data.jsonl (stage 0) when present, else trains the classification task alone.
 Writes <run_dir>/vlm/ (merged VLM + processor + COMPLETE.json); `--resume` continues from the last epoch checkpoint.
