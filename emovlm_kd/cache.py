@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.data import fingerprint, open_image_rgb, read_complete, stage_output
-from modeling_emovlm_kd import vlm_gate_input as scored_gate_input
+from emovlm_kd.data import open_image_rgb
+from emovlm_kd.run_dir import hash_json, read_complete, stage_output
+from emovlm_kd.training import progress
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ CACHE_DIR = "cache"
 VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
 
 
-# ---------------------------------------------------------------------------------------------- identities
 def vlm_identity(run_dir, vlm: str) -> dict:
     """What identifies a VLM's weights cheaply: the run's stage-1 fingerprint, a folder's file stats, or a name."""
     if Path(vlm).resolve() == stage_output(run_dir, "instruction_tuning").resolve():
@@ -41,20 +41,20 @@ def vlm_identity(run_dir, vlm: str) -> dict:
     return {"name": vlm}
 
 
-def vlm_feature_key(spec: dict, split_fingerprint: str) -> str:
-    return fingerprint(
+def vlm_feature_key(spec: dict, split_hash: str) -> str:
+    return hash_json(
         {
             "vlm": spec["vlm_identity"],
             "dtype": spec.get("vlm_dtype"),
             "classes": spec["class_names"],
             "config": {k: spec["model_config"].get(k) for k in VLM_FEATURE_FIELDS},
-            "split": split_fingerprint,
+            "split": split_hash,
         }
     )
 
 
-def teacher_feature_key(teacher_fingerprint: str, split_fingerprint: str) -> str:
-    return fingerprint({"teacher": teacher_fingerprint, "split": split_fingerprint})
+def teacher_feature_key(teacher_fingerprint: str, split_hash: str) -> str:
+    return hash_json({"teacher": teacher_fingerprint, "split": split_hash})
 
 
 def cache_file(run_dir, kind: str, split: str, key: str) -> Path:
@@ -84,7 +84,6 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------- extraction
 class _Images(torch.utils.data.Dataset):
     def __init__(self, paths, indices):
         self.paths, self.indices = paths, indices
@@ -140,8 +139,6 @@ def extract_features(
     desc: str = "Features",
 ) -> dict[str, torch.Tensor]:
     """Features of every image in `paths` (in order), the work split across processes and gathered on all."""
-    from emovlm_kd.stages import progress
-
     with accelerator.split_between_processes(list(range(len(paths))), apply_padding=True) as shard:
         shard = list(shard)
     loader = torch.utils.data.DataLoader(
@@ -174,7 +171,6 @@ def extract_features(
     return {name: value[order][keep] for name, value in gathered.items() if name != "index"}
 
 
-# ---------------------------------------------------------------------------------------------- cached features
 def get_features(
     accelerator,
     run_dir,
@@ -188,16 +184,16 @@ def get_features(
     """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}` from the cache,
     computing (one VLM pass and one teacher pass per image) and caching what is missing.
 
-    `spec` describes the VLM features (see `distill.feature_spec`); `teacher_fingerprint` is the run's stage-2
-    fingerprint, when teacher logits are wanted. Models are loaded only when something is missing.
+    `spec` describes the VLM features (stage 3's head spec); `teacher_fingerprint` is the run's stage-2 fingerprint,
+    when teacher logits are wanted. Models are loaded only when something is missing.
     """
     features, missing = {}, []
     for split in splits:
-        split_fp = data.fingerprint(split)
-        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_fp))}
+        split_hash = data.files_hash(split)
+        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_hash))}
         if teacher_fingerprint is not None:
             files["teacher"] = cache_file(
-                run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_fp)
+                run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_hash)
             )
         num = len(data.splits[split])
         features[split] = {"labels": torch.tensor(data.splits[split]["label"])}
@@ -214,7 +210,7 @@ def get_features(
     kinds = {kind for _, kind, _ in missing}
     model = image_processor = teacher = teacher_transform = None
     if "vlm" in kinds:
-        from emovlm_kd.data import build_emovlm_kd
+        from emovlm_kd.vlm import build_emovlm_kd
 
         with accelerator.main_process_first():
             model, image_processor, _ = build_emovlm_kd(
@@ -222,7 +218,7 @@ def get_features(
             )
         model.to(accelerator.device).eval()
     if "teacher" in kinds:
-        from emovlm_kd.stages.teacher import load_teacher, teacher_transforms
+        from emovlm_kd.teachers import load_teacher, teacher_transforms
 
         teacher = load_teacher(stage_output(run_dir, "teacher")).to(accelerator.device)
         teacher_transform = teacher_transforms(teacher)[1]
@@ -251,27 +247,10 @@ def get_features(
     return features
 
 
-def vlm_gate_input(features: dict[str, torch.Tensor], vlm_branch_mode: str, vlm_branch_input: str) -> torch.Tensor:
-    """What the gate sees of the VLM branch, from cached features (as `EmoVLMKDForImageClassification` computes it)."""
-    if vlm_branch_mode == "generate":
-        return features["vlm_generated"]
-    return scored_gate_input(features["vlm_log_likelihoods"], vlm_branch_input)
-
-
-def vlm_predictions(features: dict[str, torch.Tensor], vlm_branch_mode: str) -> torch.Tensor:
-    """The VLM branch's predicted class per image; -1 where a generated answer named no class."""
-    if vlm_branch_mode == "generate":
-        one_hot = features["vlm_generated"]
-        return torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), torch.full_like(one_hot[:, 0], -1).long())
-    return features["vlm_log_likelihoods"].argmax(-1)
-
-
 __all__ = [
     "extract_features",
     "get_features",
     "vlm_feature_key",
     "vlm_features",
-    "vlm_gate_input",
     "vlm_identity",
-    "vlm_predictions",
 ]

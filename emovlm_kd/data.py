@@ -1,6 +1,4 @@
-"""Data and run-directory library shared by every training stage.
-
-Datasets are ImageFolder trees::
+"""Datasets: ImageFolder trees listed into `datasets.DatasetDict`s, with unreadable images reported and skipped.
 
     <root>/train/<class>/<image>      required
     <root>/val/<class>/<image>        optional; without it a stratified `val_fraction` of train (seed 42) is held out
@@ -9,34 +7,12 @@ Datasets are ImageFolder trees::
 `load_imagefolder` lists them into a `datasets.DatasetDict` (columns `image_path`: str, `label`: `ClassLabel`),
 decoding nothing but a one-off readability check: unreadable images are listed in `ImageFolderData.bad_images`
 with the reason, logged, and left out of the splits.
-
-A training run lives in one directory; each stage reads what the earlier ones wrote::
-
-    <run_dir>/labels.json               class names in output order, written by the first stage that runs
-    <run_dir>/instruction_data.jsonl    stage 0: instruction data (one record per training image)
-    <run_dir>/vlm/                      stage 1: the instruction-tuned VLM (adapter merged) + its processor
-    <run_dir>/teacher/                  stage 2: the timm teacher (model.safetensors + config.json)
-    <run_dir>/cache/                    stages 3-5: per-image features (pooled image embeddings, VLM log-likelihoods,
-                                        teacher logits), one safetensors file per split and model fingerprint
-    <run_dir>/head/                     stage 3: the distilled head
-    <run_dir>/gate/                     stage 4: the gate
-    <run_dir>/eval/                     stage 5: results.json, confusion matrices (PNG)
-    <run_dir>/model/                    stage 6: the final model repo (what is pushed to the Hub)
-    <run_dir>/checkpoints/<stage>/      Accelerate `save_state` checkpoints (for `--resume`)
-    <run_dir>/logs/                     tracker logs (TensorBoard)
-
-Every stage writes `<stage dir>/COMPLETE.json` as its last action, holding a fingerprint of its inputs and
-arguments; the all-stages command skips a stage whose COMPLETE.json matches the fingerprint it would write.
-The stage-0 output is a file, so its marker is `<run_dir>/instruction_data.COMPLETE.json`.
 """
 
 import collections
-import hashlib
-import json
 import logging
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,31 +20,15 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
+from emovlm_kd.run_dir import DataError, hash_json
 from image_processing_emovlm_kd import load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-LABELS_FILE = "labels.json"
-COMPLETE_FILE = "COMPLETE.json"
-# Stage name -> path inside the run directory (the stage's output; COMPLETE.json goes inside, or next to a file).
-STAGE_OUTPUTS = {
-    "instruction_data": "instruction_data.jsonl",
-    "instruction_tuning": "vlm",
-    "teacher": "teacher",
-    "distill": "head",
-    "gate": "gate",
-    "evaluate": "eval",
-    "export": "model",
-}
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-class DataError(ValueError):
-    """A dataset or run directory that cannot be used as given (the message says which path and why)."""
-
-
-# ---------------------------------------------------------------------------------------------- images
 def open_image_rgb(path: str | os.PathLike) -> Image.Image:
     """Open and decode an image file as 8-bit RGB; failures are `ValueError`s that name the file."""
     return to_rgb(load_image(path))
@@ -84,7 +44,6 @@ def check_image(path: str) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- ImageFolder
 @dataclass
 class ImageFolderData:
     """An ImageFolder dataset: `splits` (a `DatasetDict` with `train`, `val` and maybe `test`), the class names in
@@ -97,7 +56,7 @@ class ImageFolderData:
     ignored_files: list[str] = field(default_factory=list)
     val_from_train: bool = False
 
-    def fingerprint(self, split: str | None = None) -> str:
+    def files_hash(self, split: str | None = None) -> str:
         """Hash of the listed files (path, size, mtime), their labels and the class names: changes when data does."""
         names = [split] if split else sorted(self.splits)
         entries = [self.class_names]
@@ -105,7 +64,7 @@ class ImageFolderData:
             for path, label in zip(self.splits[name]["image_path"], self.splits[name]["label"]):
                 stat = os.stat(path)
                 entries.append([name, os.path.relpath(path, self.root), label, stat.st_size, stat.st_mtime_ns])
-        return fingerprint(entries)
+        return hash_json(entries)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name}={len(split)}" for name, split in self.splits.items())
@@ -246,129 +205,27 @@ def log_data_report(data: ImageFolderData, log=None):
         log.warning(f"Ignored {len(data.ignored_files)} non-image file(s): {data.ignored_files[:10]}")
 
 
-# ---------------------------------------------------------------------------------------------- run directory
-def fingerprint(value) -> str:
-    """A short stable hash of any JSON-serialisable value (paths and other objects are stringified)."""
-    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def ensure_class_names(run_dir: str | os.PathLike, class_names: list[str]) -> list[str]:
-    """Fix the run's classes: write `<run_dir>/labels.json` on first use, else check `class_names` against it.
-
-    Call it before any heavy work: a dataset whose classes or class order differ from the run's is an error.
-    """
-    path = Path(run_dir) / LABELS_FILE
-    class_names = list(class_names)
-    if path.exists():
-        recorded = json.loads(path.read_text())["class_names"]
-        if recorded != class_names:
-            raise DataError(
-                f"The dataset's classes {class_names} differ from those fixed for this run in {str(path)!r}: "
-                f"{recorded}. Use the same dataset (and class order) for every stage of a run, or a new run directory."
-            )
-        return recorded
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"class_names": class_names}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return class_names
-
-
-def read_class_names(run_dir: str | os.PathLike) -> list[str]:
-    path = Path(run_dir) / LABELS_FILE
-    if not path.exists():
-        raise DataError(f"{str(path)!r} does not exist: run a training stage on a dataset first")
-    return json.loads(path.read_text())["class_names"]
-
-
-def stage_output(run_dir: str | os.PathLike, stage: str) -> Path:
-    """Where `stage` (a key of `STAGE_OUTPUTS`) writes its output in the run directory."""
-    return Path(run_dir) / STAGE_OUTPUTS[stage]
-
-
-def complete_marker(run_dir: str | os.PathLike, stage: str) -> Path:
-    output = stage_output(run_dir, stage)
-    return output.with_suffix(".COMPLETE.json") if output.suffix else output / COMPLETE_FILE
-
-
-def read_complete(run_dir: str | os.PathLike, stage: str) -> dict | None:
-    """The stage's COMPLETE.json contents, or None when the stage has not completed."""
-    marker = complete_marker(run_dir, stage)
-    if not marker.exists():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def is_complete(run_dir: str | os.PathLike, stage: str, stage_fingerprint: str | None = None) -> bool:
-    """Whether the stage completed (with this fingerprint of its inputs and arguments, when given)."""
-    record = read_complete(run_dir, stage)
-    return record is not None and (stage_fingerprint is None or record.get("fingerprint") == stage_fingerprint)
-
-
-def write_complete(run_dir: str | os.PathLike, stage: str, stage_fingerprint: str, **info) -> Path:
-    """Mark the stage complete; call it as the stage's last action (written atomically)."""
-    marker = complete_marker(run_dir, stage)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "stage": stage,
-        "fingerprint": stage_fingerprint,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **info,
-    }
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, marker)
-    return marker
-
-
-def clear_complete(run_dir: str | os.PathLike, stage: str):
-    """Remove the stage's marker (a stage does this when it starts, so a crash never leaves a stale marker)."""
-    complete_marker(run_dir, stage).unlink(missing_ok=True)
-
-
-def resolve_vlm(run_dir: str | os.PathLike, vlm: str) -> str:
-    """The VLM a stage 3+ run uses: the run's instruction-tuned `vlm/` when stage 1 completed, else `vlm`."""
-    tuned = stage_output(run_dir, "instruction_tuning")
-    return str(tuned) if is_complete(run_dir, "instruction_tuning") else vlm
-
-
-def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, dtype="auto", **config_kwargs):
-    """Load a VLM (`"tiny"`, a Hub name or a folder) and wrap it with a fresh head and gate for `class_names`:
-    `(model, image_processor, vlm_processor)`. `config_kwargs` are `EmoVLMKDConfig` fields."""
-    from emovlm_kd.vlm import load_vlm_and_processor
-    from image_processing_emovlm_kd import EmoVLMKDImageProcessor
-    from modeling_emovlm_kd import EmoVLMKDForImageClassification
-
-    vlm_model, vlm_processor = load_vlm_and_processor(vlm, dtype=dtype, seed=seed)
-    model = EmoVLMKDForImageClassification.from_vlm(vlm_model, vlm_processor, list(class_names), **config_kwargs)
-    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config.prompt_text())
-    return model.eval(), image_processor, vlm_processor
+def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int) -> str:
+    """Hash of a dataset folder's files (path, size, mtime) and of how it is split; cheap (decodes nothing)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"Dataset folder {str(root)!r} does not exist")
+    entries = []
+    for split in SPLITS:
+        for path in sorted((root / split).rglob("*")) if (root / split).is_dir() else []:
+            if path.is_file():
+                stat = path.stat()
+                entries.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
+    return hash_json({"files": entries, "val_fraction": val_fraction, "seed": seed})
 
 
 __all__ = [
-    "COMPLETE_FILE",
-    "DataError",
     "IMAGE_EXTENSIONS",
+    "SPLITS",
     "ImageFolderData",
-    "LABELS_FILE",
-    "STAGE_OUTPUTS",
-    "build_emovlm_kd",
     "check_image",
-    "clear_complete",
-    "complete_marker",
-    "ensure_class_names",
-    "fingerprint",
-    "is_complete",
+    "dataset_hash",
     "load_imagefolder",
     "log_data_report",
     "open_image_rgb",
-    "read_class_names",
-    "read_complete",
-    "resolve_vlm",
-    "stage_output",
-    "write_complete",
 ]

@@ -1,7 +1,16 @@
-"""Classification metrics (scikit-learn: works offline, unlike `evaluate.load`)."""
+"""Classification metrics (scikit-learn: works offline, unlike `evaluate.load`) and the results table."""
 
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+# What stage 5 measures: the teacher (for comparison only), the two inputs of the gate, and the fused model.
+BRANCH_TITLES = {
+    "teacher": "Teacher (timm)",
+    "vlm": "VLM branch",
+    "head": "Distilled head",
+    "fused": "EmoVLM-KD (fused)",
+}
+BRANCHES = tuple(BRANCH_TITLES)
 
 
 def classification_metrics(labels, predictions, class_names: list[str], per_class: bool = False) -> dict:
@@ -30,8 +39,20 @@ def majority_baseline(train_labels, eval_labels) -> float:
     return float(np.mean(np.asarray(eval_labels) == majority))
 
 
-def confusion(labels, predictions, num_classes: int) -> np.ndarray:
-    return confusion_matrix(labels, predictions, labels=list(range(num_classes)))
+def results_table(results: dict) -> str:
+    """Markdown table of stage 5's results: accuracy / macro-F1 per branch and split, and the majority baseline."""
+    splits = list(results["splits"])
+    header = "| model | " + " | ".join(f"{split} accuracy | {split} macro-F1" for split in splits) + " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(splits))]
+    for branch in BRANCHES:
+        cells = [
+            f"{results['splits'][split][branch]['accuracy']:.4f} | {results['splits'][split][branch]['macro_f1']:.4f}"
+            for split in splits
+        ]
+        lines.append(f"| {BRANCH_TITLES[branch]} | " + " | ".join(cells) + " |")
+    baseline = [f"{results['splits'][split]['majority_baseline_accuracy']:.4f} | –" for split in splits]
+    lines.append("| majority-class baseline | " + " | ".join(baseline) + " |")
+    return "\n".join(lines)
 
 
-__all__ = ["classification_metrics", "confusion", "majority_baseline"]
+__all__ = ["BRANCHES", "BRANCH_TITLES", "classification_metrics", "majority_baseline", "results_table"]

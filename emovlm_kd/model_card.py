@@ -2,7 +2,7 @@
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from emovlm_kd.stages.evaluate import results_table
+from emovlm_kd.metrics import results_table
 
 TAGS = [
     "emotion-recognition",

@@ -1,5 +1,6 @@
-"""Small generated datasets for tests and the quickstart (offline, seconds)."""
+"""Small generated datasets and images for tests and the quickstart (offline, seconds)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -59,26 +60,26 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
     return [empty, truncated, text]
 
 
-# Hyper-parameters that let the tiny models learn the generated colour signal in seconds (the paper's defaults are
-# for thousands of images and pretrained models): the tiny VLM's image embeddings are small (std ~0.02), hence the
-# head's large learning rate.
-TINY_STAGE_ARGS = {
-    "instruction_tuning": "--epochs 8 --learning-rate 1e-2 --batch-size 4",
-    "teacher": "--epochs 3 --learning-rate 1e-3 --batch-size 8",
-    "distill": "--epochs 60 --learning-rate 1e-2 --head-hidden-sizes 32 --batch-size 8 --checkpoint-every 20",
-    "gate": "--epochs 30 --learning-rate 1e-2 --batch-size 8 --checkpoint-every 10",
-}
+def tiny_run_all_argv(data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **overrides):
+    """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher (the `quickstart` recipe).
+
+    `overrides` are `{stage: {field: value}}` on top of the recipe, e.g. `distill={"epochs": 3}`.
+    """
+    argv = ["--config", "quickstart", "--data-dir", str(data_dir), "--run-dir", str(run_dir), "--stages", *stages]
+    settings = [f"{stage}.{name}={json.dumps(value)}" for stage, values in overrides.items() for name, value in values.items()]
+    return argv + (["--set", *settings] if settings else [])
 
 
-def tiny_run_all_argv(
-    data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **extra
-) -> list[str]:
-    """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher."""
-    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", "tiny", "--teacher", "tiny"]
-    argv += ["--no-pretrained", "--num-workers", "0", "--report-to", "none", "--stages", *stages]
-    for stage, stage_args in {**TINY_STAGE_ARGS, **extra}.items():
-        argv += [f"--{stage.replace('_', '-')}-args", stage_args]
-    return argv
+def make_images() -> list[Image.Image]:
+    """A few images of different sizes and modes."""
+    return [
+        Image.new("RGB", (100, 80), (200, 10, 10)),
+        Image.linear_gradient("L").resize((300, 300)),
+        Image.new("RGB", (30, 200), (0, 99, 1)),
+    ]
 
 
-__all__ = ["CLASS_COLOURS", "TINY_STAGE_ARGS", "add_bad_images", "make_image", "make_imagefolder", "tiny_run_all_argv"]
+EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+
+__all__ = ["CLASS_COLOURS", "EMOTIONS_8", "add_bad_images", "make_image", "make_imagefolder", "make_images",
+           "tiny_run_all_argv"]

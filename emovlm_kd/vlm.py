@@ -1,4 +1,4 @@
-"""Loading the VLM a run starts from: a Hub checkpoint / local folder, or the built-in tiny model (`"tiny"`)."""
+"""Building models from a VLM: a Hub checkpoint, a local folder (a stage-1 output), or the built-in tiny model."""
 
 import os
 
@@ -27,4 +27,16 @@ def load_vlm_and_processor(name_or_path: str, dtype="auto", seed: int = 0, **mod
     return vlm, processor
 
 
-__all__ = ["TINY", "load_vlm_and_processor"]
+def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, dtype="auto", **config_kwargs):
+    """Load a VLM (`"tiny"`, a Hub name or a folder) and wrap it with a fresh head and gate for `class_names`:
+    `(model, image_processor, vlm_processor)`. `config_kwargs` are `EmoVLMKDConfig` fields."""
+    from image_processing_emovlm_kd import EmoVLMKDImageProcessor
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    vlm_model, vlm_processor = load_vlm_and_processor(vlm, dtype=dtype, seed=seed)
+    model = EmoVLMKDForImageClassification.from_vlm(vlm_model, vlm_processor, list(class_names), **config_kwargs)
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config.prompt_text())
+    return model.eval(), image_processor, vlm_processor
+
+
+__all__ = ["TINY", "build_emovlm_kd", "load_vlm_and_processor"]

@@ -23,11 +23,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from emovlm_kd.metrics import results_table
+from emovlm_kd.run_dir import read_results
 from emovlm_kd.stages import run_all
-from emovlm_kd.stages.evaluate import read_results, results_table
-from emovlm_kd.testing import make_imagefolder, tiny_run_all_argv
-
-STAGES = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
+from emovlm_kd.testing import make_imagefolder
 
 # Runs in a fresh interpreter: only transformers and the model folder (remote code), as a user on the Hub would.
 RELOAD_SCRIPT = textwrap.dedent(
@@ -45,8 +44,11 @@ RELOAD_SCRIPT = textwrap.dedent(
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", default=None, help="ImageFolder dataset; default: generate a small one")
     parser.add_argument("--run-dir", default=None, help="Where the run goes; default: a new temporary folder")
     parser.add_argument("--vlm", default="tiny", help="VLM checkpoint, or 'tiny' (offline)")
@@ -56,17 +58,21 @@ def parse_args(argv=None):
 
 
 def run_all_argv(args, data_dir: Path, run_dir: Path) -> list[str]:
+    """The quickstart recipe; with real checkpoints, the paper's hyper-parameters (every stage's defaults)."""
+    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--seed", str(args.seed)]
     if args.vlm == "tiny" and args.teacher == "tiny":
-        return tiny_run_all_argv(data_dir, run_dir, stages=STAGES) + ["--seed", str(args.seed)]
-    pretrained = "--pretrained" if args.teacher != "tiny" else "--no-pretrained"
-    return ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", args.vlm, "--teacher", args.teacher,
-            pretrained, "--seed", str(args.seed), "--stages", *STAGES]  # fmt: skip
+        return argv + ["--config", "quickstart"]
+    stages = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
+    pretrained = str(args.teacher != "tiny").lower()
+    return argv + ["--stages", *stages, "--set", f"vlm={args.vlm}", f"teacher={args.teacher}", f"pretrained={pretrained}"]
 
 
 def reload_in_fresh_process(model_dir: Path, images: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images)],
-                            capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images)],
+        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
+    )
     if result.returncode != 0:
         raise RuntimeError(f"Reloading {model_dir} in a fresh process failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -83,7 +89,7 @@ def main(argv=None) -> dict:
         data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
         print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")
 
-    summary = run_all.run(run_all.build_parser().parse_args(run_all_argv(args, data_dir, run_dir)))
+    summary = run_all.run(*run_all.plan(run_all_argv(args, data_dir, run_dir)))
     model_dir = Path(summary["export"]["output"]) if "output" in summary.get("export", {}) else run_dir / "model"
     results = read_results(run_dir)
 

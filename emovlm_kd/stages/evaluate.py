@@ -2,80 +2,71 @@
 
 Accuracy and macro-F1 (scikit-learn), overall and per class, next to the majority-class baseline; from the feature
 cache of stage 3 (computed here if missing). Writes `<run_dir>/eval/results.json` and one confusion-matrix PNG per
-split (`confusion_<split>.png`, one panel per model).
+split (`confusion_<split>.png`, one panel per branch).
 """
 
-import argparse
 import json
 import logging
-import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from emovlm_kd.cache import get_features, vlm_predictions
-from emovlm_kd.data import fingerprint as hash_of
-from emovlm_kd.data import stage_output, write_complete
-from emovlm_kd.metrics import classification_metrics, majority_baseline
-from emovlm_kd.stages import (
-    add_run_args,
-    dataset_fingerprint,
-    finish_stage,
-    load_run_data,
-    make_accelerator,
-    start_stage,
-    upstream_fingerprint,
+from emovlm_kd.arguments import settings_dict
+from emovlm_kd.artifacts import (
+    cached_vlm_predictions,
+    fused_logits,
+    gate_inputs,
+    load_gate,
+    load_head,
+    read_head_spec,
 )
-from emovlm_kd.stages.distill import load_head, read_spec
-from emovlm_kd.stages.gate import fused_logits, gate_inputs, load_gate
+from emovlm_kd.cache import get_features
+from emovlm_kd.data import dataset_hash
+from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, majority_baseline
+from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, stage_output, upstream_fingerprint, write_complete
+from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage
 
 logger = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-RESULTS_FILE = "results.json"
-MODELS = ("teacher", "vlm", "head", "fused")
-MODEL_TITLES = {
-    "teacher": "Teacher (timm)",
-    "vlm": "VLM branch",
-    "head": "Distilled head",
-    "fused": "EmoVLM-KD (fused)",
-}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+@dataclass
+class EvaluateArguments:
+    splits: list[str] = field(
+        default_factory=lambda: ["val", "test"], metadata={"help": "Splits to evaluate (those that exist)"}
     )
-    add_run_args(parser)
-    parser.add_argument("--splits", nargs="+", default=["val", "test"], help="Splits to evaluate (those that exist)")
-    parser.add_argument("--feature-batch-size", type=int, default=8, help="Images per VLM forward if not cached")
-    return parser
+    feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward if features are not cached"})
 
 
-def fingerprint(args) -> str:
-    return hash_of(
+ARGUMENTS = EvaluateArguments
+
+
+def fingerprint(run_args, args: EvaluateArguments) -> str:
+    return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_fingerprint(args),
-            "teacher": upstream_fingerprint(args.run_dir, "teacher", STAGE),
-            "gate": upstream_fingerprint(args.run_dir, "gate", STAGE),
+            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "teacher": upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
+            "gate": upstream_fingerprint(run_args.run_dir, "gate", STAGE),
             "splits": args.splits,
         }
     )
 
 
-def predictions(features: dict, spec: dict, head, gate, gate_config: dict) -> dict[str, np.ndarray]:
-    """Predicted class per image of each model, from a split's cached features."""
-    head_out, vlm_scores = gate_inputs(head, features, spec, gate_config)
+def predictions(features: dict, head_spec: dict, head, gate, gate_spec: dict) -> dict[str, np.ndarray]:
+    """Predicted class per image of each branch, from a split's cached features."""
+    head_output, vlm_scores = gate_inputs(head, features, head_spec, gate_spec)
     return {
         "teacher": features["teacher_logits"].argmax(-1).numpy(),
-        "vlm": vlm_predictions(features, spec["model_config"]["vlm_branch_mode"]).numpy(),
-        "head": head_out.argmax(-1).numpy(),
-        "fused": fused_logits(gate, head_out, vlm_scores).argmax(-1).numpy(),
+        "vlm": cached_vlm_predictions(features, head_spec["model_config"]["vlm_branch_mode"]).numpy(),
+        "head": head_output.argmax(-1).numpy(),
+        "fused": fused_logits(gate, head_output, vlm_scores).argmax(-1).numpy(),
     }
 
 
 def plot_confusion_matrices(labels, predicted: dict[str, np.ndarray], class_names: list[str], title: str, path):
-    """One confusion-matrix panel per model, saved as a PNG."""
+    """One confusion-matrix panel per branch, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,61 +75,63 @@ def plot_confusion_matrices(labels, predicted: dict[str, np.ndarray], class_name
 
     size = max(3.5, 0.5 * len(class_names) + 2)
     figure, axes = plt.subplots(1, len(predicted), figsize=(size * len(predicted), size), squeeze=False)
-    for ax, (model, preds) in zip(axes[0], predicted.items()):
+    for ax, (branch, branch_predictions) in zip(axes[0], predicted.items()):
         ConfusionMatrixDisplay.from_predictions(
-            labels, preds, labels=list(range(len(class_names))), display_labels=class_names, ax=ax, colorbar=False,
-            xticks_rotation=45,
-        )  # fmt: skip
-        ax.set_title(f"{MODEL_TITLES[model]}\nacc {np.mean(preds == labels):.3f}")
+            labels, branch_predictions, labels=list(range(len(class_names))), display_labels=class_names, ax=ax,
+            colorbar=False, xticks_rotation=45,
+        )
+        ax.set_title(f"{BRANCH_TITLES[branch]}\nacc {np.mean(branch_predictions == labels):.3f}")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def run(args) -> dict:
+def run(run_args, args: EvaluateArguments) -> dict:
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(args, STAGE)
-    set_seed(args.seed)
-    spec = read_spec(args.run_dir)
-    data = load_run_data(args, accelerator, class_names=spec["class_names"])
-    stage_fingerprint = fingerprint(args)
-    start_stage(accelerator, args.run_dir, STAGE)
+    accelerator = make_accelerator(run_args, STAGE, args)
+    set_seed(run_args.seed)
+    head_spec = read_head_spec(run_args.run_dir)
+    data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
+    stage_fingerprint = fingerprint(run_args, args)
+    start_stage(accelerator, run_args.run_dir, STAGE)
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
-        raise ValueError(f"None of the splits {args.splits} exists in {args.data_dir!r} (found {list(data.splits)})")
+        raise DataError(f"None of the splits {args.splits} exists in {run_args.data_dir!r} (found {list(data.splits)})")
 
     features = get_features(
-        accelerator, args.run_dir, data, spec, splits,
-        teacher_fingerprint=upstream_fingerprint(args.run_dir, "teacher", STAGE),
-        batch_size=args.feature_batch_size, num_workers=args.num_workers,
-    )  # fmt: skip
-    head = load_head(args.run_dir)
-    gate, gate_config = load_gate(args.run_dir)
+        accelerator, run_args.run_dir, data, head_spec, splits,
+        teacher_fingerprint=upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
+        batch_size=args.feature_batch_size, num_workers=run_args.num_workers,
+    )
+    head = load_head(run_args.run_dir)
+    gate, gate_spec = load_gate(run_args.run_dir)
 
-    output = stage_output(args.run_dir, STAGE)
+    output = stage_output(run_args.run_dir, STAGE)
     train_labels = data.splits["train"]["label"]
     results = {
-        "class_names": class_names, "gate_type": gate_config["gate_type"], "vlm": spec["vlm"],
+        "class_names": class_names, "gate_type": gate_spec["gate_type"], "vlm": head_spec["vlm"],
         "unreadable_images": data.bad_images, "splits": {},
-    }  # fmt: skip
+    }
     for split in splits:
         labels = features[split]["labels"].numpy()
-        predicted = predictions(features[split], spec, head, gate, gate_config)
+        predicted = predictions(features[split], head_spec, head, gate, gate_spec)
         results["splits"][split] = {
             "num_examples": int(len(labels)),
             "majority_baseline_accuracy": majority_baseline(train_labels, labels),
             **{
-                model: classification_metrics(labels, preds, class_names, per_class=True)
-                for model, preds in predicted.items()
+                branch: classification_metrics(labels, branch_predictions, class_names, per_class=True)
+                for branch, branch_predictions in predicted.items()
             },
         }
         summary = {
-            f"{split}/{m}/{k}": results["splits"][split][m][k] for m in MODELS for k in ("accuracy", "macro_f1")
+            f"{split}/{branch}/{metric}": results["splits"][split][branch][metric]
+            for branch in BRANCHES
+            for metric in ("accuracy", "macro_f1")
         }
-        accelerator.log({f"eval/{k}": v for k, v in summary.items()})
+        accelerator.log({f"eval/{key}": value for key, value in summary.items()})
         logger.info(f"Evaluation on {split}: {summary}")
         if accelerator.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
@@ -148,36 +141,18 @@ def run(args) -> dict:
 
     if accelerator.is_main_process:
         (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-        write_complete(args.run_dir, STAGE, stage_fingerprint, results=str(output / RESULTS_FILE))
-    finish_stage(accelerator, args, STAGE)
+        write_complete(
+            run_args.run_dir, STAGE, stage_fingerprint, results=str(output / RESULTS_FILE),
+            settings=settings_dict(run_args, args),
+        )
+    finish_stage(accelerator, run_args.run_dir, STAGE)
     return {"stage": STAGE, "output": str(output), "results": results}
 
 
-def read_results(run_dir) -> dict:
-    return json.loads((stage_output(run_dir, STAGE) / RESULTS_FILE).read_text())
-
-
-def results_table(results: dict) -> str:
-    """Markdown table: accuracy / macro-F1 per model and split."""
-    splits = list(results["splits"])
-    header = "| model | " + " | ".join(f"{s} accuracy | {s} macro-F1" for s in splits) + " |"
-    lines = [header, "|---|" + "---:|" * (2 * len(splits))]
-    for model in MODELS:
-        cells = [
-            f"{results['splits'][s][model]['accuracy']:.4f} | {results['splits'][s][model]['macro_f1']:.4f}"
-            for s in splits
-        ]
-        lines.append(f"| {MODEL_TITLES[model]} | " + " | ".join(cells) + " |")
-    baseline = [f"{results['splits'][s]['majority_baseline_accuracy']:.4f} | –" for s in splits]
-    lines.append("| majority-class baseline | " + " | ".join(baseline) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> dict:
-    """The `train/` script: parse, run, print the summary."""
-    from emovlm_kd.stages import cli_main
+    from emovlm_kd.cli import cli_main
 
-    return cli_main(sys.modules[__name__], argv)
+    return cli_main(STAGE, argv)
 
 
-__all__ = ["MODELS", "build_parser", "fingerprint", "predictions", "read_results", "results_table", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "EvaluateArguments", "fingerprint", "main", "predictions", "run"]

@@ -7,32 +7,30 @@ card with the results of stage 5. Before saving, the assembled model's fused log
 against the cached pipeline's. `--push-to-hub REPO_ID` uploads the folder with `huggingface_hub`.
 """
 
-import argparse
 import hashlib
 import json
 import logging
 import shutil
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
-from safetensors.torch import load_file
 
+from emovlm_kd.arguments import settings_dict
+from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import get_features
-from emovlm_kd.data import fingerprint as hash_of
-from emovlm_kd.data import read_class_names, read_complete, stage_output, write_complete
 from emovlm_kd.model_card import build_model_card
-from emovlm_kd.stages import (
-    add_run_args,
-    finish_stage,
-    load_run_data,
-    make_accelerator,
-    start_stage,
+from emovlm_kd.run_dir import (
+    RESULTS_FILE,
+    hash_json,
+    read_class_names,
+    read_complete,
+    stage_output,
     upstream_fingerprint,
+    write_complete,
 )
-from emovlm_kd.stages.distill import HEAD_WEIGHTS, load_head, read_spec
-from emovlm_kd.stages.gate import GATE_WEIGHTS, fused_logits, gate_inputs, load_gate
+from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +39,30 @@ REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "repo_template"
 ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints look for these at the repo root
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+@dataclass
+class ExportArguments:
+    push_to_hub: str | None = field(default=None, metadata={"help": "Upload the repo to this Hub model id (REPO_ID)"})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private"})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / the cached login)"})
+    commit_message: str = field(default="Upload EmoVLM-KD model", metadata={"help": "Commit message of the upload"})
+    model_name: str | None = field(
+        default=None, metadata={"help": "Repo name in the card (default: --push-to-hub or the run dir's name)"}
     )
-    add_run_args(parser, data_required=False)
-    group = parser.add_argument_group("export")
-    group.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="Upload the repo to this Hub model id")
-    group.add_argument("--private", action="store_true", help="Create the Hub repo as private")
-    group.add_argument("--hub-token", default=None, help="Hub token (default: HF_TOKEN / the cached login)")
-    group.add_argument("--commit-message", default="Upload EmoVLM-KD model")
-    group.add_argument("--model-name", default=None, help="Repo name in the card (default: --push-to-hub or run dir)")
-    group.add_argument("--dataset-name", default=None, help="Dataset name for the card (default: the data folder's)")
-    group.add_argument("--base-model", default=None, help="Base VLM for the card (default: the VLM the run used)")
-    group.add_argument("--license", default="apache-2.0")
-    group.add_argument(
-        "--verify-images",
-        type=int,
-        default=4,
-        help="Test images to check the assembled model on (0: skip; needs --data-dir)",
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset name for the card (default: the data folder's)"}
     )
-    return parser
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base VLM for the card (default: the VLM the run used)"}
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "License of the model repo"})
+    verify_images: int = field(
+        default=4, metadata={"help": "Test images to check the assembled model on (0: skip; needs --data-dir)"}
+    )
+
+
+ARGUMENTS = ExportArguments
+# Settings that change the written repo (the token and commit message do not).
+FINGERPRINT_FIELDS = ("push_to_hub", "private", "model_name", "dataset_name", "base_model", "license", "verify_images")
 
 
 def _template_files() -> dict[str, Path]:
@@ -73,56 +74,31 @@ def _template_files() -> dict[str, Path]:
     return files
 
 
-def fingerprint(args) -> str:
-    keys = ("push_to_hub", "private", "model_name", "dataset_name", "base_model", "license", "verify_images")
-    template_files = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _template_files().items()}
-    return hash_of(
+def fingerprint(run_args, args: ExportArguments) -> str:
+    template = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _template_files().items()}
+    return hash_json(
         {
             "stage": STAGE,
-            "evaluate": upstream_fingerprint(args.run_dir, "evaluate", STAGE),
-            "repo_template": template_files,
-            **{k: getattr(args, k) for k in keys},
+            "evaluate": upstream_fingerprint(run_args.run_dir, "evaluate", STAGE),
+            "repo_template": template,
+            **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
     )
 
 
-def assemble_model(run_dir):
-    """The final model: the run's VLM with the trained head and gate. `(model, image_processor, vlm_processor)`."""
-    from emovlm_kd.data import build_emovlm_kd
-
-    spec = read_spec(run_dir)
-    _, gate_config = load_gate(run_dir)
-    config = {
-        **spec["model_config"],
-        **{k: gate_config[k] for k in ("gate_type", "gate_num_experts", "vlm_branch_input")},
-    }
-    model, image_processor, vlm_processor = build_emovlm_kd(
-        spec["vlm"], spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **config
-    )
-    dtype = model.head.mlp[0].weight.dtype
-    model.head.load_state_dict(
-        {k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "distill") / HEAD_WEIGHTS).items()}
-    )
-    model.gate.load_state_dict(
-        {k: v.to(dtype) for k, v in load_file(stage_output(run_dir, "gate") / GATE_WEIGHTS).items()}
-    )
-    return model.eval(), image_processor, vlm_processor
-
-
-def verification_data(accelerator, args, spec: dict, count: int):
+def verification_data(accelerator, run_args, head_spec: dict, count: int):
     """(image paths, cached features) of the first `count` test (else val) images. Runs on every process."""
-    data = load_run_data(args, accelerator, class_names=spec["class_names"])
+    data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
     split = "test" if "test" in data.splits else "val"
-    features = get_features(accelerator, args.run_dir, data, spec, [split], num_workers=0)[split]
+    features = get_features(accelerator, run_args.run_dir, data, head_spec, [split], num_workers=0)[split]
     return data.splits[split]["image_path"][:count], {name: value[:count] for name, value in features.items()}
 
 
 @torch.no_grad()
 def verify_against_cache(run_dir, model, image_processor, paths: list[str], features: dict) -> float:
     """Max |difference| between the assembled model's fused logits and the cached pipeline's on `paths`."""
-    spec = read_spec(run_dir)
-    gate, gate_config = load_gate(run_dir)
-    expected = fused_logits(gate, *gate_inputs(load_head(run_dir), features, spec, gate_config))
+    gate, gate_spec = load_gate(run_dir)
+    expected = fused_logits(gate, *gate_inputs(load_head(run_dir), features, read_head_spec(run_dir), gate_spec))
     inputs = image_processor(list(paths), return_tensors="pt").to(model.device)
     actual = model(**inputs).logits.float().cpu()
     difference = float((actual - expected).abs().max())
@@ -136,44 +112,50 @@ def verify_against_cache(run_dir, model, image_processor, paths: list[str], feat
     return difference
 
 
-def _base_model(args, spec: dict) -> str | None:
-    """The Hub id of the base VLM for the card, when there is one."""
+def _tuned_base(run_dir, head_spec: dict) -> tuple[bool, str | None]:
+    """Whether the run's VLM is stage 1's output, and the VLM that stage 1 (or the run) started from."""
+    tuned = Path(head_spec["vlm"]).resolve() == stage_output(run_dir, "instruction_tuning").resolve()
+    if not tuned:
+        return False, head_spec["vlm"]
+    record = read_complete(run_dir, "instruction_tuning") or {}
+    return True, record.get("summary", {}).get("vlm") or record.get("vlm")
+
+
+def _base_model(run_dir, args: ExportArguments, head_spec: dict) -> str | None:
+    """The Hub id of the base VLM for the card, when there is one (never a path on the training machine)."""
     if args.base_model:
         return args.base_model
-    if Path(spec["vlm"]).resolve() == stage_output(args.run_dir, "instruction_tuning").resolve():
-        record = read_complete(args.run_dir, "instruction_tuning") or {}
-        base = record.get("summary", {}).get("vlm") or record.get("vlm")
-        return None if base is None or base == "tiny" or Path(base).exists() else base
-    return None if spec["vlm"] == "tiny" or Path(spec["vlm"]).exists() else spec["vlm"]
+    base = _tuned_base(run_dir, head_spec)[1]
+    return None if base is None or base == "tiny" or Path(base).exists() else base
 
 
-def _vlm_description(args, spec: dict) -> str:
+def _vlm_description(run_dir, head_spec: dict) -> str:
     """How the card names the VLM: its base name (never a path on the training machine), and whether it was tuned."""
-    tuned = Path(spec["vlm"]).resolve() == stage_output(args.run_dir, "instruction_tuning").resolve()
-    base = spec["vlm"]
-    if tuned:
-        record = read_complete(args.run_dir, "instruction_tuning") or {}
-        base = record.get("summary", {}).get("vlm") or record.get("vlm") or "base VLM"
+    tuned, base = _tuned_base(run_dir, head_spec)
+    base = base or "base VLM"
     if Path(base).exists():
         base = Path(base).name
     base = "the built-in tiny random-init Qwen2-VL" if base == "tiny" else base
     return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
 
 
-def _training_summary(run_dir, spec: dict, gate_config: dict, vlm_description: str) -> dict:
+def _training_summary(run_dir, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
     teacher = read_complete(run_dir, "teacher") or {}
+    model_config = head_spec["model_config"]
     return {
         "VLM": f"{vlm_description} (frozen in stages 3-6)",
         "Teacher": f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" if teacher else None,
-        "Head": f"MLP {spec['model_config']['head_hidden_sizes']} distilled with "
-        f"alpha={spec['model_config']['kd_alpha']}, "
-        f"T={spec['model_config']['kd_temperature']}",
-        "Gate": f"`{gate_config['gate_type']}` on the VLM's {gate_config['vlm_branch_input']}",
-        "VLM branch": f"{spec['model_config']['vlm_branch_mode']} mode",
+        "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
+        f"T={model_config['kd_temperature']}",
+        "Gate": f"`{gate_spec['gate_type']}` on the VLM's {gate_spec['vlm_branch_input']}",
+        "VLM branch": f"{model_config['vlm_branch_mode']} mode",
     }
 
 
-def write_repo(args, model, image_processor, vlm_processor, output: Path, spec: dict, gate_config: dict):
+def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_processor, output: Path):
+    """The model repo: weights and remote code, processor and tokenizer, template files, model card, plots."""
+    head_spec = read_head_spec(run_args.run_dir)
+    _, gate_spec = load_gate(run_args.run_dir)
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -183,22 +165,22 @@ def write_repo(args, model, image_processor, vlm_processor, output: Path, spec: 
     for name, source in _template_files().items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, output / name)
-    results_file = stage_output(args.run_dir, "evaluate") / "results.json"
+    results_file = stage_output(run_args.run_dir, "evaluate") / RESULTS_FILE
     results = json.loads(results_file.read_text()) if results_file.exists() else None
-    repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(args.run_dir).resolve().name}"
-    dataset_name = args.dataset_name or (Path(args.data_dir).resolve().name if args.data_dir else None)
-    vlm_description = _vlm_description(args, spec)
+    repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(run_args.run_dir).resolve().name}"
+    dataset_name = args.dataset_name or (Path(run_args.data_dir).resolve().name if run_args.data_dir else None)
+    vlm_description = _vlm_description(run_args.run_dir, head_spec)
     card = build_model_card(
-        repo_id, spec["class_names"], results, _base_model(args, spec), dataset_name,
-        _training_summary(args.run_dir, spec, gate_config, vlm_description), license=args.license,
+        repo_id, head_spec["class_names"], results, _base_model(run_args.run_dir, args, head_spec), dataset_name,
+        _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description), license=args.license,
         vlm_description=vlm_description,
-    )  # fmt: skip
+    )
     card.save(output / "README.md")
-    for plot in sorted(stage_output(args.run_dir, "evaluate").glob("confusion_*.png")):
+    for plot in sorted(stage_output(run_args.run_dir, "evaluate").glob("confusion_*.png")):
         shutil.copy(plot, output / plot.name)
 
 
-def push_to_hub(args, output: Path) -> str:
+def push_to_hub(args: ExportArguments, output: Path) -> str:
     api = HfApi(token=args.hub_token)
     repo_url = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True, repo_type="model")
     api.upload_folder(
@@ -208,39 +190,40 @@ def push_to_hub(args, output: Path) -> str:
     return str(repo_url)
 
 
-def run(args) -> dict:
-    accelerator = make_accelerator(args, STAGE)
-    start_stage(accelerator, args.run_dir, STAGE)
-    stage_fingerprint = fingerprint(args)
-    spec = read_spec(args.run_dir)
-    if spec["class_names"] != read_class_names(args.run_dir):
-        raise ValueError(f"The head of {args.run_dir!r} was trained for other classes than the run's labels.json")
-    output = stage_output(args.run_dir, STAGE)
+def run(run_args, args: ExportArguments) -> dict:
+    accelerator = make_accelerator(run_args, STAGE, args)
+    start_stage(accelerator, run_args.run_dir, STAGE)
+    stage_fingerprint = fingerprint(run_args, args)
+    head_spec = read_head_spec(run_args.run_dir)
+    if head_spec["class_names"] != read_class_names(run_args.run_dir):
+        raise ValueError(f"The head of {run_args.run_dir!r} was trained for other classes than the run's labels.json")
+    output = stage_output(run_args.run_dir, STAGE)
     summary = {"stage": STAGE, "output": str(output)}
-    verify = args.verify_images > 0 and args.data_dir
+    verify = args.verify_images > 0 and run_args.data_dir
     if verify:  # every process: loading data and features may synchronise them
-        paths, features = verification_data(accelerator, args, spec, args.verify_images)
+        paths, features = verification_data(accelerator, run_args, head_spec, args.verify_images)
     if accelerator.is_main_process:
-        model, image_processor, vlm_processor = assemble_model(args.run_dir)
+        model, image_processor, vlm_processor = assemble_model(run_args.run_dir)
         model.to(accelerator.device)
         if verify:
             summary["verified_max_logit_difference"] = verify_against_cache(
-                args.run_dir, model, image_processor, paths, features
+                run_args.run_dir, model, image_processor, paths, features
             )
-        _, gate_config = load_gate(args.run_dir)
-        write_repo(args, model, image_processor, vlm_processor, output, spec, gate_config)
+        write_repo(run_args, args, model, image_processor, vlm_processor, output)
         if args.push_to_hub:
             summary["hub_url"] = push_to_hub(args, output)
-        write_complete(args.run_dir, STAGE, stage_fingerprint, **{k: v for k, v in summary.items() if k != "stage"})
-    finish_stage(accelerator, args, STAGE)
+        write_complete(
+            run_args.run_dir, STAGE, stage_fingerprint, settings=settings_dict(run_args, args),
+            **{key: value for key, value in summary.items() if key != "stage"},
+        )
+    finish_stage(accelerator, run_args.run_dir, STAGE)
     return summary
 
 
 def main(argv=None) -> dict:
-    """The `train/` script: parse, run, print the summary."""
-    from emovlm_kd.stages import cli_main
+    from emovlm_kd.cli import cli_main
 
-    return cli_main(sys.modules[__name__], argv)
+    return cli_main(STAGE, argv)
 
 
-__all__ = ["assemble_model", "build_parser", "fingerprint", "push_to_hub", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "ExportArguments", "fingerprint", "main", "push_to_hub", "run", "write_repo"]

@@ -19,19 +19,19 @@ same label) and asks again for the others; at the end the file is rewritten with
 finished file holds exactly one record per image.
 """
 
-import argparse
 import json
 import logging
 import os
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from emovlm_kd.data import clear_complete, ensure_class_names, load_imagefolder, stage_output, write_complete
-from emovlm_kd.data import fingerprint as hash_of
+from emovlm_kd.arguments import settings_dict
+from emovlm_kd.data import dataset_hash, load_imagefolder
+from emovlm_kd.instruction_records import read_records, rewrite_records
 from emovlm_kd.openai_chat import ChatRequestError, OpenAIChatClient, RetryPolicy, image_data_url
-from emovlm_kd.stages import dataset_fingerprint
+from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ class MalformedAnswer(ValueError):
     """The endpoint answered, but not with what was asked (reason in the message)."""
 
 
-# ---------------------------------------------------------------------------------------------- prompt and answer
 def build_messages(image_url: str, label: str, class_names: list[str]) -> list[dict]:
     """The chat messages for one image (OpenAI vision format: a text part and an `image_url` part)."""
     prompt = INSTRUCTION_PROMPT.format(
@@ -126,79 +125,51 @@ def parse_answer(content: str, label: str) -> tuple[str, str]:
     return fields[0], fields[1]
 
 
-# ---------------------------------------------------------------------------------------------- the JSONL file
-def read_records(path: str | os.PathLike) -> dict[str, dict]:
-    """The latest record per image (`image` key) of an instruction-data JSONL file; `{}` when it does not exist.
-
-    A line that is not a JSON record (e.g. cut short by a crash mid-write) is logged and ignored: its image counts
-    as not done.
-    """
-    path = Path(path)
-    records = {}
-    if not path.exists():
-        return records
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records[record["image"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                logger.warning(f"{str(path)!r} line {number} is not an instruction record ({error}); ignored")
-    return records
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
-def rewrite_records(path: Path, records: dict[str, dict]):
-    """Atomically replace the file with one record per image."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as file:
-        for record in records.values():
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def done_examples(path: str | os.PathLike) -> dict[str, dict]:
-    """The usable records (`status == "done"`) of an instruction-data file, by image path relative to the data root."""
-    return {image: record for image, record in read_records(path).items() if record.get("status") == "done"}
-
-
-# ---------------------------------------------------------------------------------------------- the stage
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stage 0: ask an OpenAI-compatible vision chat endpoint for the key visual elements and the "
-        "emotional reasoning of every training image (JSONL, resumable).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+@dataclass
+class InstructionDataArguments:
+    base_url: str | None = field(
+        default=None, metadata={"help": f"OpenAI-compatible API base URL (default: {OPENAI_BASE_URL})"}
     )
-    parser.add_argument("--data-dir", required=True, help="ImageFolder dataset: train/[val/]test/<class>/*")
-    parser.add_argument("--run-dir", required=True, help="Run directory; writes instruction_data.jsonl there")
-    parser.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible API base URL")
-    parser.add_argument("--model", default="gpt-4o", help="Chat model with vision")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key")
-    parser.add_argument("--concurrency", type=int, default=8, help="Requests in flight at most")
-    parser.add_argument("--timeout", type=float, default=120.0, help="Seconds per request attempt")
-    parser.add_argument("--max-retries", type=int, default=5, help="Retries on timeouts, 429 and 5xx")
-    parser.add_argument("--backoff-base", type=float, default=1.0, help="First retry waits about this many seconds")
-    parser.add_argument("--backoff-max", type=float, default=60.0, help="Longest backoff between retries (s)")
-    parser.add_argument("--max-tokens", type=int, default=600, help="Answer length limit")
-    parser.add_argument("--temperature", type=float, default=0.2, help="Sampling temperature")
-    parser.add_argument(
-        "--no-json-mode", dest="json_mode", action="store_false",
-        help="Do not send response_format={'type': 'json_object'} (for servers that reject it)",
-    )  # fmt: skip
-    parser.add_argument("--max-image-side", type=int, default=1024, help="Larger images are sent downscaled (px)")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first N training images (trial runs)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="Held-out share of train when no val/")
-    parser.add_argument("--seed", type=int, default=42, help="Seed of that held-out split (as in every stage)")
-    return parser
+    model: str = field(default="gpt-4o", metadata={"help": "Chat model with vision"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key"})
+    concurrency: int = field(default=8, metadata={"help": "Requests in flight at most"})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds per request attempt"})
+    max_retries: int = field(default=5, metadata={"help": "Retries on timeouts, 429 and 5xx"})
+    backoff_base: float = field(default=1.0, metadata={"help": "First retry waits about this many seconds"})
+    backoff_max: float = field(default=60.0, metadata={"help": "Longest backoff between retries (s)"})
+    max_tokens: int = field(default=600, metadata={"help": "Answer length limit"})
+    temperature: float = field(default=0.2, metadata={"help": "Sampling temperature"})
+    json_mode: bool = field(
+        default=True,
+        metadata={"help": "Send response_format={'type': 'json_object'} (--no-json-mode for servers that reject it)"},
+    )
+    max_image_side: int = field(default=1024, metadata={"help": "Larger images are sent downscaled (px)"})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N training images (trial runs)"})
 
 
-def fingerprint(args) -> str:
+ARGUMENTS = InstructionDataArguments
+
+
+def enabled(args: InstructionDataArguments) -> bool:
+    """The all-stages command runs stage 0 only when an endpoint is configured (`base_url`)."""
+    return args.base_url is not None
+
+
+def fingerprint(run_args, args: InstructionDataArguments) -> str:
     """Hash of the data, the endpoint's model and the prompt: what a complete instruction-data file depends on."""
-    return hash_of(
-        {"stage": STAGE, "data": dataset_fingerprint(args), "model": args.model, "base_url": args.base_url,
-         "limit": args.limit, "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER]}
-    )  # fmt: skip
+    return hash_json(
+        {
+            "stage": STAGE,
+            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "model": args.model,
+            "base_url": args.base_url,
+            "limit": args.limit,
+            "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER],
+        }
+    )
 
 
 def _ask(client: OpenAIChatClient, data_root: str, image: str, label: str, class_names, max_side) -> dict:
@@ -237,17 +208,17 @@ def _ask(client: OpenAIChatClient, data_root: str, image: str, label: str, class
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(run_args, args: InstructionDataArguments) -> dict:
     """Generate the instruction data; returns the summary (`done`, `failed`, `skipped`, ...). Resumable."""
     from accelerate import PartialState
 
     state = PartialState()  # under `accelerate launch`, the main process alone talks to the endpoint
-    summary = _run_main(args) if state.is_main_process else {}
+    summary = _run_main(run_args, args) if state.is_main_process else {}
     state.wait_for_everyone()
     return summary
 
 
-def _run_main(args: argparse.Namespace) -> dict:
+def _run_main(run_args, args: InstructionDataArguments) -> dict:
     from tqdm.auto import tqdm
 
     if args.concurrency < 1:
@@ -258,8 +229,10 @@ def _run_main(args: argparse.Namespace) -> dict:
             f"The API key environment variable {args.api_key_env!r} is not set (servers without authentication "
             f"accept any value, e.g. {args.api_key_env}=none)"
         )
-    data = load_imagefolder(args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
-    class_names = ensure_class_names(args.run_dir, data.class_names)
+    if not run_args.data_dir:
+        raise DataError(f"Stage {STAGE!r} needs a dataset: pass --data-dir")
+    data = load_imagefolder(run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed)
+    class_names = ensure_class_names(run_args.run_dir, data.class_names)
     train = data.splits["train"]
     images = [
         (Path(os.path.relpath(path, data.root)).as_posix(), class_names[label])
@@ -268,9 +241,9 @@ def _run_main(args: argparse.Namespace) -> dict:
     if args.limit is not None:
         images = images[: args.limit]
 
-    output = stage_output(args.run_dir, STAGE)
+    output = stage_output(run_args.run_dir, STAGE)
     output.parent.mkdir(parents=True, exist_ok=True)
-    clear_complete(args.run_dir, STAGE)
+    clear_complete(run_args.run_dir, STAGE)
     records = read_records(output)
     pending = [(image, label) for image, label in images if not _is_done(records.get(image), label)]
     skipped = len(images) - len(pending)
@@ -281,7 +254,7 @@ def _run_main(args: argparse.Namespace) -> dict:
     request_fields = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.json_mode:
         request_fields["response_format"] = {"type": "json_object"}
-    client = OpenAIChatClient(args.base_url, api_key, args.model, args.timeout, retry, request_fields)
+    client = OpenAIChatClient(args.base_url or OPENAI_BASE_URL, api_key, args.model, args.timeout, retry, request_fields)
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         with (
@@ -326,7 +299,8 @@ def _run_main(args: argparse.Namespace) -> dict:
     if counts["failed"]:
         print(f"Run again to ask again for the {counts['failed']} failed image(s); done ones are skipped.")
     else:
-        write_complete(args.run_dir, STAGE, fingerprint(args), summary=summary)
+        settings = settings_dict(run_args, args)
+        write_complete(run_args.run_dir, STAGE, fingerprint(run_args, args), summary=summary, settings=settings)
     return summary
 
 
@@ -340,21 +314,21 @@ def _is_done(record: dict | None, label: str) -> bool:
 
 
 def main(argv=None) -> dict:
-    """The `train/` script: parse, run, print the summary."""
-    from emovlm_kd.stages import cli_main
+    from emovlm_kd.cli import cli_main
 
-    return cli_main(sys.modules[__name__], argv)
+    return cli_main(STAGE, argv)
 
 
 __all__ = [
+    "ARGUMENTS",
+    "STAGE",
+    "InstructionDataArguments",
     "MalformedAnswer",
     "build_messages",
-    "build_parser",
-    "done_examples",
+    "enabled",
     "fingerprint",
     "label_pattern",
     "main",
     "parse_answer",
-    "read_records",
     "run",
 ]

@@ -16,38 +16,34 @@ base) and the merged VLM and its processor are saved with `save_pretrained` to `
 `COMPLETE.json`; the checkpoints are then removed.
 """
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from emovlm_kd.data import fingerprint as hash_of
-from emovlm_kd.data import is_complete, read_complete, stage_output, write_complete
+from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
+from emovlm_kd.data import dataset_hash
+from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
-from emovlm_kd.stages import (
-    add_epoch_args,
-    add_run_args,
-    checkpoint_root,
+from emovlm_kd.run_dir import hash_json, stage_output, write_complete
+from emovlm_kd.training import (
     close_trackers,
-    dataset_fingerprint,
-    end_epoch,
     finish_stage,
-    load_run_data,
+    load_stage_data,
     make_accelerator,
-    progress,
-    resume_if_asked,
     start_stage,
+    train_one_epoch,
 )
-from emovlm_kd.stages.instruction_data import done_examples
 
 logger = logging.getLogger(__name__)
 
@@ -58,61 +54,58 @@ TRAINING_LOG = "training_log.json"  # per-epoch losses, next to an epoch checkpo
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stage 1: LoRA instruction tuning of the VLM on observation / inference / classification "
-        "tasks; saves the merged VLM and its processor to <run_dir>/vlm/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+@dataclass
+class InstructionTuningArguments(CheckpointArguments):
+    vlm: str = field(
+        default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
     )
-    add_run_args(parser)
-    add_epoch_args(parser)
-    for action in parser._actions:  # this stage picks bf16 by itself where the GPU has it (the paper's setting)
-        if action.dest == "mixed_precision":
-            action.help = "Default: the `accelerate config` / launch setting, else bf16 on GPUs that support it"
-    group = parser.add_argument_group("instruction tuning")
-    group.add_argument(
-        "--vlm", default="Qwen/Qwen2-VL-7B-Instruct", help="Base VLM: Hub name, local folder, or 'tiny' (offline)"
+    instruction_data: str | None = field(
+        default=None, metadata={"help": "Instruction data (JSONL of stage 0); default: <run_dir>/instruction_data.jsonl"}
     )
-    group.add_argument("--instruction-data", default=None, help="Default: <run_dir>/instruction_data.jsonl")
-    group.add_argument("--classification-only", action="store_true", help="Ignore instruction data")
-    group.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    group.add_argument("--lora-alpha", type=float, default=8, help="LoRA scaling numerator (scale = alpha / r)")
-    group.add_argument("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA input")
-    group.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate after warm-up")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    group.add_argument("--epochs", type=int, default=5, help="Passes over all examples")
-    group.add_argument(
-        "--batch-size", type=int, default=1, help="Global batch size (split across processes; padded batches)"
+    classification_only: bool = field(default=False, metadata={"help": "Ignore instruction data"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=8, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate after warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=5, metadata={"help": "Passes over all examples"})
+    batch_size: int = field(
+        default=1, metadata={"help": "Global batch size (split across processes; padded batches)"}
     )
-    group.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Batches per optimizer update")
-    group.add_argument("--warmup-ratio", type=float, default=0.03, help="Linear warm-up share, then constant")
-    group.add_argument("--max-grad-norm", type=float, default=0.3, help="Gradient clipping norm")
-    group.add_argument("--max-answer-tokens", type=int, default=512, help="Longer explanations are cut")
-    group.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="Less memory, more compute")
-    group.add_argument("--overwrite", action="store_true", help="Train again even if vlm/ is complete")
-    return parser
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share, then constant"})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm"})
+    max_answer_tokens: int = field(default=512, metadata={"help": "Longer explanations are cut"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
 
 
-def fingerprint(args) -> str:
-    """Hash of the data, the instruction data file and every argument the tuned VLM depends on."""
-    keys = (
-        "vlm", "classification_only", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay",
-        "epochs", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "max_answer_tokens",
-        "load_in_4bit", "seed",
-    )  # fmt: skip
-    instruction_digest = None if args.classification_only else _file_digest(instruction_data_path(args))
-    return hash_of(
-        {"stage": STAGE, "data": dataset_fingerprint(args), "instruction_data": instruction_digest,
-         **{key: getattr(args, key) for key in keys}}
-    )  # fmt: skip
+ARGUMENTS = InstructionTuningArguments
+# Settings the tuned VLM depends on (not the checkpointing or the memory-saving switches).
+FINGERPRINT_FIELDS = (
+    "vlm", "classification_only", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "epochs",
+    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "max_answer_tokens", "load_in_4bit",
+)
 
 
-def instruction_data_path(args) -> Path:
-    return Path(args.instruction_data or stage_output(args.run_dir, "instruction_data"))
+def fingerprint(run_args, args: InstructionTuningArguments) -> str:
+    """Hash of the data, the instruction data file and every setting the tuned VLM depends on."""
+    instruction_digest = None if args.classification_only else _file_digest(instruction_data_path(run_args, args))
+    return hash_json(
+        {
+            "stage": STAGE,
+            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "instruction_data": instruction_digest,
+            "seed": run_args.seed,
+            **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
+        }
+    )
 
 
-# ---------------------------------------------------------------------------------------------- inputs
+def instruction_data_path(run_args, args: InstructionTuningArguments) -> Path:
+    return Path(args.instruction_data or stage_output(run_args.run_dir, "instruction_data"))
+
+
 def load_explanations(path: Path, image_paths: list[str], labels: list[str], data_root: str):
     """Done instruction records by absolute image path, and how many records were unusable (label changed)."""
     records = done_examples(path)
@@ -132,9 +125,9 @@ def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
 
-def _describe_instruction_data(args, data, class_names) -> tuple[dict, str]:
+def _describe_instruction_data(run_args, args, data, class_names) -> tuple[dict, str]:
     """The usable explanations by image path, and a sentence saying what the run trains on."""
-    path = instruction_data_path(args)
+    path = instruction_data_path(run_args, args)
     if args.classification_only:
         return {}, "classification only (--classification-only)"
     if not path.exists():
@@ -168,12 +161,12 @@ def _check_4bit(args):
         raise ValueError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
 
 
-def load_base_vlm(args, device_index: int = 0):
+def load_base_vlm(args, seed: int, device_index: int = 0):
     """The base VLM and its processor (4-bit NF4 on GPU with `--load-in-4bit`)."""
     from emovlm_kd.vlm import load_vlm_and_processor
 
     if not args.load_in_4bit:
-        return load_vlm_and_processor(args.vlm, seed=args.seed)
+        return load_vlm_and_processor(args.vlm, seed=seed)
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -227,7 +220,6 @@ def export_merged(peft_model, processor, output: Path, base_loader=None):
     return merged
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
 def _adapter_checkpoint_hooks(accelerator):
     """Checkpoints hold the LoRA adapter (safetensors), not a copy of the frozen base."""
     from peft import PeftModel, set_peft_model_state_dict
@@ -255,42 +247,38 @@ def _adapter_checkpoint_hooks(accelerator):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _write_training_log(accelerator, args, epochs_done: int, log: dict):
+def _write_training_log(accelerator, run_dir, epochs_done: int, log: dict):
     """Next to an epoch checkpoint (when one was written): the losses so far, for the summary of a resumed run."""
-    path = checkpoint_root(args.run_dir, STAGE) / f"epoch_{epochs_done}"
+    path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}"
     if accelerator.is_main_process and path.is_dir():
         (path / TRAINING_LOG).write_text(json.dumps(log) + "\n")
 
 
-def _read_training_log(args, epochs_done: int) -> dict:
-    path = checkpoint_root(args.run_dir, STAGE) / f"epoch_{epochs_done}" / TRAINING_LOG
+def _read_training_log(run_dir, epochs_done: int) -> dict:
+    path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}" / TRAINING_LOG
     if epochs_done and path.exists():
         return json.loads(path.read_text())
     return {"epoch_losses": [None] * epochs_done, "global_step": None}
 
 
-# ---------------------------------------------------------------------------------------------- the stage
-def run(args: argparse.Namespace) -> dict:
+def run(run_args, args: InstructionTuningArguments) -> dict:
     """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
 
     _check_4bit(args)
-    stage_fingerprint = fingerprint(args)
-    if is_complete(args.run_dir, STAGE, stage_fingerprint) and not args.overwrite:
-        logger.info(
-            f"{str(stage_output(args.run_dir, STAGE))!r} is complete for these inputs; skipped (--overwrite trains again)"
-        )
-        return {**(read_complete(args.run_dir, STAGE) or {}).get("summary", {}), "skipped": "complete"}
-    args.mixed_precision = _mixed_precision(args.mixed_precision)
-    accelerator = make_accelerator(args, STAGE, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    set_seed(args.seed)
-    data = load_run_data(args, accelerator)
-    start_stage(accelerator, args.run_dir, STAGE)
-    explanations, note = _describe_instruction_data(args, data, data.class_names)
+    stage_fingerprint = fingerprint(run_args, args)
+    run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
+    accelerator = make_accelerator(
+        run_args, STAGE, args, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    set_seed(run_args.seed)
+    data = load_stage_data(run_args, accelerator, STAGE)
+    start_stage(accelerator, run_args.run_dir, STAGE)
+    explanations, note = _describe_instruction_data(run_args, args, data, data.class_names)
     (logger.info if explanations else logger.warning)(f"Instruction tuning: {note}")
 
-    vlm, processor = load_base_vlm(args, accelerator.local_process_index)
+    vlm, processor = load_base_vlm(args, run_args.seed, accelerator.local_process_index)
     model = add_lora(vlm, args)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     encoder = InstructionEncoder(processor, data.class_names, args.max_answer_tokens)
@@ -302,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         shuffle=True,
         collate_fn=encoder.collate,
-        num_workers=args.num_workers,
+        num_workers=run_args.num_workers,
     )
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -312,8 +300,8 @@ def run(args: argparse.Namespace) -> dict:
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     _adapter_checkpoint_hooks(accelerator)
 
-    epochs_done = resume_if_asked(accelerator, args, STAGE, stage_fingerprint)
-    log = _read_training_log(args, epochs_done)
+    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, STAGE, stage_fingerprint)
+    log = _read_training_log(run_args.run_dir, epochs_done)
     epoch_losses, global_step = list(log["epoch_losses"]), log["global_step"] or epochs_done * updates_per_epoch
     parameters = {
         "trainable": sum(p.numel() for p in trainable),
@@ -323,37 +311,33 @@ def run(args: argparse.Namespace) -> dict:
         f"Training {parameters['trainable']:,} LoRA parameters of {parameters['total']:,} on {len(examples)} "
         f"examples {task_counts}: {updates_per_epoch} updates/epoch, {args.epochs} epochs, {warmup_steps} warm-up"
     )
+
+    def log_update(loss, bar):
+        nonlocal global_step
+        global_step += 1
+        accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
     started = time.time()
     for epoch in range(epochs_done, args.epochs):
-        model.train()
         dataloader.set_epoch(epoch)
-        loss_sum, batches = torch.zeros((), device=accelerator.device), 0
-        bar = progress(accelerator, dataloader, desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}")
-        for batch in bar:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach().float()
-            batches += 1
-            if accelerator.sync_gradients:
-                global_step += 1
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        epoch_losses.append(accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1))
+        epoch_losses.append(
+            train_one_epoch(
+                accelerator, model, dataloader, optimizer, lambda model, batch: model(**batch).loss,
+                desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}", scheduler=scheduler,
+                max_grad_norm=args.max_grad_norm, on_update=log_update,
+            )
+        )
         accelerator.log({"train/epoch_loss": epoch_losses[-1]}, step=global_step)
         logger.info(f"Instruction tuning epoch {epoch + 1}/{args.epochs}: mean loss {epoch_losses[-1]:.4f}")
-        stop = end_epoch(accelerator, args, STAGE, stage_fingerprint, epoch + 1, args.epochs)
-        _write_training_log(accelerator, args, epoch + 1, {"epoch_losses": epoch_losses, "global_step": global_step})
+        stop = end_epoch(accelerator, run_args.run_dir, args, STAGE, stage_fingerprint, epoch + 1, args.epochs)
+        training_log = {"epoch_losses": epoch_losses, "global_step": global_step}
+        _write_training_log(accelerator, run_args.run_dir, epoch + 1, training_log)
         if stop:
             close_trackers(accelerator)
             return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1, "epoch_losses": epoch_losses}
 
-    output = stage_output(args.run_dir, STAGE)
+    output = stage_output(run_args.run_dir, STAGE)
     summary = {
         "stage": STAGE,
         "output": str(output),
@@ -378,24 +362,26 @@ def run(args: argparse.Namespace) -> dict:
         export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
         logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
         write_complete(
-            args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes
+            run_args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes,
+            settings=settings_dict(run_args, args),
         )
-    finish_stage(accelerator, args, STAGE)
+    finish_stage(accelerator, run_args.run_dir, STAGE)
     print(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
     return summary
 
 
 def main(argv=None) -> dict:
-    """The `train/` script: parse, run, print the summary."""
-    from emovlm_kd.stages import cli_main
+    from emovlm_kd.cli import cli_main
 
-    return cli_main(sys.modules[__name__], argv)
+    return cli_main(STAGE, argv)
 
 
 __all__ = [
+    "ARGUMENTS",
     "LORA_TARGET_MODULES",
+    "STAGE",
+    "InstructionTuningArguments",
     "add_lora",
-    "build_parser",
     "export_merged",
     "fingerprint",
     "load_base_vlm",

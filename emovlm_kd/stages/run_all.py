@@ -1,134 +1,159 @@
-"""All stages in order for one dataset, skipping those already complete for the same inputs and arguments.
+"""All stages in order for one dataset, skipping those already complete for the same inputs and settings.
 
-    0. instruction data   only with --base-url (an OpenAI-compatible vision endpoint)
+    0. instruction data   only when an endpoint is set (`instruction_data.base_url`)
     1. instruction tuning LoRA on the VLM (classification task alone without instruction data)
-    2. teacher            3. distillation    4. gate    5. evaluation    6. export (+ push with --push-to-hub)
+    2. teacher            3. distillation    4. gate    5. evaluation    6. export (+ push with `export.push_to_hub`)
 
-Shared options (data, run dir, seed, VLM, teacher, ...) go to every stage that has them; anything else goes to one
-stage through `--<stage>-args "..."`, e.g. `--distill-args "--epochs 50 --learning-rate 1e-3"`. A stage whose
-`COMPLETE.json` holds the fingerprint it would write is skipped (`--force` runs it anyway); an interrupted stage
-resumes from its last epoch checkpoint.
+Settings come from the stages' defaults (the paper's), then a recipe (`--config FILE` or a shipped name such as
+`quickstart`; see `emovlm_kd.arguments`), then the command line: the run options (`--data-dir`, `--seed`, ...) and
+`--set KEY=VALUE ...`, where KEY is `STAGE.FIELD` (`distill.epochs=10`) or a bare `FIELD` for every stage that has
+it (`vlm=tiny`), and VALUE is YAML (`head_hidden_sizes=[64]`). The resolved settings of every stage are written to
+`<run_dir>/run_config.yaml`, itself a recipe. A stage whose `COMPLETE.json` holds the fingerprint it would write is
+skipped (`--force` runs it anyway); an interrupted stage resumes from its last epoch checkpoint.
 """
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
-import shlex
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from emovlm_kd.data import is_complete, read_complete
-from emovlm_kd.stages import STAGES
+from emovlm_kd.arguments import RunArguments, coerce_values, field_names, load_recipe, overrides_of, stage_values
+from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete
 
 logger = logging.getLogger(__name__)
 
-# run_all option (dest) -> the flag(s) a stage may know it by (all that it has are set).
-SHARED_OPTIONS = {
-    "data_dir": ["--data-dir"],
-    "run_dir": ["--run-dir"],
-    "val_fraction": ["--val-fraction"],
-    "seed": ["--seed", "--split-seed"],
-    "report_to": ["--report-to"],
-    "num_workers": ["--num-workers"],
-    "mixed_precision": ["--mixed-precision"],
-    "vlm": ["--vlm"],
-    "teacher": ["--teacher"],
-    "pretrained": ["--pretrained"],
-    "base_url": ["--base-url"],
-    "instruction_model": ["--model"],
-    "gate_type": ["--gate-type"],
-    "push_to_hub": ["--push-to-hub"],
-    "resume": ["--resume"],
-    "force": ["--overwrite"],  # stages that check their own completion
-}
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class RunAllArguments:
+    config: str | None = field(
+        default=None,
+        metadata={"help": "Recipe: a YAML/JSON file, or the name of a shipped one (e.g. quickstart)",
+                  "aliases": ["--recipe"]},
+    )
+    stages: list[str] | None = field(
+        default=None, metadata={"help": f"Stages to consider, among {list(STAGES)} (default: the recipe's, else all)"}
+    )
+    set: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Stage settings STAGE.FIELD=VALUE, or FIELD=VALUE for every stage that has the field"},
+    )
+    force: bool = field(default=False, metadata={"help": "Run the stages even when complete"})
+    resume: bool = field(default=True, metadata={"help": "Resume interrupted stages from their epoch checkpoints"})
+
+
+def check_stage_names(stages: list[str]):
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"Unknown stage(s) {unknown}; stages: {list(STAGES)}")
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    module: object
+    args: object
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    # Run options override the recipe only when given, hence optional copies of the RunArguments fields.
+    return HfArgumentParser(
+        (overrides_of(RunArguments), RunAllArguments),
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data-dir", required=True, help="ImageFolder dataset: train/[val/]test/<class>/<image>")
-    parser.add_argument("--run-dir", required=True, help="The run directory")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="Held-out share of train when no val/")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--report-to", default="tensorboard", help="Accelerate tracker(s), or 'none'")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--vlm", default="Qwen/Qwen2-VL-7B-Instruct", help="Base VLM; 'tiny' works offline")
-    parser.add_argument("--teacher", default="vit_base_patch16_384", help="timm model name, or 'tiny'")
-    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="Pretrained teacher")
-    parser.add_argument(
-        "--base-url", "--instruction-endpoint", dest="base_url", default=None,
-        help="OpenAI-compatible endpoint for stage 0; without it stage 0 is skipped",
-    )  # fmt: skip
-    parser.add_argument("--instruction-model", default=None, help="Chat model of that endpoint (stage 0 --model)")
-    parser.add_argument("--gate-type", default=None, help="Gate variant (stage 4 --gate-type)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="Upload the final repo (stage 6)")
-    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="Stages to consider")
-    parser.add_argument("--force", action="store_true", help="Run the stages even when complete")
-    parser.add_argument(
-        "--resume", action=argparse.BooleanOptionalAction, default=True, help="Resume interrupted stages"
+
+
+def parse_overrides(items: list[str], modules: dict) -> tuple[dict, dict]:
+    """`--set` items as (RunArguments values, `{stage: {field: value}}`); YAML values."""
+    import yaml
+
+    run_values, stage_values_ = {}, {stage: {} for stage in modules}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.epochs=10")
+        value = yaml.safe_load(text) if text else ""
+        target, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        if target == "run":
+            run_values[name] = value
+        elif target:
+            if target not in modules:
+                raise ValueError(f"--set {item!r}: stage {target!r} is not among the selected stages {list(modules)}")
+            stage_values_[target][name] = value
+        else:
+            having = [stage for stage, module in modules.items() if name in field_names(module.ARGUMENTS)]
+            if not having:
+                raise ValueError(f"--set {item!r}: no selected stage has a setting {name!r}")
+            for stage in having:
+                stage_values_[stage][name] = value
+    return run_values, stage_values_
+
+
+def plan(argv=None) -> tuple[RunAllArguments, RunArguments, list[StagePlan]]:
+    """Parse the command line and resolve every selected stage's settings (defaults < recipe < command line)."""
+    cli_run, run_all_args = build_parser().parse_args_into_dataclasses(argv)
+    cli_run = {name: value for name, value in dataclasses.asdict(cli_run).items() if value is not None}
+    recipe = load_recipe(run_all_args.config) if run_all_args.config else {"run": {}}
+    selected = run_all_args.stages or recipe.get("stages") or list(STAGES)
+    check_stage_names(selected)
+    modules = {stage: importlib.import_module(f"emovlm_kd.stages.{stage}") for stage in STAGES if stage in selected}
+    set_run, set_stages = parse_overrides(run_all_args.set, modules)
+    run_args = RunArguments(
+        **{**recipe["run"], **coerce_values(RunArguments, {**cli_run, **set_run}, "command line")}
     )
-    for stage in STAGES:
-        parser.add_argument(
-            f"--{stage.replace('_', '-')}-args", default="", metavar="ARGS", help=f"Extra arguments of stage {stage!r}"
-        )
-    return parser
+    plans = []
+    for stage, module in modules.items():
+        base = {"resume": run_all_args.resume} if "resume" in field_names(module.ARGUMENTS) else {}
+        values = {**base, **stage_values(recipe, stage, module.ARGUMENTS, set_stages[stage])}
+        plans.append(StagePlan(stage, module, module.ARGUMENTS(**values)))
+    return run_all_args, run_args, plans
 
 
-def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return parser._option_string_actions
+def write_run_config(run_args: RunArguments, plans: list[StagePlan]) -> Path:
+    """The resolved settings, as a recipe that reproduces the run: `<run_dir>/run_config.yaml`."""
+    import yaml
+
+    config = {"run": dataclasses.asdict(run_args), "stages": [p.stage for p in plans]}
+    config.update({p.stage: dataclasses.asdict(p.args) for p in plans})
+    path = Path(run_args.run_dir) / RUN_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
-def stage_argv(args, stage: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The command line of one stage: the shared options it knows, then its `--<stage>-args`."""
-    known = _flags(parser)
-    argv = []
-    for dest, flags in SHARED_OPTIONS.items():
-        value = getattr(args, dest)
-        for flag in [f for f in flags if f in known] if value is not None else []:
-            action = known[flag]
-            if isinstance(action, argparse.BooleanOptionalAction):
-                argv.append(flag if value else flag.replace("--", "--no-", 1))
-            elif action.nargs == 0:  # store_true
-                argv += [flag] if value else []
-            else:
-                argv += [flag, str(value)]
-    return argv + shlex.split(getattr(args, f"{stage}_args"))
+def _is_complete(plan_: StagePlan, run_args) -> bool:
+    try:
+        return is_complete(run_args.run_dir, plan_.stage, plan_.module.fingerprint(run_args, plan_.args))
+    except DataError:  # an upstream stage is missing: the stage will say so when it runs
+        return False
 
 
-def selected_stages(args) -> list[str]:
-    stages = [stage for stage in STAGES if stage in args.stages]
-    if "instruction_data" in stages and not args.base_url:
-        logger.info("Stage 0 (instruction data) skipped: no --base-url; stage 1 trains the classification task alone")
-        stages.remove("instruction_data")
-    return stages
-
-
-def run(args) -> dict:
+def run(run_all_args: RunAllArguments, run_args: RunArguments, plans: list[StagePlan]) -> dict:
+    write_run_config(run_args, plans)
     summary = {}
-    for stage in selected_stages(args):
-        try:
-            module = importlib.import_module(f"emovlm_kd.stages.{stage}")
-        except ModuleNotFoundError as error:
-            if error.name != f"emovlm_kd.stages.{stage}":
-                raise
-            logger.warning(f"Stage {stage!r} is not available in this installation; skipped")
-            summary[stage] = {"skipped": "not available"}
+    for plan_ in plans:
+        stage = plan_.stage
+        enabled = getattr(plan_.module, "enabled", None)
+        if enabled is not None and not enabled(plan_.args):
+            logger.info(f"Stage {stage!r} skipped: not configured (see `python train/{stage}.py --help`)")
             continue
-        argv = stage_argv(args, stage, module.build_parser())
-        stage_args = module.build_parser().parse_args(argv)
-        # Stages without `fingerprint()` check their own completion inside `run()`.
-        if hasattr(module, "fingerprint") and not args.force:
-            if is_complete(args.run_dir, stage, module.fingerprint(stage_args)):
-                logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
-                summary[stage] = {"skipped": "complete", **_recorded(args.run_dir, stage)}
-                continue
-        logger.info(f"Stage {stage!r}: {shlex.join(argv)}")
+        if not run_all_args.force and _is_complete(plan_, run_args):
+            logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
+            summary[stage] = {"skipped": "complete", **_recorded(run_args.run_dir, stage)}
+            continue
+        logger.info(f"Stage {stage!r}: {dataclasses.asdict(plan_.args)}")
         started = time.time()
-        result = module.run(stage_args)
+        result = plan_.module.run(run_args, plan_.args)
         result["seconds"] = round(time.time() - started, 1)
         summary[stage] = result
         if result.get("stopped"):
@@ -139,19 +164,23 @@ def run(args) -> dict:
 
 def _recorded(run_dir, stage: str) -> dict:
     record = read_complete(run_dir, stage) or {}
-    return {k: v for k, v in record.items() if k in ("val_metrics", "results", "output")}
+    return {key: value for key, value in record.items() if key in ("val_metrics", "results", "output")}
 
 
 def main(argv=None) -> dict:
-    from emovlm_kd.stages import end_processes
+    from emovlm_kd.cli import exit_with_error, setup_logging
+    from emovlm_kd.training import end_processes
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run_all_args, run_args, plans = plan(argv)
+    except ValueError as error:
+        exit_with_error(error)
     started = time.time()
     try:
-        summary = run(args)
+        summary = run(run_all_args, run_args, plans)
+    except DataError as error:
+        exit_with_error(error)
     finally:
         end_processes()
     summary["total_seconds"] = round(time.time() - started, 1)
@@ -159,4 +188,4 @@ def main(argv=None) -> dict:
     return summary
 
 
-__all__ = ["build_parser", "run", "selected_stages", "stage_argv"]
+__all__ = ["RunAllArguments", "StagePlan", "build_parser", "main", "parse_overrides", "plan", "run"]

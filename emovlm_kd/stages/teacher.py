@@ -6,103 +6,62 @@ the model) for evaluation. Writes `<run_dir>/teacher/` (`model.safetensors` + ti
 `timm.create_model("local-dir:<run_dir>/teacher", pretrained=True)`).
 """
 
-import argparse
 import logging
-import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from emovlm_kd.data import fingerprint as hash_of
-from emovlm_kd.data import open_image_rgb, stage_output, write_complete
+from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.data import dataset_hash, open_image_rgb
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.stages import (
-    add_epoch_args,
-    add_run_args,
-    close_trackers,
-    dataset_fingerprint,
-    end_epoch,
+from emovlm_kd.run_dir import hash_json, stage_output, write_complete
+from emovlm_kd.teachers import TEACHER_PRESETS, create_teacher, teacher_transforms
+from emovlm_kd.training import (
     finish_stage,
-    load_run_data,
+    load_stage_data,
     make_accelerator,
     progress,
-    resume_if_asked,
     seeded_rng,
     start_stage,
+    train_epochs,
 )
 
 logger = logging.getLogger(__name__)
 
 STAGE = "teacher"
-# Named presets: (timm model name, create_model kwargs). `tiny` is a 2-block ViT at 32 px for offline tests.
-TEACHER_PRESETS = {
-    "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}),
-}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+@dataclass
+class TeacherArguments(CheckpointArguments):
+    teacher: str = field(
+        default="vit_base_patch16_384", metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
     )
-    add_run_args(parser)
-    add_epoch_args(parser)
-    group = parser.add_argument_group("teacher")
-    group.add_argument(
-        "--teacher", default="vit_base_patch16_384", help=f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"
-    )
-    group.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
+    pretrained: bool = field(
         default=True,
-        help="Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained",
+        metadata={"help": "Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained"},
     )
-    group.add_argument("--learning-rate", type=float, default=3e-5)
-    group.add_argument("--weight-decay", type=float, default=1e-5)
-    group.add_argument("--batch-size", type=int, default=10, help="Global batch size (split across processes)")
-    group.add_argument("--eval-batch-size", type=int, default=32)
-    group.add_argument("--epochs", type=int, default=10)
-    return parser
+    learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "Adam weight decay"})
+    batch_size: int = field(default=10, metadata={"help": "Global batch size (split across processes)"})
+    eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the validation pass"})
+    epochs: int = field(default=10, metadata={"help": "Passes over the training images"})
 
 
-def fingerprint(args) -> str:
-    keys = ("teacher", "pretrained", "learning_rate", "weight_decay", "batch_size", "epochs", "seed")
-    return hash_of({"stage": STAGE, "data": dataset_fingerprint(args), **{k: getattr(args, k) for k in keys}})
+ARGUMENTS = TeacherArguments
+# Settings the trained teacher depends on (not the checkpointing or evaluation batch).
+FINGERPRINT_FIELDS = ("teacher", "pretrained", "learning_rate", "weight_decay", "batch_size", "epochs")
 
 
-# ---------------------------------------------------------------------------------------------- model and data
-def create_teacher(name: str, num_classes: int, pretrained: bool = True):
-    """A timm classifier with a fresh `num_classes` head (`name` may be a preset of `TEACHER_PRESETS`)."""
-    import timm
-
-    model_name, kwargs = TEACHER_PRESETS.get(name, (name, {}))
-    pretrained = pretrained and name not in TEACHER_PRESETS
-    try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"--teacher {name!r} is not a timm model name (see timm.list_models())") from None
-        raise
-    except OSError as error:  # huggingface_hub's offline / connection errors
-        raise RuntimeError(
-            f"Could not download the pretrained weights of {model_name!r} ({type(error).__name__}); "
-            f"pass --no-pretrained to start from random weights"
-        ) from error
-
-
-def load_teacher(teacher_dir):
-    """The trained teacher of a run (`<run_dir>/teacher/`), in eval mode."""
-    import timm
-
-    return timm.create_model(f"local-dir:{teacher_dir}", pretrained=True).eval()
-
-
-def teacher_transforms(model):
-    """(train, eval) transforms from the model's timm data config: RandomResizedCrop + flip; resize + centre crop."""
-    from timm.data import create_transform, resolve_input_data_config
-
-    config = resolve_input_data_config(model)  # the model's actual input size (also for presets' img_size)
-    train = create_transform(**config, is_training=True, hflip=0.5, color_jitter=None)
-    return train, create_transform(**config, is_training=False)
+def fingerprint(run_args, args: TeacherArguments) -> str:
+    return hash_json(
+        {
+            "stage": STAGE,
+            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "seed": run_args.seed,
+            **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
+        }
+    )
 
 
 class ImageSplit(torch.utils.data.Dataset):
@@ -138,23 +97,26 @@ def predict(accelerator, model, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-# ---------------------------------------------------------------------------------------------- the stage
-def run(args) -> dict:
+def cross_entropy_loss(model, batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+
+
+def run(run_args, args: TeacherArguments) -> dict:
     from accelerate.utils import set_seed
     from timm.models import save_for_hf
 
-    accelerator = make_accelerator(args, STAGE)
-    set_seed(args.seed)
-    data = load_run_data(args, accelerator)
-    stage_fingerprint = fingerprint(args)
-    start_stage(accelerator, args.run_dir, STAGE)
+    accelerator = make_accelerator(run_args, STAGE, args)
+    set_seed(run_args.seed)
+    data = load_stage_data(run_args, accelerator, STAGE)
+    stage_fingerprint = fingerprint(run_args, args)
+    start_stage(accelerator, run_args.run_dir, STAGE)
     class_names = data.class_names
 
     with accelerator.main_process_first():  # one download of pretrained weights
         model = create_teacher(args.teacher, len(class_names), args.pretrained)
     train_transform, eval_transform = teacher_transforms(model)
-    train_set = ImageSplit(data.splits["train"], train_transform, augment_seed=args.seed)
-    loader_kwargs = {"num_workers": args.num_workers, "pin_memory": torch.cuda.is_available()}
+    train_set = ImageSplit(data.splits["train"], train_transform, augment_seed=run_args.seed)
+    loader_kwargs = {"num_workers": run_args.num_workers, "pin_memory": torch.cuda.is_available()}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(
         ImageSplit(data.splits["val"], eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
@@ -162,58 +124,38 @@ def run(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
-    epochs_done = resume_if_asked(accelerator, args, STAGE, stage_fingerprint)
-    metrics = {}
-    for epoch in range(epochs_done, args.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        train_set.epoch = epoch
-        total_loss, steps = 0.0, 0
-        for batch in progress(accelerator, train_loader, desc=f"Teacher epoch {epoch + 1}/{args.epochs}"):
-            loss = F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            total_loss += accelerator.reduce(loss.detach(), reduction="mean").item()
-            steps += 1
+    def validate() -> dict:
         logits, labels = predict(accelerator, model, val_loader)
-        metrics = classification_metrics(labels, logits.argmax(-1), class_names)
-        metrics["train_loss"] = total_loss / max(steps, 1)
-        logger.info(f"Teacher epoch {epoch + 1}: {metrics}")
-        accelerator.log({f"teacher/val_{k}": v for k, v in metrics.items()}, step=epoch + 1)
-        if end_epoch(accelerator, args, STAGE, stage_fingerprint, epoch + 1, args.epochs):
-            close_trackers(accelerator)
-            return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1}
+        return classification_metrics(labels, logits.argmax(-1), class_names)
 
-    output = stage_output(args.run_dir, STAGE)
+    def set_augmentation_epoch(epoch: int):
+        train_set.epoch = epoch
+
+    metrics, stopped_after = train_epochs(
+        accelerator, run_args, args, STAGE, stage_fingerprint, model, train_loader, optimizer, cross_entropy_loss,
+        validate, on_epoch_start=set_augmentation_epoch,
+    )
+    if stopped_after is not None:
+        return {"stage": STAGE, "stopped": True, "epochs_done": stopped_after}
+
+    output = stage_output(run_args.run_dir, STAGE)
     if accelerator.is_main_process:
         save_for_hf(
-            accelerator.unwrap_model(model),
-            output,
-            model_config={"label_names": class_names},
-            safe_serialization=True,
+            accelerator.unwrap_model(model), output, model_config={"label_names": class_names}, safe_serialization=True
         )
         write_complete(
-            args.run_dir, STAGE, stage_fingerprint, teacher=args.teacher, val_metrics=metrics, epochs=args.epochs,
+            run_args.run_dir, STAGE, stage_fingerprint, teacher=args.teacher, val_metrics=metrics, epochs=args.epochs,
             unreadable_images=data.bad_images, num_processes=accelerator.num_processes,
-        )  # fmt: skip
-    finish_stage(accelerator, args, STAGE)
+            settings=settings_dict(run_args, args),
+        )
+    finish_stage(accelerator, run_args.run_dir, STAGE)
     return {"stage": STAGE, "output": str(output), "val_metrics": metrics, "unreadable_images": data.bad_images}
 
 
 def main(argv=None) -> dict:
-    """The `train/` script: parse, run, print the summary."""
-    from emovlm_kd.stages import cli_main
+    from emovlm_kd.cli import cli_main
 
-    return cli_main(sys.modules[__name__], argv)
+    return cli_main(STAGE, argv)
 
 
-__all__ = [
-    "TEACHER_PRESETS",
-    "build_parser",
-    "create_teacher",
-    "fingerprint",
-    "load_teacher",
-    "run",
-    "teacher_transforms",
-]
+__all__ = ["ARGUMENTS", "STAGE", "TeacherArguments", "fingerprint", "main", "run"]

@@ -1,0 +1,221 @@
+"""Settings of the training stages: the shared run arguments, recipe files, and parsing them with HfArgumentParser.
+
+A stage's settings are two dataclasses: [`RunArguments`] (shared by every stage) and the stage's own (the `ARGUMENTS`
+dataclass of `emovlm_kd.stages.<stage>`; training stages extend [`CheckpointArguments`]). Scripts parse them with
+`transformers.HfArgumentParser`, as Hugging Face's example scripts do: `--learning-rate` and `--learning_rate` both
+work, booleans take `--flag` / `--no-flag`.
+
+A recipe (a YAML or JSON file, or the name of one shipped in `emovlm_kd/recipes/`) sets them for a whole run:
+
+    run:                  # RunArguments, for every stage
+      seed: 42
+    all:                  # stage settings, for every stage that has them
+      vlm: Qwen/Qwen2-VL-2B-Instruct
+    stages: [teacher, distill, gate, evaluate, export]   # which stages `run_all` runs
+    distill:              # one section per stage
+      epochs: 10
+
+Precedence: the dataclass defaults, then the recipe, then the command line.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPE_SECTIONS = ("run", "all", "stages")
+
+
+@dataclass
+class RunArguments:
+    """Where a run and its data are, seeding, logging: shared by every stage."""
+
+    run_dir: str | None = field(
+        default=None, metadata={"help": "The run directory (every stage reads and writes there). Required."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "ImageFolder dataset: train/[val/]test/<class>/<image>"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train held out (stratified) as val when there is no val/"}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the val split, initialisation and shuffling"})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "Accelerate tracker(s), comma-separated, or 'none'"}
+    )
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "Defaults to the `accelerate config` / launch setting"}
+    )
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise ValueError("--run-dir is required: the run directory every stage reads and writes")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class CheckpointArguments:
+    """Epoch checkpoints of a training stage (`accelerator.save_state`), for resuming an interrupted run."""
+
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the latest epoch checkpoint of this stage, if it matches"}
+    )
+    stop_after_epoch: int | None = field(
+        default=None, metadata={"help": "Stop after this many epochs (checkpointed; resume later)"}
+    )
+    checkpoint_every: int = field(default=1, metadata={"help": "Save a checkpoint every N epochs"})
+    keep_checkpoints: int = field(default=1, metadata={"help": "Epoch checkpoints to keep (latest first)"})
+
+
+def settings_dict(*arguments) -> dict:
+    """The fields of argument dataclasses as one flat dict (for trackers and COMPLETE.json)."""
+    merged = {}
+    for instance in arguments:
+        merged.update(dataclasses.asdict(instance))
+    return merged
+
+
+def stage_parser(module):
+    """`HfArgumentParser` of a stage module: its `RunArguments` and `ARGUMENTS`, plus `--config`."""
+    from transformers import HfArgumentParser
+
+    description = (module.__doc__ or "").split("\n\n")[0]
+    parser = HfArgumentParser((RunArguments, module.ARGUMENTS), description=description)
+    parser.add_argument(
+        "--config", default=None, help="Recipe (YAML/JSON file or shipped name): its run, all and stage sections"
+    )
+    return parser
+
+
+def parse_stage_args(module, argv=None):
+    """`(RunArguments, stage arguments)` from a stage's command line (`--config` recipe values as defaults)."""
+    parser = stage_parser(module)
+    config = parser.parse_known_args(argv)[0].config
+    if config:
+        recipe = load_recipe(config)
+        parser.set_defaults(**stage_values(recipe, module.STAGE, module.ARGUMENTS), **recipe.get("run", {}))
+    run_args, stage_args = parser.parse_args_into_dataclasses(argv)[:2]
+    return run_args, stage_args
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A recipe file's contents (YAML or JSON), checked for unknown sections; `name_or_path` may be the name of a
+    recipe shipped in `emovlm_kd/recipes/` (`quickstart`, ...)."""
+    import yaml
+
+    from emovlm_kd.run_dir import STAGES
+
+    path = Path(name_or_path)
+    if not path.is_file() and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(f"Recipe {name_or_path!r} is neither a file nor a shipped recipe ({shipped})")
+    text = path.read_text()
+    recipe = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    recipe = recipe or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {str(path)!r} must be a mapping of sections, got {type(recipe).__name__}")
+    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS) - set(STAGES))
+    if unknown:
+        raise ValueError(f"Recipe {str(path)!r} has unknown section(s) {unknown}; known: {[*RECIPE_SECTIONS, *STAGES]}")
+    recipe["run"] = coerce_values(RunArguments, recipe.get("run") or {}, f"{path.name}: run")
+    return recipe
+
+
+def stage_values(recipe: dict, stage: str, arguments_class, overrides: dict | None = None) -> dict:
+    """A stage's settings from a recipe: its `all` section (fields the stage has), its own section, `overrides`."""
+    names = field_names(arguments_class)
+    values = {key: value for key, value in (recipe.get("all") or {}).items() if key.replace("-", "_") in names}
+    values.update(recipe.get(stage) or {})
+    values.update(overrides or {})
+    return coerce_values(arguments_class, values, stage)
+
+
+def overrides_of(arguments_class):
+    """A dataclass with the fields of `arguments_class`, all optional with default None: parsed from a command line
+    whose options must override a recipe only when given (None means not given)."""
+    hints = typing.get_type_hints(arguments_class)
+    fields = []
+    for original in dataclasses.fields(arguments_class):
+        default = original.default if original.default is not dataclasses.MISSING else original.default_factory()
+        help_text = f"{original.metadata.get('help', '')} (default: {default})"
+        fields.append((original.name, hints[original.name] | None, field(default=None, metadata={"help": help_text})))
+    return dataclasses.make_dataclass(f"{arguments_class.__name__}Overrides", fields)
+
+
+def field_names(arguments_class) -> set[str]:
+    return {f.name for f in dataclasses.fields(arguments_class) if f.init}
+
+
+def coerce_values(arguments_class, values: dict, where: str) -> dict:
+    """Recipe values converted to the dataclass's field types; an unknown field or a bad value is a clear error."""
+    hints = typing.get_type_hints(arguments_class)
+    names = field_names(arguments_class)
+    coerced = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ValueError(f"{where}: unknown setting {key!r}; settings here: {sorted(names)}")
+        try:
+            coerced[name] = _coerce(hints[name], value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: setting {key!r}: {error}") from None
+    return coerced
+
+
+def _coerce(kind, value):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(arg for arg in args if arg is not type(None)), value)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(args[0], item) for item in items]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "1"):
+            return True
+        if str(value).lower() in ("false", "no", "0"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{value!r} is not an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{value!r} is not a string")
+        return str(value)
+    return value
+
+
+__all__ = [
+    "CheckpointArguments",
+    "RECIPES_DIR",
+    "RunArguments",
+    "coerce_values",
+    "field_names",
+    "load_recipe",
+    "overrides_of",
+    "parse_stage_args",
+    "settings_dict",
+    "stage_parser",
+    "stage_values",
+]

@@ -1,0 +1,44 @@
+"""The distillation teacher: any `timm` classifier, its data transforms, and loading a trained one from a run."""
+
+# Named presets: (timm model name, create_model kwargs). `tiny` is a 2-block ViT at 32 px for offline tests.
+TEACHER_PRESETS = {
+    "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+}
+
+
+def create_teacher(name: str, num_classes: int, pretrained: bool = True):
+    """A timm classifier with a fresh `num_classes` head (`name` may be a preset of `TEACHER_PRESETS`)."""
+    import timm
+
+    model_name, kwargs = TEACHER_PRESETS.get(name, (name, {}))
+    pretrained = pretrained and name not in TEACHER_PRESETS
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ValueError(f"--teacher {name!r} is not a timm model name (see timm.list_models())") from None
+        raise
+    except OSError as error:  # huggingface_hub's offline / connection errors
+        raise RuntimeError(
+            f"Could not download the pretrained weights of {model_name!r} ({type(error).__name__}); "
+            f"pass --no-pretrained to start from random weights"
+        ) from error
+
+
+def load_teacher(teacher_dir):
+    """A trained teacher saved with `timm.models.save_for_hf` (a run's `teacher/`), in eval mode."""
+    import timm
+
+    return timm.create_model(f"local-dir:{teacher_dir}", pretrained=True).eval()
+
+
+def teacher_transforms(model):
+    """(train, eval) transforms from the model's timm data config: RandomResizedCrop + flip; resize + centre crop."""
+    from timm.data import create_transform, resolve_input_data_config
+
+    config = resolve_input_data_config(model)  # the model's actual input size (also for presets' img_size)
+    train = create_transform(**config, is_training=True, hflip=0.5, color_jitter=None)
+    return train, create_transform(**config, is_training=False)
+
+
+__all__ = ["TEACHER_PRESETS", "create_teacher", "load_teacher", "teacher_transforms"]

@@ -1,0 +1,174 @@
+"""Training plumbing shared by the stages: the Accelerator, data loading, seeding, the epoch loop, the stage lifecycle.
+
+Every training stage is an Accelerate script: `accelerate launch train/<stage>.py ...` runs it on several devices, and
+`batch_size` is the global batch (split across processes), so results do not depend on the process count.
+"""
+
+import logging
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emovlm_kd.arguments import settings_dict
+from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
+from emovlm_kd.data import load_imagefolder
+from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(run_args, stage: str, *settings, **kwargs):
+    """An Accelerator whose batch size is global (split across processes), logging to `<run_dir>/logs` with the
+    stage's settings (`run_args` and the stage's arguments) as the tracker config."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    report_to = [name for name in run_args.report_to.split(",") if name and name != "none"]
+    accelerator = Accelerator(
+        mixed_precision=run_args.mixed_precision,
+        log_with=report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(run_args.run_dir), logging_dir=str(Path(run_args.run_dir) / "logs")),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        **kwargs,
+    )
+    if report_to:
+        config = settings_dict(run_args, *settings)
+        accelerator.init_trackers(stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                 for k, v in config.items()})
+    return accelerator
+
+
+def load_stage_data(run_args, accelerator, stage: str, class_names=None):
+    """The run's dataset (listed on the main process first), with the run's classes fixed or checked."""
+    if not run_args.data_dir:
+        raise DataError(f"Stage {stage!r} needs a dataset: pass --data-dir")
+    with accelerator.main_process_first():
+        data = load_imagefolder(
+            run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed, class_names=class_names
+        )
+        ensure_class_names(run_args.run_dir, data.class_names)
+    return data
+
+
+def progress(accelerator, iterable=None, **kwargs):
+    """A tqdm bar on the local main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not accelerator.is_local_main_process, dynamic_ncols=True, **kwargs)
+
+
+@contextmanager
+def seeded_rng(*keys: int):
+    """Run a block with Python's and torch's CPU RNG seeded from `keys` (restored afterwards).
+
+    Used for per-sample augmentation, so an image gets the same crop in a given epoch whatever the process count,
+    worker count or resumption point.
+    """
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def train_one_epoch(
+    accelerator, model, loader, optimizer, compute_loss, desc: str = "Training", scheduler=None, max_grad_norm=None,
+    on_update=None,
+) -> float:
+    """One pass over a prepared `loader`: `loss = compute_loss(model, batch)`, backward, (clip,) step, under
+    `accelerator.accumulate`. `on_update(loss, bar)` runs after every optimizer update. Returns the epoch's mean loss
+    over batches and processes (accumulated on the device, read once)."""
+    model.train()
+    loss_sum, steps = torch.zeros((), device=accelerator.device), 0
+    bar = progress(accelerator, loader, desc=desc)
+    for batch in bar:
+        with accelerator.accumulate(model):
+            loss = compute_loss(model, batch)
+            accelerator.backward(loss)
+            if max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad()
+        loss_sum += loss.detach().float()
+        steps += 1
+        if on_update is not None and accelerator.sync_gradients:
+            on_update(loss, bar)
+    return accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
+
+
+def train_epochs(
+    accelerator, run_args, args, stage: str, fingerprint: str, model, loader, optimizer, compute_loss, validate,
+    on_epoch_start=None,
+) -> tuple[dict, int | None]:
+    """The epoch loop of a stage: resume if asked, then per epoch train, `validate()` (a dict of metrics), log and
+    checkpoint. Returns (the last epoch's metrics + `train_loss`, the epochs done when `stop_after_epoch` ended
+    the run early, else None)."""
+    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, stage, fingerprint)
+    metrics = {}
+    for epoch in range(epochs_done, args.epochs):
+        loader.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        train_loss = train_one_epoch(
+            accelerator, model, loader, optimizer, compute_loss, desc=f"{stage} epoch {epoch + 1}/{args.epochs}"
+        )
+        metrics = {**validate(), "train_loss": train_loss}
+        logger.info(f"{stage} epoch {epoch + 1}: {metrics}")
+        accelerator.log({f"{stage}/val_{key}": value for key, value in metrics.items()}, step=epoch + 1)
+        if end_epoch(accelerator, run_args.run_dir, args, stage, fingerprint, epoch + 1, args.epochs):
+            close_trackers(accelerator)
+            return metrics, epoch + 1
+    return metrics, None
+
+
+def start_stage(accelerator, run_dir, stage: str):
+    """Remove a previous COMPLETE.json so a crash mid-stage never leaves a marker for stale outputs."""
+    if accelerator.is_main_process:
+        clear_complete(run_dir, stage)
+    accelerator.wait_for_everyone()
+
+
+def finish_stage(accelerator, run_dir, stage: str):
+    """After the outputs and COMPLETE.json are written: drop the stage's epoch checkpoints, close the trackers."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_checkpoints(run_dir, stage)
+    close_trackers(accelerator)
+
+
+def close_trackers(accelerator):
+    """`accelerator.end_training()` without destroying the process group: later stages of the same process
+    (`train/run_all.py`) reuse it; `end_processes` destroys it once at exit."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def end_processes():
+    """Tear the process group down cleanly (multi-process runs otherwise may abort at exit)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        PartialState().destroy_process_group()
+
+
+__all__ = [
+    "close_trackers",
+    "end_processes",
+    "finish_stage",
+    "load_stage_data",
+    "make_accelerator",
+    "progress",
+    "seeded_rng",
+    "start_stage",
+    "train_epochs",
+    "train_one_epoch",
+]
