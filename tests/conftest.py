@@ -25,7 +25,6 @@ os.environ.update(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -47,18 +46,6 @@ def _loopback_only_connect(self, address):
 
 socket.socket.connect = _loopback_only_connect
 torch.set_num_threads(2)
-
-EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
-
-
-def make_images():
-    """A few images of different sizes and modes."""
-    return [
-        Image.new("RGB", (100, 80), (200, 10, 10)),
-        Image.linear_gradient("L").resize((300, 300)),
-        Image.new("RGB", (30, 200), (0, 99, 1)),
-    ]
-
 
 @pytest.fixture(scope="session")
 def tiny():

@@ -17,18 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emovlm_kd.data import read_complete
+from emovlm_kd.run_dir import read_complete
 from emovlm_kd.stages import run_all
 from emovlm_kd.testing import make_imagefolder, tiny_run_all_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-STAGE_ARGS = {
+STAGE_SETTINGS = {
     # 45 training images -> 5 held out, 40 train: whole batches of 8, so no process pads its last batch
-    "teacher": "--epochs 2 --learning-rate 1e-3 --batch-size 8 --eval-batch-size 4",
-    "distill": "--epochs 10 --learning-rate 1e-2 --head-hidden-sizes 32 --head-dropout 0 --batch-size 8 "
-    "--feature-batch-size 4",
-    "gate": "--epochs 10 --learning-rate 1e-2 --batch-size 8",
+    "teacher": {"epochs": 2, "eval_batch_size": 4},
+    "distill": {"epochs": 10, "head_dropout": 0, "feature_batch_size": 4},
+    "gate": {"epochs": 10},
 }
 
 
@@ -36,18 +35,19 @@ def launch_two_processes(argv: list[str], log: Path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1",
-               str(REPO_ROOT / "train" / "run_all.py"), *argv]  # fmt: skip
+               str(REPO_ROOT / "train" / "run_all.py"), *argv]
     with log.open("w") as output:
         result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600)
     assert result.returncode == 0, log.read_text()[-5000:]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class={"train": 15, "test": 4})
     runs = {"two": tmp_path / "two-processes", "one": tmp_path / "one-process"}
-    argv = {name: tiny_run_all_argv(data, run, **STAGE_ARGS) for name, run in runs.items()}
+    argv = {name: tiny_run_all_argv(data, run, **STAGE_SETTINGS) for name, run in runs.items()}
     launch_two_processes(argv["two"], tmp_path / "launch.log")
-    run_all.run(run_all.build_parser().parse_args(argv["one"]))
+    run_all.run(*run_all.plan(argv["one"]))
 
     trained = {
         "teacher": ("teacher", "model.safetensors"),

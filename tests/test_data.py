@@ -1,4 +1,4 @@
-"""The data library: ImageFolder loading, stratified val split, bad images, class checks, run markers."""
+"""The data library: ImageFolder loading, stratified val split, bad images, class checks."""
 
 import collections
 import json
@@ -6,18 +6,8 @@ import logging
 
 import pytest
 
-from emovlm_kd.data import (
-    DataError,
-    complete_marker,
-    ensure_class_names,
-    fingerprint,
-    is_complete,
-    load_imagefolder,
-    open_image_rgb,
-    read_complete,
-    resolve_vlm,
-    write_complete,
-)
+from emovlm_kd.data import dataset_hash, load_imagefolder, open_image_rgb
+from emovlm_kd.run_dir import DataError
 from emovlm_kd.testing import add_bad_images, make_imagefolder
 
 
@@ -99,35 +89,14 @@ def test_clear_errors(tmp_path, breakage, message):
         load_imagefolder(root, check_images=False)
 
 
-def test_fingerprint_changes_with_data(folder):
+def test_hashes_change_with_data(folder):
     data = load_imagefolder(folder, check_images=False)
-    before = data.fingerprint()
-    assert load_imagefolder(folder, check_images=False).fingerprint() == before
+    before, folder_before = data.files_hash(), dataset_hash(folder, 0.1, 42)
+    assert load_imagefolder(folder, check_images=False).files_hash() == before
+    assert dataset_hash(folder, 0.1, 42) == folder_before != dataset_hash(folder, 0.2, 42)
     (folder / "test" / "neutral" / "neutral_000.jpg").unlink()
-    assert load_imagefolder(folder, check_images=False).fingerprint() != before
-
-
-def test_class_names_are_fixed_by_the_first_stage(tmp_path):
-    run_dir = tmp_path / "run"
-    assert ensure_class_names(run_dir, ["a", "b"]) == ["a", "b"]
-    assert json.loads((run_dir / "labels.json").read_text()) == {"class_names": ["a", "b"]}
-    assert ensure_class_names(run_dir, ["a", "b"]) == ["a", "b"]
-    with pytest.raises(DataError, match=r"differ from those fixed for this run"):
-        ensure_class_names(run_dir, ["b", "a"])
-
-
-def test_complete_markers(tmp_path):
-    run_dir = tmp_path / "run"
-    assert not is_complete(run_dir, "teacher") and read_complete(run_dir, "teacher") is None
-    key = fingerprint({"lr": 3e-5, "data": "x"})
-    write_complete(run_dir, "teacher", key, metrics={"accuracy": 0.5})
-    assert complete_marker(run_dir, "teacher") == run_dir / "teacher" / "COMPLETE.json"
-    assert is_complete(run_dir, "teacher", key) and not is_complete(run_dir, "teacher", fingerprint("other"))
-    assert read_complete(run_dir, "teacher")["metrics"] == {"accuracy": 0.5}
-    assert complete_marker(run_dir, "instruction_data") == run_dir / "instruction_data.COMPLETE.json"
-    assert resolve_vlm(run_dir, "tiny") == "tiny"
-    write_complete(run_dir, "instruction_tuning", "k")
-    assert resolve_vlm(run_dir, "tiny") == str(run_dir / "vlm")
+    assert load_imagefolder(folder, check_images=False).files_hash() != before
+    assert dataset_hash(folder, 0.1, 42) != folder_before
 
 
 def test_tiny_train_split_holds_out_one_image_per_class(tmp_path):

@@ -5,18 +5,21 @@ import re
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 from helpers_repo_template import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 
+pytestmark = pytest.mark.slow  # subprocess runs of the examples
+
 
 def run_example(script: str, *args, cwd) -> str:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout
 
@@ -49,7 +52,7 @@ def test_inference_example_on_a_model_folder(tiny_folder, tmp_path):
     run_example(
         "inference.py", tiny_folder, "--images", *paths, "--top-k", "2", "--batch-size", "2",
         "--output-json", tmp_path / "out.json", cwd=tmp_path,
-    )  # fmt: skip
+    )
     out = json.loads((tmp_path / "out.json").read_text())
     assert [record["image"] for record in out["model"]] == ["a.png", "b.jpg", "c.png"]
     assert all(len(ranked) == 2 for ranked in out["pipeline"])

@@ -185,6 +185,7 @@ FRESH_HANDLER_SCRIPT = BLOCK_PROJECT_MODULES + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder, tmp_path):
     repo = copy_model_repo(tiny_folder, tmp_path / "repo")
     script = tmp_path / "endpoint.py"

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from emovlm_kd.data import complete_marker
+from emovlm_kd.arguments import parse_stage_args
+from emovlm_kd.instruction_records import read_records
+from emovlm_kd.run_dir import complete_marker
 from emovlm_kd.stages import instruction_data
-from emovlm_kd.stages.instruction_data import MalformedAnswer, parse_answer, read_records
+from emovlm_kd.stages.instruction_data import MalformedAnswer, parse_answer
 from emovlm_kd.testing import make_imagefolder
 
 API_KEY = "sk-test-key"
@@ -138,7 +140,7 @@ def stage_args(root, run_dir, base_url, **overrides):
     ]  # fmt: skip
     for name, value in overrides.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    return instruction_data.build_parser().parse_args(argv)
+    return parse_stage_args(instruction_data, argv)
 
 
 def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
@@ -166,7 +168,7 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
     output = run_dir / "instruction_data.jsonl"
 
     with FakeChatServer(digests, plan) as server:
-        first = instruction_data.run(stage_args(root, run_dir, server.base_url))
+        first = instruction_data.run(*stage_args(root, run_dir, server.base_url))
         first_requests = len(server.requests)
         records = read_records(output)
 
@@ -199,7 +201,7 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
 
         with output.open("a") as file:  # a crash mid-write leaves a cut-off last line
             file.write('{"image": "train/negative/neg')
-        second = instruction_data.run(stage_args(root, run_dir, server.base_url))
+        second = instruction_data.run(*stage_args(root, run_dir, server.base_url))
 
         retried = [image for image, _, _ in server.requests[first_requests:]]
         assert sorted(retried) == sorted(images[i] for i in (4, 5, 6, 7))  # done ones skipped, failed ones asked again
@@ -213,7 +215,7 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
         assert complete_marker(run_dir, "instruction_data").exists()
         assert json.loads((run_dir / "labels.json").read_text())["class_names"] == CLASSES
 
-        third = instruction_data.run(stage_args(root, run_dir, server.base_url))
+        third = instruction_data.run(*stage_args(root, run_dir, server.base_url))
         assert (third["done"], third["failed"], third["skipped"]) == (0, 0, 9)
         assert len(server.requests) == first_requests + 4
 
@@ -223,11 +225,11 @@ def test_rejected_key_stops_the_run(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_CHAT_KEY", "wrong-key")
     with FakeChatServer(digests, {image: ["ok"] for image in images}) as server:
         with pytest.raises(RuntimeError, match="401.*API key was rejected"):
-            instruction_data.run(stage_args(root, tmp_path / "run", server.base_url))
+            instruction_data.run(*stage_args(root, tmp_path / "run", server.base_url))
         assert server.requests == []  # rejected before any image was scripted
     monkeypatch.delenv("TEST_CHAT_KEY")
     with pytest.raises(ValueError, match="TEST_CHAT_KEY"):
-        instruction_data.run(stage_args(root, tmp_path / "run", "http://127.0.0.1:9/v1"))
+        instruction_data.run(*stage_args(root, tmp_path / "run", "http://127.0.0.1:9/v1"))
 
 
 def test_answer_validation():

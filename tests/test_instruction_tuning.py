@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from emovlm_kd.data import complete_marker, load_imagefolder, open_image_rgb
+from emovlm_kd.arguments import parse_stage_args
+from emovlm_kd.data import load_imagefolder, open_image_rgb
+from emovlm_kd.run_dir import complete_marker, is_complete, read_complete
 from emovlm_kd.instruction_tasks import IGNORE_INDEX, InstructionEncoder, build_examples
 from emovlm_kd.stages import instruction_tuning
 from emovlm_kd.stages.instruction_tuning import add_lora, export_merged
@@ -23,11 +25,10 @@ TUNED_RUN = {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "seed": SEED}
 
 def stage_args(data_dir, run_dir, vlm="tiny", **overrides):
     argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", str(vlm), "--report-to", "none",
-            "--num-workers", "0"]  # fmt: skip
+            "--num-workers", "0"]
     for name, value in overrides.items():
-        flag = f"--{name.replace('_', '-')}"
-        argv += [flag] if value is True else [flag, str(value)]
-    return instruction_tuning.build_parser().parse_args(argv)
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return parse_stage_args(instruction_tuning, argv)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def tuned_run(dataset, tmp_path_factory):
             }
             file.write(json.dumps(record) + "\n")
         file.write(json.dumps({"image": images[0].relative_to(dataset).as_posix(), "label": images[0].parent.name,
-                               "status": "failed", "reason": "HTTP 503"}) + "\n")  # fmt: skip
-    return run_dir, instruction_tuning.run(stage_args(dataset, run_dir, **TUNED_RUN))
+                               "status": "failed", "reason": "HTTP 503"}) + "\n")
+    return run_dir, instruction_tuning.run(*stage_args(dataset, run_dir, **TUNED_RUN))
 
 
 def test_answer_only_labels_and_exact_classification_prompt(dataset):
@@ -104,7 +105,7 @@ def test_answer_only_labels_and_exact_classification_prompt(dataset):
 
 def test_lora_targets_language_attention_only():
     vlm, _ = load_vlm_and_processor("tiny")
-    model = add_lora(vlm, instruction_tuning.build_parser().parse_args(["--data-dir", "x", "--run-dir", "y"]))
+    model = add_lora(vlm, instruction_tuning.ARGUMENTS())
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert trainable and all("lora_" in name and "language_model" in name for name in trainable)
     projections = {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trainable}
@@ -117,7 +118,7 @@ def test_merged_export_equals_the_adapted_model(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     vlm, processor = load_vlm_and_processor("tiny")
-    model = add_lora(vlm, instruction_tuning.build_parser().parse_args(["--data-dir", "x", "--run-dir", "y"]))
+    model = add_lora(vlm, instruction_tuning.ARGUMENTS())
     torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -160,8 +161,9 @@ def test_three_task_tuning_and_export(tuned_run, dataset):
     attention = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
     assert changed == {name for name in base_state if "language_model" in name and name.endswith(attention)}
 
-    again = instruction_tuning.run(stage_args(dataset, run_dir, **TUNED_RUN))
-    assert again["skipped"] == "complete" and again["epoch_losses"] == summary["epoch_losses"]
+    # the all-stages command skips the stage for the same inputs: the recorded fingerprint is the one it computes
+    assert is_complete(run_dir, "instruction_tuning", instruction_tuning.fingerprint(*stage_args(dataset, run_dir, **TUNED_RUN)))
+    assert read_complete(run_dir, "instruction_tuning")["summary"]["epoch_losses"] == summary["epoch_losses"]
 
 
 def test_resume_equals_uninterrupted(tuned_run, dataset, tmp_path):
@@ -172,11 +174,11 @@ def test_resume_equals_uninterrupted(tuned_run, dataset, tmp_path):
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     shutil.copy(run_dir / "instruction_data.jsonl", stopped)
-    first = instruction_tuning.run(stage_args(dataset, stopped, stop_after_epoch=1, **TUNED_RUN))
+    first = instruction_tuning.run(*stage_args(dataset, stopped, stop_after_epoch=1, **TUNED_RUN))
     assert first["stopped"] and first["epochs_done"] == 1
     assert not (stopped / "vlm").exists() and (stopped / "checkpoints" / "instruction_tuning" / "epoch_1").is_dir()
 
-    resumed = instruction_tuning.run(stage_args(dataset, stopped, resume=True, **TUNED_RUN))
+    resumed = instruction_tuning.run(*stage_args(dataset, stopped, resume=True, **TUNED_RUN))
     assert resumed["resumed_after_epochs"] == 1 and resumed["global_steps"] == summary["global_steps"]
     assert resumed["epoch_losses"] == pytest.approx(summary["epoch_losses"], abs=1e-6)
     expected, actual = (
@@ -203,11 +205,11 @@ def test_learning_check_classification_only(tmp_path, caplog):
 
     classes = ["amusement", "contentment", "sadness"]
     data_dir = make_imagefolder(tmp_path / "data", classes, per_class={"train": 16, "val": 10},
-                                splits=("train", "val"), size=(112, 112), seed=1)  # fmt: skip
+                                splits=("train", "val"), size=(112, 112), seed=1)
     run_dir = tmp_path / "run"
     args = stage_args(data_dir, run_dir, epochs=8, batch_size=4, learning_rate=1e-2, seed=1)
     with caplog.at_level(logging.WARNING):
-        summary = instruction_tuning.run(args)
+        summary = instruction_tuning.run(*args)
     assert summary["tasks"] == ["classification"] and summary["instruction_data"].startswith("classification only")
     assert any("classification only" in record.message for record in caplog.records)
 
@@ -238,7 +240,7 @@ def test_examples_without_instruction_data():
 def test_4bit_needs_a_gpu(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--load-in-4bit needs a CUDA GPU"):
-        instruction_tuning.run(stage_args(dataset, tmp_path / "run", load_in_4bit=True))
+        instruction_tuning.run(*stage_args(dataset, tmp_path / "run", load_in_4bit=True))
     assert not (tmp_path / "run").exists()  # refused before any work
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EMOTIONS_8, make_images
+from emovlm_kd.testing import EMOTIONS_8, make_images
 from emovlm_kd.tiny import build_tiny_model
 from modeling_emovlm_kd import GATES, AnswerTrie, distillation_loss, parse_generated_answer
 

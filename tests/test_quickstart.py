@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # subprocess runs of the examples
 
 
 def test_quickstart_runs_offline_end_to_end(tmp_path):
@@ -14,7 +18,7 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
     assert f"The model folder is {run_dir / 'model'}" in out
@@ -29,6 +33,18 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     assert len(predictions) == 3 and all(0 <= float(score) <= 1 for _, _, score in predictions)
     assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "model" / "README.md").exists()
 
+    # the README's equivalent with the all-stages script and the shipped recipe: the same model, byte for byte
+    recipe_run = tmp_path / "recipe-run"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train" / "run_all.py"), "--config", "quickstart",
+         "--data-dir", str(run_dir / "data"), "--run-dir", str(recipe_run)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    quickstart_weights = (run_dir / "model" / "model.safetensors").read_bytes()
+    assert (recipe_run / "model" / "model.safetensors").read_bytes() == quickstart_weights
+    assert (recipe_run / "run_config.yaml").exists()
+
 
 BASS = REPO_ROOT.parent / "shared" / "data" / "bass"
 
@@ -40,7 +56,7 @@ def test_quickstart_on_a_real_dataset_given_by_relative_path(tmp_path):
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--data", "../shared/data/bass", "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train=420, val=47, test=116" in result.stderr
     predictions = re.findall(r"^\s+(\w+)/\S+\.png\s+-> (negative|neutral|positive) \(", result.stdout, re.MULTILINE)

@@ -6,10 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_images
+from emovlm_kd.testing import make_images
 
 # Runs in a fresh interpreter, from an unrelated directory, with this package's modules made unimportable.
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
@@ -111,6 +112,7 @@ def test_folder_contents(tiny_folder):
     assert any(k.startswith("gate.") for k in keys)
 
 
+@pytest.mark.slow
 def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_path):
     model, image_processor, _ = tiny
     with torch.no_grad():

@@ -205,6 +205,7 @@ def _chromium(user_data_dir: str):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+@pytest.mark.slow
 def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

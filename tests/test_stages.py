@@ -10,9 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from emovlm_kd.data import DataError, ensure_class_names, read_complete
+from emovlm_kd.arguments import parse_stage_args
+from emovlm_kd.artifacts import assemble_model, cached_vlm_scores, load_gate
+from emovlm_kd.run_dir import DataError, ensure_class_names, read_complete
 from emovlm_kd.stages import distill, evaluate, export, gate, run_all, teacher
-from emovlm_kd.testing import TINY_STAGE_ARGS, add_bad_images, make_imagefolder, tiny_run_all_argv
+from emovlm_kd.teachers import create_teacher
+from emovlm_kd.testing import add_bad_images, make_imagefolder, tiny_run_all_argv
 from modeling_emovlm_kd import GATES
 
 CLASSES = ["negative", "neutral", "positive"]
@@ -34,8 +37,7 @@ def dataset(tmp_path_factory):
 def pipeline(dataset, tmp_path_factory):
     """Stages 2-6 through the all-stages command; returns (run_dir, its summary)."""
     run_dir = tmp_path_factory.mktemp("run")
-    args = run_all.build_parser().parse_args(tiny_run_all_argv(dataset, run_dir))
-    return run_dir, run_all.run(args)
+    return run_dir, run_all.run(*run_all.plan(tiny_run_all_argv(dataset, run_dir)))
 
 
 def copy_run(run_dir, destination, *leave_out):
@@ -45,15 +47,11 @@ def copy_run(run_dir, destination, *leave_out):
 
 
 def stage_args(module, dataset, run_dir, *extra):
-    """A stage's parsed arguments with the tiny settings of `TINY_STAGE_ARGS`."""
-    argv = ["--data-dir", str(dataset), "--run-dir", str(run_dir), "--num-workers", "0", "--report-to", "none"]
-    stage = module.STAGE
-    argv += {"teacher": ["--teacher", "tiny"], "distill": ["--vlm", "tiny"]}.get(stage, [])
-    argv += TINY_STAGE_ARGS.get(stage, "").split()
-    return module.build_parser().parse_args(argv + list(extra))
+    """A stage's parsed `(run_args, args)` with the tiny settings of the `quickstart` recipe."""
+    argv = ["--config", "quickstart", "--data-dir", str(dataset), "--run-dir", str(run_dir), *extra]
+    return parse_stage_args(module, argv)
 
 
-# ---------------------------------------------------------------------------------------------- end to end
 def test_every_stage_writes_its_outputs(pipeline):
     run_dir, summary = pipeline
     for stage in ("teacher", "distill", "gate", "evaluate", "export"):
@@ -125,7 +123,7 @@ def test_exported_repo_loads_with_auto_classes_and_pipeline(pipeline, dataset):
     with torch.no_grad():
         logits = model(**processor(images)).logits
     # the exported model is the evaluated one: its predictions equal stage 5's cached pipeline
-    assembled, assembled_processor, _ = export.assemble_model(run_dir)
+    assembled, assembled_processor, _ = assemble_model(run_dir)
     with torch.no_grad():
         torch.testing.assert_close(logits, assembled(**assembled_processor(images)).logits, rtol=1e-4, atol=1e-4)
     predictions = hf_pipeline("image-classification", model=model, image_processor=processor)(images[:2])
@@ -137,7 +135,7 @@ def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
     with mock.patch.object(export, "HfApi") as hf_api:
         hf_api.return_value.create_repo.return_value = "https://huggingface.co/me/emovlm-kd-colours"
         args = stage_args(export, dataset, run_dir, "--push-to-hub", "me/emovlm-kd-colours", "--private")
-        summary = export.run(args)
+        summary = export.run(*args)
     api = hf_api.return_value
     api.create_repo.assert_called_once_with("me/emovlm-kd-colours", private=True, exist_ok=True, repo_type="model")
     upload = api.upload_folder.call_args.kwargs
@@ -146,14 +144,13 @@ def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
     assert "me/emovlm-kd-colours" in (run_dir / "model" / "README.md").read_text()
 
 
-# ---------------------------------------------------------------------------------------------- cache
 def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
     run_dir = copy_run(pipeline[0], tmp_path / "run")
     before = {p.name for p in (run_dir / "cache").iterdir()}
     # another head on the same features: no model is loaded
-    with mock.patch("emovlm_kd.data.build_emovlm_kd", side_effect=AssertionError("VLM loaded")):
-        with mock.patch("emovlm_kd.stages.teacher.load_teacher", side_effect=AssertionError("teacher loaded")):
-            distill.run(stage_args(distill, dataset, run_dir, "--head-dropout", "0.2"))
+    with mock.patch("emovlm_kd.vlm.build_emovlm_kd", side_effect=AssertionError("VLM loaded")):
+        with mock.patch("emovlm_kd.teachers.load_teacher", side_effect=AssertionError("teacher loaded")):
+            distill.run(*stage_args(distill, dataset, run_dir, "--head-dropout", "0.2"))
     assert {p.name for p in (run_dir / "cache").iterdir()} == before
 
     # a changed image: that split's features are recomputed, the others reused
@@ -162,35 +159,33 @@ def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
     changed = data_copy / "test" / "positive" / "positive_000.jpg"
     shutil.copy(data_copy / "test" / "negative" / "negative_000.jpg", changed)
     run_copy = copy_run(run_dir, tmp_path / "run-copy")
-    evaluate.run(stage_args(evaluate, data_copy, run_copy))
+    evaluate.run(*stage_args(evaluate, data_copy, run_copy))
     new = {p.name for p in (run_copy / "cache").iterdir()} - before
     assert sorted(name.split("-")[0] + "-" + name.split("-")[1] for name in new) == ["teacher-test", "vlm-test"]
 
     # a different prompt: new VLM features, same teacher logits
-    with mock.patch("emovlm_kd.stages.teacher.load_teacher", side_effect=AssertionError("teacher loaded")):
-        distill.run(stage_args(distill, dataset, run_dir, "--classification-prompt", "Emotion? <labels>."))
+    with mock.patch("emovlm_kd.teachers.load_teacher", side_effect=AssertionError("teacher loaded")):
+        distill.run(*stage_args(distill, dataset, run_dir, "--classification-prompt", "Emotion? <labels>."))
     new = {p.name for p in (run_dir / "cache").iterdir()} - before
     assert sorted(name.split("-")[0] for name in new) == ["vlm", "vlm", "vlm"]
 
 
 def test_cached_vlm_gate_input_matches_the_model():
-    from emovlm_kd.cache import vlm_gate_input
     from emovlm_kd.tiny import build_tiny_model
 
     log_likelihoods = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -0.7]])
     for branch_input in ("probs", "one_hot"):
         model = build_tiny_model(CLASSES, vlm_branch_input=branch_input)[0]
         expected = model.vlm_gate_input(log_likelihoods)
-        got = vlm_gate_input({"vlm_log_likelihoods": log_likelihoods}, "score", branch_input)
+        got = cached_vlm_scores({"vlm_log_likelihoods": log_likelihoods}, "score", branch_input)
         torch.testing.assert_close(got, expected)
 
 
-# ---------------------------------------------------------------------------------------------- stages
 @pytest.mark.parametrize("gate_type", ["bilinear", "moe", "dynamic_weighting", "cross_gating"])
 def test_every_gate_variant_trains(pipeline, dataset, tmp_path, gate_type):
     run_copy = copy_run(pipeline[0], tmp_path / "run")
-    summary = gate.run(stage_args(gate, dataset, run_copy, "--gate-type", gate_type, "--epochs", "40"))
-    trained, config = gate.load_gate(run_copy)
+    summary = gate.run(*stage_args(gate, dataset, run_copy, "--gate-type", gate_type, "--epochs", "40"))
+    trained, config = load_gate(run_copy)
     assert config["gate_type"] == gate_type and type(trained) is GATES[gate_type]
     assert summary["val_metrics"]["accuracy"] > 0.5
 
@@ -201,21 +196,20 @@ def test_class_mismatch_is_an_error_before_heavy_work(pipeline, dataset, tmp_pat
     ensure_class_names(reordered, ["positive", "neutral", "negative"])  # another stage fixed another order
     with mock.patch.object(teacher, "create_teacher", side_effect=AssertionError("heavy work started")):
         with pytest.raises(DataError, match="differ from those fixed for this run"):
-            teacher.run(stage_args(teacher, dataset, reordered))
+            teacher.run(*stage_args(teacher, dataset, reordered))
     other = make_imagefolder(tmp_path / "other", ["calm", "joy", "rage"], {"train": 10, "test": 2})
     run_copy = copy_run(run_dir, tmp_path / "run2", "cache")
-    with mock.patch("emovlm_kd.data.build_emovlm_kd", side_effect=AssertionError("heavy work started")):
+    with mock.patch("emovlm_kd.vlm.build_emovlm_kd", side_effect=AssertionError("heavy work started")):
         for module in (teacher, gate, evaluate):
             with pytest.raises(DataError, match="differ"):
-                module.run(stage_args(module, other, run_copy))
+                module.run(*stage_args(module, other, run_copy))
 
 
 def test_missing_upstream_stage_is_a_clear_error(dataset, tmp_path):
     with pytest.raises(DataError, match="needs stage 'teacher' first"):
-        distill.run(stage_args(distill, dataset, tmp_path / "fresh"))
+        distill.run(*stage_args(distill, dataset, tmp_path / "fresh"))
 
 
-# ---------------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("module", [teacher, distill], ids=["teacher", "distill"])
 def test_resume_after_interruption_equals_uninterrupted(pipeline, dataset, tmp_path, module):
     run_dir, _ = pipeline
@@ -225,7 +219,7 @@ def test_resume_after_interruption_equals_uninterrupted(pipeline, dataset, tmp_p
     trained = {}
     for name, runs in {"uninterrupted": [[]], "resumed": [["--stop-after-epoch", "1"], ["--resume"]]}.items():
         run = copy_run(run_dir, tmp_path / name, output)
-        summaries = [module.run(stage_args(module, dataset, run, "--epochs", "2", *extra)) for extra in runs]
+        summaries = [module.run(*stage_args(module, dataset, run, "--epochs", "2", *extra)) for extra in runs]
         assert [s.get("stopped", False) for s in summaries] == [True] * (len(runs) - 1) + [False]
         assert read_complete(run, module.STAGE) is not None
         trained[name] = load_file(run / output / weights)
@@ -236,7 +230,7 @@ def test_resume_after_interruption_equals_uninterrupted(pipeline, dataset, tmp_p
 
 def test_stopped_stage_leaves_a_checkpoint_and_no_complete_marker(dataset, tmp_path):
     run = tmp_path / "run"
-    summary = teacher.run(stage_args(teacher, dataset, run, "--epochs", "2", "--stop-after-epoch", "1"))
+    summary = teacher.run(*stage_args(teacher, dataset, run, "--epochs", "2", "--stop-after-epoch", "1"))
     assert summary["stopped"] and summary["epochs_done"] == 1
     assert read_complete(run, "teacher") is None
     assert (run / "checkpoints" / "teacher" / "epoch_1" / "model.safetensors").exists()
@@ -244,22 +238,20 @@ def test_stopped_stage_leaves_a_checkpoint_and_no_complete_marker(dataset, tmp_p
 
 def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
     """Once stage 1 completed, stage 3 onwards use <run_dir>/vlm (and its fingerprint) instead of --vlm."""
-    from emovlm_kd.data import write_complete
+    from emovlm_kd.run_dir import write_complete
     from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
 
     run = copy_run(pipeline[0], tmp_path / "run")
-    args = run_all.build_parser().parse_args(
-        tiny_run_all_argv(dataset, run, stages=("distill", "gate", "evaluate", "export"))
-    )
-    before = distill.fingerprint(stage_args(distill, dataset, run))
+    plan = run_all.plan(tiny_run_all_argv(dataset, run, stages=("distill", "gate", "evaluate", "export")))
+    before = distill.fingerprint(*stage_args(distill, dataset, run))
     processor = build_tiny_vlm_processor()
     build_tiny_vlm(processor, seed=5).save_pretrained(run / "vlm")
     processor.save_pretrained(run / "vlm")
     write_complete(run, "instruction_tuning", "tuned-1", summary={"vlm": "Qwen/Qwen2-VL-2B-Instruct"})
-    tuned = distill.fingerprint(stage_args(distill, dataset, run))
+    tuned = distill.fingerprint(*stage_args(distill, dataset, run))
     assert tuned != before
 
-    summary = run_all.run(args)
+    summary = run_all.run(*plan)
     assert summary["distill"]["vlm"] == str(run / "vlm")
     assert len(list((run / "cache").glob("vlm-*"))) == 6  # the tiny VLM's features and the tuned one's
     exported, tuned_vlm = load_file(run / "model" / "model.safetensors"), load_file(run / "vlm" / "model.safetensors")
@@ -269,38 +261,44 @@ def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
     assert card["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
 
     write_complete(run, "instruction_tuning", "tuned-2")  # stage 1 ran again: stage 3 is stale
-    assert distill.fingerprint(stage_args(distill, dataset, run)) != tuned
+    assert distill.fingerprint(*stage_args(distill, dataset, run)) != tuned
 
 
 def test_teacher_errors_are_clear():
     with pytest.raises(RuntimeError, match="pass --no-pretrained"):
-        teacher.create_teacher("vit_tiny_patch16_224", 3, pretrained=True)  # offline: the weights cannot come
+        create_teacher("vit_tiny_patch16_224", 3, pretrained=True)  # offline: the weights cannot come
     with pytest.raises(ValueError, match="not a timm model name"):
-        teacher.create_teacher("no_such_model", 3, pretrained=False)
+        create_teacher("no_such_model", 3, pretrained=False)
 
 
-def test_every_stage_has_a_cli_with_the_papers_defaults():
-    import subprocess
-    import sys
-
-    defaults = {
-        module.STAGE: vars(module.build_parser().parse_args(["--data-dir", "D", "--run-dir", "R"]))
-        for module in (teacher, distill, gate, evaluate, export)
-    }
+def test_every_stage_defaults_to_the_papers_settings():
+    defaults = {module.STAGE: module.ARGUMENTS() for module in (teacher, distill, gate)}
     paper = {
-        "teacher": {"teacher": "vit_base_patch16_384", "learning_rate": 3e-5, "weight_decay": 1e-5, "batch_size": 10},
-        "distill": {"kd_alpha": 0.5, "kd_temperature": 2.0, "learning_rate": 1e-5, "weight_decay": 1e-4, "epochs": 5},
+        "teacher": {"teacher": "vit_base_patch16_384", "learning_rate": 3e-5, "weight_decay": 1e-5, "batch_size": 10,
+                    "epochs": 10, "pretrained": True},
+        "distill": {"kd_alpha": 0.5, "kd_temperature": 2.0, "learning_rate": 1e-5, "weight_decay": 1e-4, "epochs": 5,
+                    "head_hidden_sizes": [1024], "head_dropout": 0.1, "vlm": "Qwen/Qwen2-VL-7B-Instruct"},
         "gate": {"gate_type": "concat_linear", "learning_rate": 1e-4, "weight_decay": 1e-4, "epochs": 10},
     }
     for stage, values in paper.items():
-        assert {key: defaults[stage][key] for key in values} == values, stage
-    assert defaults["teacher"]["epochs"] == 10 and defaults["teacher"]["pretrained"]
-    assert defaults["distill"]["head_hidden_sizes"] == [1024] and defaults["distill"]["head_dropout"] == 0.1
-    assert defaults["distill"]["vlm"] == "Qwen/Qwen2-VL-7B-Instruct"
-    root = Path(__file__).resolve().parent.parent
-    for script in ("teacher", "distill", "gate", "evaluate", "export", "run_all"):
-        assert f"from emovlm_kd.stages.{script} import main" in (root / "train" / f"{script}.py").read_text()
-    result = subprocess.run(
-        [sys.executable, str(root / "train" / "run_all.py"), "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and "--distill-args" in result.stdout
+        assert {key: getattr(defaults[stage], key) for key in values} == values, stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["instruction_data", "instruction_tuning", "teacher", "distill", "gate", "evaluate",
+                                   "export", "run_all"])
+def test_every_train_script_runs_its_stage_cli(stage):
+    """`python train/<stage>.py --help` works from a source checkout and lists the stage's settings."""
+    import dataclasses
+    import importlib
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "train" / f"{stage}.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    module = importlib.import_module(f"emovlm_kd.stages.{stage}")
+    arguments = module.RunAllArguments if stage == "run_all" else module.ARGUMENTS
+    for field in dataclasses.fields(arguments):
+        assert f"--{field.name.replace('_', '-')}" in result.stdout, (stage, field.name)
+    assert "--run-dir" in result.stdout and "--data-dir" in result.stdout
