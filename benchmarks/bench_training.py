@@ -27,12 +27,14 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from emovlm_kd import distillation_loss
 from emovlm_kd.cache import vlm_features
+from emovlm_kd.training import train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
@@ -127,23 +129,26 @@ def extract_features(work: Workload, extract_batch_size: int):
     return torch.cat(pooled), torch.cat(scores), torch.cat(teacher_logits)
 
 
-def train_on_tensors(module, step_loss, tensors, epochs, batch_size, optimizer_kwargs, seed):
-    """Plain epochs of Adam over a TensorDataset; returns the last epoch's mean loss."""
-    module.train()
+def train_on_tensors(module, loss_fn, tensors, epochs, batch_size, optimizer_kwargs, seed, device) -> float:
+    """The training stages' own epoch loop (`emovlm_kd.training.train_one_epoch`, under Accelerate) over a
+    TensorDataset; `loss_fn(module, *batch)`. Returns the last epoch's mean loss."""
+    accelerator = Accelerator(
+        cpu=torch.device(device).type == "cpu",
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+    )
     optimizer = torch.optim.Adam(module.parameters(), **optimizer_kwargs)
     loader = DataLoader(
         TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    for _ in range(epochs):
-        losses = []
-        for batch in loader:
-            loss = step_loss(*batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    loss = float("nan")
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        loss = train_one_epoch(
+            accelerator, module, loader, optimizer, lambda model, batch: loss_fn(model, *batch), desc="Training"
+        )
     module.eval()
-    return statistics.fmean(losses)
+    return loss
 
 
 def run_cached(work: Workload, args) -> dict:
@@ -158,7 +163,7 @@ def run_cached(work: Workload, args) -> dict:
 
     head_dtype = head.mlp[0].weight.dtype
 
-    def head_loss(features, teacher, labels):
+    def head_loss(head, features, teacher, labels):
         logits = head(features.to(head_dtype)).float()
         return distillation_loss(logits, teacher, labels, config.kd_temperature, config.kd_alpha)
 
@@ -171,10 +176,11 @@ def run_cached(work: Workload, args) -> dict:
             args.train_batch_size,
             HEAD_OPTIMIZER,
             args.seed,
+            work.device,
         )
     timings["train_head_s"] = watch.seconds(args.clock)
 
-    def gate_loss(head_part, vlm_part, labels):
+    def gate_loss(gate, head_part, vlm_part, labels):
         return F.cross_entropy(gate(head_part, vlm_part)[0].float(), labels)
 
     with Stopwatch(work.device) as watch:
@@ -189,6 +195,7 @@ def run_cached(work: Workload, args) -> dict:
             args.train_batch_size,
             GATE_OPTIMIZER,
             args.seed,
+            work.device,
         )
     timings["train_gate_s"] = watch.seconds(args.clock)
     timings["total_s"] = sum(timings.values())
