@@ -20,6 +20,7 @@ train = [
     "scikit-learn",
     "tensorboard",
     "matplotlib",
+    "pyyaml",
     "tqdm",
     "httpx",
 ]
@@ -37,8 +38,8 @@ setup(
     python_requires=">=3.10",
     py_modules=REMOTE_CODE,
     packages=find_packages(include=["emovlm_kd", "emovlm_kd.*"]),
-    # Files the export stage copies into every model repo (Endpoint handler, Space app).
-    package_data={"emovlm_kd": ["repo_template/*", "repo_template/space/*"]},
+    # Files the export stage copies into every model repo (Endpoint handler, Space app), and the shipped recipes.
+    package_data={"emovlm_kd": ["repo_template/*", "repo_template/space/*", "recipes/*.yaml"]},
     install_requires=core,
     extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "all": tests},
 )

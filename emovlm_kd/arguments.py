@@ -124,7 +124,9 @@ def load_recipe(name_or_path: str) -> dict:
         raise ValueError(f"Recipe {str(path)!r} must be a mapping of sections, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(RECIPE_SECTIONS) - set(STAGES))
     if unknown:
-        raise ValueError(f"Recipe {str(path)!r} has unknown section(s) {unknown}; known: {[*RECIPE_SECTIONS, *STAGES]}")
+        raise ValueError(
+            f"Recipe {str(path)!r} has unknown section(s) {unknown}; known: {[*RECIPE_SECTIONS, *STAGES]}"
+        )
     recipe["run"] = coerce_values(RunArguments, recipe.get("run") or {}, f"{path.name}: run")
     return recipe
 

@@ -66,7 +66,9 @@ def tiny_run_all_argv(data_dir, run_dir, stages=("teacher", "distill", "gate", "
     `overrides` are `{stage: {field: value}}` on top of the recipe, e.g. `distill={"epochs": 3}`.
     """
     argv = ["--config", "quickstart", "--data-dir", str(data_dir), "--run-dir", str(run_dir), "--stages", *stages]
-    settings = [f"{stage}.{name}={json.dumps(value)}" for stage, values in overrides.items() for name, value in values.items()]
+    settings = [
+        f"{stage}.{name}={json.dumps(value)}" for stage, values in overrides.items() for name, value in values.items()
+    ]
     return argv + (["--set", *settings] if settings else [])
 
 
@@ -81,5 +83,12 @@ def make_images() -> list[Image.Image]:
 
 EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 
-__all__ = ["CLASS_COLOURS", "EMOTIONS_8", "add_bad_images", "make_image", "make_imagefolder", "make_images",
-           "tiny_run_all_argv"]
+__all__ = [
+    "CLASS_COLOURS",
+    "EMOTIONS_8",
+    "add_bad_images",
+    "make_image",
+    "make_imagefolder",
+    "make_images",
+    "tiny_run_all_argv",
+]

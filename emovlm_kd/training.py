@@ -30,14 +30,17 @@ def make_accelerator(run_args, stage: str, *settings, **kwargs):
     accelerator = Accelerator(
         mixed_precision=run_args.mixed_precision,
         log_with=report_to or None,
-        project_config=ProjectConfiguration(project_dir=str(run_args.run_dir), logging_dir=str(Path(run_args.run_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(run_args.run_dir), logging_dir=str(Path(run_args.run_dir) / "logs")
+        ),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         **kwargs,
     )
     if report_to:
         config = settings_dict(run_args, *settings)
-        accelerator.init_trackers(stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                 for k, v in config.items()})
+        accelerator.init_trackers(
+            stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+        )
     return accelerator
 
 
@@ -79,7 +82,14 @@ def seeded_rng(*keys: int):
 
 
 def train_one_epoch(
-    accelerator, model, loader, optimizer, compute_loss, desc: str = "Training", scheduler=None, max_grad_norm=None,
+    accelerator,
+    model,
+    loader,
+    optimizer,
+    compute_loss,
+    desc: str = "Training",
+    scheduler=None,
+    max_grad_norm=None,
     on_update=None,
 ) -> float:
     """One pass over a prepared `loader`: `loss = compute_loss(model, batch)`, backward, (clip,) step, under
@@ -106,7 +116,16 @@ def train_one_epoch(
 
 
 def train_epochs(
-    accelerator, run_args, args, stage: str, fingerprint: str, model, loader, optimizer, compute_loss, validate,
+    accelerator,
+    run_args,
+    args,
+    stage: str,
+    fingerprint: str,
+    model,
+    loader,
+    optimizer,
+    compute_loss,
+    validate,
     on_epoch_start=None,
 ) -> tuple[dict, int | None]:
     """The epoch loop of a stage: resume if asked, then per epoch train, `validate()` (a dict of metrics), log and

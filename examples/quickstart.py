@@ -64,14 +64,24 @@ def run_all_argv(args, data_dir: Path, run_dir: Path) -> list[str]:
         return argv + ["--config", "quickstart"]
     stages = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
     pretrained = str(args.teacher != "tiny").lower()
-    return argv + ["--stages", *stages, "--set", f"vlm={args.vlm}", f"teacher={args.teacher}", f"pretrained={pretrained}"]
+    return argv + [
+        "--stages",
+        *stages,
+        "--set",
+        f"vlm={args.vlm}",
+        f"teacher={args.teacher}",
+        f"pretrained={pretrained}",
+    ]
 
 
 def reload_in_fresh_process(model_dir: Path, images: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images)],
-        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
     )
     if result.returncode != 0:
         raise RuntimeError(f"Reloading {model_dir} in a fresh process failed:\n{result.stderr[-3000:]}")

@@ -47,6 +47,7 @@ def _loopback_only_connect(self, address):
 socket.socket.connect = _loopback_only_connect
 torch.set_num_threads(2)
 
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, image_processor, vlm_processor) for 3 classes; treat as read-only."""

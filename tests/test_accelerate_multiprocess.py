@@ -33,9 +33,23 @@ STAGE_SETTINGS = {
 
 def launch_two_processes(argv: list[str], log: Path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1",
-               str(REPO_ROOT / "train" / "run_all.py"), *argv]
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--monitor_interval",
+        "0.1",
+        str(REPO_ROOT / "train" / "run_all.py"),
+        *argv,
+    ]
     with log.open("w") as output:
         result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600)
     assert result.returncode == 0, log.read_text()[-5000:]

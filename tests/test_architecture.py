@@ -13,9 +13,23 @@ REMOTE_CODE = ("configuration_emovlm_kd", "modeling_emovlm_kd", "image_processin
 # ARCHITECTURE.md's layers: a module may import modules of its own layer or below, never above.
 LAYERS = {
     "run_dir": 0,
-    "data": 1, "metrics": 1, "instruction_records": 1, "instruction_tasks": 1, "teachers": 1, "tiny": 1, "vlm": 1,
-    "collator": 1, "testing": 1, "arguments": 1, "openai_chat": 1,
-    "checkpoints": 2, "training": 2, "cache": 2, "artifacts": 2, "model_card": 2, "cli": 2,
+    "data": 1,
+    "metrics": 1,
+    "instruction_records": 1,
+    "instruction_tasks": 1,
+    "teachers": 1,
+    "tiny": 1,
+    "vlm": 1,
+    "collator": 1,
+    "testing": 1,
+    "arguments": 1,
+    "openai_chat": 1,
+    "checkpoints": 2,
+    "training": 2,
+    "cache": 2,
+    "artifacts": 2,
+    "model_card": 2,
+    "cli": 2,
     "stages": 3,
 }
 

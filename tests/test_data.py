@@ -1,7 +1,6 @@
 """The data library: ImageFolder loading, stratified val split, bad images, class checks."""
 
 import collections
-import json
 import logging
 
 import pytest

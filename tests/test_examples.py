@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors import safe_open
-
 from helpers_repo_template import REPO_ROOT
+from safetensors import safe_open
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -18,7 +17,11 @@ pytestmark = pytest.mark.slow  # subprocess runs of the examples
 def run_example(script: str, *args, cwd) -> str:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout
@@ -50,8 +53,17 @@ def test_inference_example_on_a_model_folder(tiny_folder, tmp_path):
     Image.linear_gradient("L").save(paths[1])
     Image.new("RGBA", (30, 90), (200, 0, 0, 255)).save(paths[2])
     run_example(
-        "inference.py", tiny_folder, "--images", *paths, "--top-k", "2", "--batch-size", "2",
-        "--output-json", tmp_path / "out.json", cwd=tmp_path,
+        "inference.py",
+        tiny_folder,
+        "--images",
+        *paths,
+        "--top-k",
+        "2",
+        "--batch-size",
+        "2",
+        "--output-json",
+        tmp_path / "out.json",
+        cwd=tmp_path,
     )
     out = json.loads((tmp_path / "out.json").read_text())
     assert [record["image"] for record in out["model"]] == ["a.png", "b.jpg", "c.png"]

@@ -11,8 +11,8 @@ from PIL import Image
 
 from emovlm_kd.arguments import parse_stage_args
 from emovlm_kd.data import load_imagefolder, open_image_rgb
-from emovlm_kd.run_dir import complete_marker, is_complete, read_complete
 from emovlm_kd.instruction_tasks import IGNORE_INDEX, InstructionEncoder, build_examples
+from emovlm_kd.run_dir import complete_marker, is_complete, read_complete
 from emovlm_kd.stages import instruction_tuning
 from emovlm_kd.stages.instruction_tuning import add_lora, export_merged
 from emovlm_kd.testing import make_imagefolder
@@ -24,8 +24,18 @@ TUNED_RUN = {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "seed": SEED}
 
 
 def stage_args(data_dir, run_dir, vlm="tiny", **overrides):
-    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--vlm", str(vlm), "--report-to", "none",
-            "--num-workers", "0"]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--vlm",
+        str(vlm),
+        "--report-to",
+        "none",
+        "--num-workers",
+        "0",
+    ]
     for name, value in overrides.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return parse_stage_args(instruction_tuning, argv)
@@ -53,8 +63,17 @@ def tuned_run(dataset, tmp_path_factory):
                 "reasoning": "The storm and the dark sky make the scene feel tense.",
             }
             file.write(json.dumps(record) + "\n")
-        file.write(json.dumps({"image": images[0].relative_to(dataset).as_posix(), "label": images[0].parent.name,
-                               "status": "failed", "reason": "HTTP 503"}) + "\n")
+        file.write(
+            json.dumps(
+                {
+                    "image": images[0].relative_to(dataset).as_posix(),
+                    "label": images[0].parent.name,
+                    "status": "failed",
+                    "reason": "HTTP 503",
+                }
+            )
+            + "\n"
+        )
     return run_dir, instruction_tuning.run(*stage_args(dataset, run_dir, **TUNED_RUN))
 
 
@@ -162,7 +181,9 @@ def test_three_task_tuning_and_export(tuned_run, dataset):
     assert changed == {name for name in base_state if "language_model" in name and name.endswith(attention)}
 
     # the all-stages command skips the stage for the same inputs: the recorded fingerprint is the one it computes
-    assert is_complete(run_dir, "instruction_tuning", instruction_tuning.fingerprint(*stage_args(dataset, run_dir, **TUNED_RUN)))
+    assert is_complete(
+        run_dir, "instruction_tuning", instruction_tuning.fingerprint(*stage_args(dataset, run_dir, **TUNED_RUN))
+    )
     assert read_complete(run_dir, "instruction_tuning")["summary"]["epoch_losses"] == summary["epoch_losses"]
 
 
@@ -204,8 +225,14 @@ def test_learning_check_classification_only(tmp_path, caplog):
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     classes = ["amusement", "contentment", "sadness"]
-    data_dir = make_imagefolder(tmp_path / "data", classes, per_class={"train": 16, "val": 10},
-                                splits=("train", "val"), size=(112, 112), seed=1)
+    data_dir = make_imagefolder(
+        tmp_path / "data",
+        classes,
+        per_class={"train": 16, "val": 10},
+        splits=("train", "val"),
+        size=(112, 112),
+        seed=1,
+    )
     run_dir = tmp_path / "run"
     args = stage_args(data_dir, run_dir, epochs=8, batch_size=4, learning_rate=1e-2, seed=1)
     with caplog.at_level(logging.WARNING):

@@ -17,7 +17,11 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
@@ -36,9 +40,21 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     # the README's equivalent with the all-stages script and the shipped recipe: the same model, byte for byte
     recipe_run = tmp_path / "recipe-run"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train" / "run_all.py"), "--config", "quickstart",
-         "--data-dir", str(run_dir / "data"), "--run-dir", str(recipe_run)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            str(REPO_ROOT / "train" / "run_all.py"),
+            "--config",
+            "quickstart",
+            "--data-dir",
+            str(run_dir / "data"),
+            "--run-dir",
+            str(recipe_run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     quickstart_weights = (run_dir / "model" / "model.safetensors").read_bytes()
@@ -55,7 +71,11 @@ def test_quickstart_on_a_real_dataset_given_by_relative_path(tmp_path):
     run_dir = tmp_path / "bass-run"
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--data", "../shared/data/bass", "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train=420, val=47, test=116" in result.stderr

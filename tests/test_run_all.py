@@ -27,8 +27,20 @@ def test_recipe_then_command_line_override_the_defaults(tmp_path):
         "distill: {epochs: 3, head_hidden_sizes: 64}\n"
     )
     run_all_args, run_args, plans = run_all.plan(
-        ["--config", str(recipe), "--run-dir", "R", "--data-dir", "D", "--seed", "9",
-         "--set", "distill.head_dropout=0", "teacher.pretrained=false", "epochs=4"]
+        [
+            "--config",
+            str(recipe),
+            "--run-dir",
+            "R",
+            "--data-dir",
+            "D",
+            "--seed",
+            "9",
+            "--set",
+            "distill.head_dropout=0",
+            "teacher.pretrained=false",
+            "epochs=4",
+        ]
     )
     stages = settings(plans)
     assert list(stages) == ["teacher", "distill"] and run_args.seed == 9 and run_args.report_to == "none"
@@ -76,8 +88,9 @@ def test_resolved_settings_are_written_as_a_reusable_recipe(tmp_path):
 
 def test_instruction_data_runs_only_with_an_endpoint(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class=3, splits=("train",))
-    summary = run_all.run(*run_all.plan(["--run-dir", str(tmp_path / "run"), "--data-dir", str(data),
-                                         "--stages", "instruction_data"]))
+    summary = run_all.run(
+        *run_all.plan(["--run-dir", str(tmp_path / "run"), "--data-dir", str(data), "--stages", "instruction_data"])
+    )
     assert "instruction_data" not in summary and not (tmp_path / "run" / "instruction_data.jsonl").exists()
 
 
@@ -105,14 +118,20 @@ def test_all_stages_on_bass(tmp_path):
     assert BASS.is_dir(), f"the shared bass dataset is expected at {BASS}"
     run_dir = tmp_path / "bass-run"
     argv = tiny_run_all_argv(
-        BASS, run_dir, teacher={"epochs": 2, "batch_size": 10}, distill={"epochs": 30, "head_hidden_sizes": [64]},
+        BASS,
+        run_dir,
+        teacher={"epochs": 2, "batch_size": 10},
+        distill={"epochs": 30, "head_hidden_sizes": [64]},
         gate={"epochs": 10},
     )
     started = time.time()
     summary = run_all.run(*run_all.plan(argv))
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    accuracy = {branch: round(results["splits"]["test"][branch]["accuracy"], 4) for branch in results["splits"]["test"]
-                if isinstance(results["splits"]["test"][branch], dict)}
+    accuracy = {
+        branch: round(results["splits"]["test"][branch]["accuracy"], 4)
+        for branch in results["splits"]["test"]
+        if isinstance(results["splits"]["test"][branch], dict)
+    }
     print(f"bass, tiny models: {time.time() - started:.0f} s; test accuracy: {json.dumps(accuracy)}")
     assert results["splits"]["test"]["num_examples"] == 116 and results["splits"]["val"]["num_examples"] == 47
     assert results["unreadable_images"] == []

@@ -274,10 +274,24 @@ def test_teacher_errors_are_clear():
 def test_every_stage_defaults_to_the_papers_settings():
     defaults = {module.STAGE: module.ARGUMENTS() for module in (teacher, distill, gate)}
     paper = {
-        "teacher": {"teacher": "vit_base_patch16_384", "learning_rate": 3e-5, "weight_decay": 1e-5, "batch_size": 10,
-                    "epochs": 10, "pretrained": True},
-        "distill": {"kd_alpha": 0.5, "kd_temperature": 2.0, "learning_rate": 1e-5, "weight_decay": 1e-4, "epochs": 5,
-                    "head_hidden_sizes": [1024], "head_dropout": 0.1, "vlm": "Qwen/Qwen2-VL-7B-Instruct"},
+        "teacher": {
+            "teacher": "vit_base_patch16_384",
+            "learning_rate": 3e-5,
+            "weight_decay": 1e-5,
+            "batch_size": 10,
+            "epochs": 10,
+            "pretrained": True,
+        },
+        "distill": {
+            "kd_alpha": 0.5,
+            "kd_temperature": 2.0,
+            "learning_rate": 1e-5,
+            "weight_decay": 1e-4,
+            "epochs": 5,
+            "head_hidden_sizes": [1024],
+            "head_dropout": 0.1,
+            "vlm": "Qwen/Qwen2-VL-7B-Instruct",
+        },
         "gate": {"gate_type": "concat_linear", "learning_rate": 1e-4, "weight_decay": 1e-4, "epochs": 10},
     }
     for stage, values in paper.items():
@@ -285,8 +299,9 @@ def test_every_stage_defaults_to_the_papers_settings():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["instruction_data", "instruction_tuning", "teacher", "distill", "gate", "evaluate",
-                                   "export", "run_all"])
+@pytest.mark.parametrize(
+    "stage", ["instruction_data", "instruction_tuning", "teacher", "distill", "gate", "evaluate", "export", "run_all"]
+)
 def test_every_train_script_runs_its_stage_cli(stage):
     """`python train/<stage>.py --help` works from a source checkout and lists the stage's settings."""
     import dataclasses

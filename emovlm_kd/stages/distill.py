@@ -19,7 +19,14 @@ from emovlm_kd.artifacts import head_logits, save_head
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, read_class_names, resolve_vlm, stage_output, upstream_fingerprint, write_complete
+from emovlm_kd.run_dir import (
+    hash_json,
+    read_class_names,
+    resolve_vlm,
+    stage_output,
+    upstream_fingerprint,
+    write_complete,
+)
 from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
@@ -32,14 +39,20 @@ STAGE = "distill"
 class DistillArguments(CheckpointArguments):
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct",
-        metadata={"help": "VLM checkpoint or folder when the run has no instruction-tuned vlm/ (stage 1); 'tiny' works "
-                  "offline"},
+        metadata={
+            "help": "VLM checkpoint or folder when the run has no instruction-tuned vlm/ (stage 1); 'tiny' works "
+            "offline"
+        },
     )
-    vlm_dtype: str = field(default="auto", metadata={"help": "dtype to load the VLM in (auto, bfloat16, float32, ...)"})
+    vlm_dtype: str = field(
+        default="auto", metadata={"help": "dtype to load the VLM in (auto, bfloat16, float32, ...)"}
+    )
     classification_prompt: str = field(
         default=EmoVLMKDConfig.classification_prompt, metadata={"help": "<labels> is replaced by the classes"}
     )
-    answer_format: str = field(default=EmoVLMKDConfig.answer_format, metadata={"help": "<label> is replaced by a class"})
+    answer_format: str = field(
+        default=EmoVLMKDConfig.answer_format, metadata={"help": "<label> is replaced by a class"}
+    )
     vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
         default=EmoVLMKDConfig.vlm_branch_mode, metadata={"help": "Exact answer scoring, or the paper's generation"}
     )
@@ -154,13 +167,21 @@ def run(run_args, args: DistillArguments) -> dict:
     if accelerator.is_main_process:
         save_head(output, accelerator.unwrap_model(head), {**spec, "in_features": in_features})
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, vlm=spec["vlm"],
-            unreadable_images=data.bad_images, num_processes=accelerator.num_processes,
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            val_metrics=metrics,
+            vlm=spec["vlm"],
+            unreadable_images=data.bad_images,
+            num_processes=accelerator.num_processes,
             settings=settings_dict(run_args, args),
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)
     return {
-        "stage": STAGE, "output": str(output), "val_metrics": metrics, "vlm": spec["vlm"],
+        "stage": STAGE,
+        "output": str(output),
+        "val_metrics": metrics,
+        "vlm": spec["vlm"],
         "unreadable_images": data.bad_images,
     }
 

@@ -77,8 +77,13 @@ def plot_confusion_matrices(labels, predicted: dict[str, np.ndarray], class_name
     figure, axes = plt.subplots(1, len(predicted), figsize=(size * len(predicted), size), squeeze=False)
     for ax, (branch, branch_predictions) in zip(axes[0], predicted.items()):
         ConfusionMatrixDisplay.from_predictions(
-            labels, branch_predictions, labels=list(range(len(class_names))), display_labels=class_names, ax=ax,
-            colorbar=False, xticks_rotation=45,
+            labels,
+            branch_predictions,
+            labels=list(range(len(class_names))),
+            display_labels=class_names,
+            ax=ax,
+            colorbar=False,
+            xticks_rotation=45,
         )
         ax.set_title(f"{BRANCH_TITLES[branch]}\nacc {np.mean(branch_predictions == labels):.3f}")
     figure.suptitle(title)
@@ -99,12 +104,19 @@ def run(run_args, args: EvaluateArguments) -> dict:
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
-        raise DataError(f"None of the splits {args.splits} exists in {run_args.data_dir!r} (found {list(data.splits)})")
+        raise DataError(
+            f"None of the splits {args.splits} exists in {run_args.data_dir!r} (found {list(data.splits)})"
+        )
 
     features = get_features(
-        accelerator, run_args.run_dir, data, head_spec, splits,
+        accelerator,
+        run_args.run_dir,
+        data,
+        head_spec,
+        splits,
         teacher_fingerprint=upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
-        batch_size=args.feature_batch_size, num_workers=run_args.num_workers,
+        batch_size=args.feature_batch_size,
+        num_workers=run_args.num_workers,
     )
     head = load_head(run_args.run_dir)
     gate, gate_spec = load_gate(run_args.run_dir)
@@ -112,8 +124,11 @@ def run(run_args, args: EvaluateArguments) -> dict:
     output = stage_output(run_args.run_dir, STAGE)
     train_labels = data.splits["train"]["label"]
     results = {
-        "class_names": class_names, "gate_type": gate_spec["gate_type"], "vlm": head_spec["vlm"],
-        "unreadable_images": data.bad_images, "splits": {},
+        "class_names": class_names,
+        "gate_type": gate_spec["gate_type"],
+        "vlm": head_spec["vlm"],
+        "unreadable_images": data.bad_images,
+        "splits": {},
     }
     for split in splits:
         labels = features[split]["labels"].numpy()
@@ -142,7 +157,10 @@ def run(run_args, args: EvaluateArguments) -> dict:
     if accelerator.is_main_process:
         (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, results=str(output / RESULTS_FILE),
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            results=str(output / RESULTS_FILE),
             settings=settings_dict(run_args, args),
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)

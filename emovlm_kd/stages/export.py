@@ -171,8 +171,13 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
     dataset_name = args.dataset_name or (Path(run_args.data_dir).resolve().name if run_args.data_dir else None)
     vlm_description = _vlm_description(run_args.run_dir, head_spec)
     card = build_model_card(
-        repo_id, head_spec["class_names"], results, _base_model(run_args.run_dir, args, head_spec), dataset_name,
-        _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description), license=args.license,
+        repo_id,
+        head_spec["class_names"],
+        results,
+        _base_model(run_args.run_dir, args, head_spec),
+        dataset_name,
+        _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description),
+        license=args.license,
         vlm_description=vlm_description,
     )
     card.save(output / "README.md")
@@ -213,7 +218,10 @@ def run(run_args, args: ExportArguments) -> dict:
         if args.push_to_hub:
             summary["hub_url"] = push_to_hub(args, output)
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, settings=settings_dict(run_args, args),
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            settings=settings_dict(run_args, args),
             **{key: value for key, value in summary.items() if key != "stage"},
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)

@@ -87,7 +87,12 @@ def run(run_args, args: GateArguments) -> dict:
     spec = gate_spec(args, class_names)
 
     features = get_features(
-        accelerator, run_args.run_dir, data, head_spec, ["train", "val"], batch_size=args.feature_batch_size,
+        accelerator,
+        run_args.run_dir,
+        data,
+        head_spec,
+        ["train", "val"],
+        batch_size=args.feature_batch_size,
         num_workers=run_args.num_workers,
     )
     head = load_head(run_args.run_dir)
@@ -117,8 +122,13 @@ def run(run_args, args: GateArguments) -> dict:
     if accelerator.is_main_process:
         save_gate(output, accelerator.unwrap_model(gate), spec)
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, val_metrics=metrics, gate_type=args.gate_type,
-            num_processes=accelerator.num_processes, settings=settings_dict(run_args, args),
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            val_metrics=metrics,
+            gate_type=args.gate_type,
+            num_processes=accelerator.num_processes,
+            settings=settings_dict(run_args, args),
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)
     return {"stage": STAGE, "output": str(output), "val_metrics": metrics}

@@ -254,7 +254,9 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     request_fields = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.json_mode:
         request_fields["response_format"] = {"type": "json_object"}
-    client = OpenAIChatClient(args.base_url or OPENAI_BASE_URL, api_key, args.model, args.timeout, retry, request_fields)
+    client = OpenAIChatClient(
+        args.base_url or OPENAI_BASE_URL, api_key, args.model, args.timeout, retry, request_fields
+    )
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         with (

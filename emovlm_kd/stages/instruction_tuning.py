@@ -60,7 +60,8 @@ class InstructionTuningArguments(CheckpointArguments):
         default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
     )
     instruction_data: str | None = field(
-        default=None, metadata={"help": "Instruction data (JSONL of stage 0); default: <run_dir>/instruction_data.jsonl"}
+        default=None,
+        metadata={"help": "Instruction data (JSONL of stage 0); default: <run_dir>/instruction_data.jsonl"},
     )
     classification_only: bool = field(default=False, metadata={"help": "Ignore instruction data"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -69,9 +70,7 @@ class InstructionTuningArguments(CheckpointArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate after warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     epochs: int = field(default=5, metadata={"help": "Passes over all examples"})
-    batch_size: int = field(
-        default=1, metadata={"help": "Global batch size (split across processes; padded batches)"}
-    )
+    batch_size: int = field(default=1, metadata={"help": "Global batch size (split across processes; padded batches)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share, then constant"})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm"})
@@ -83,8 +82,20 @@ class InstructionTuningArguments(CheckpointArguments):
 ARGUMENTS = InstructionTuningArguments
 # Settings the tuned VLM depends on (not the checkpointing or the memory-saving switches).
 FINGERPRINT_FIELDS = (
-    "vlm", "classification_only", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "epochs",
-    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "max_answer_tokens", "load_in_4bit",
+    "vlm",
+    "classification_only",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "max_answer_tokens",
+    "load_in_4bit",
 )
 
 
@@ -269,9 +280,7 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     _check_4bit(args)
     stage_fingerprint = fingerprint(run_args, args)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
-    accelerator = make_accelerator(
-        run_args, STAGE, args, gradient_accumulation_steps=args.gradient_accumulation_steps
-    )
+    accelerator = make_accelerator(run_args, STAGE, args, gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(run_args.seed)
     data = load_stage_data(run_args, accelerator, STAGE)
     start_stage(accelerator, run_args.run_dir, STAGE)
@@ -323,9 +332,15 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         dataloader.set_epoch(epoch)
         epoch_losses.append(
             train_one_epoch(
-                accelerator, model, dataloader, optimizer, lambda model, batch: model(**batch).loss,
-                desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}", scheduler=scheduler,
-                max_grad_norm=args.max_grad_norm, on_update=log_update,
+                accelerator,
+                model,
+                dataloader,
+                optimizer,
+                lambda model, batch: model(**batch).loss,
+                desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}",
+                scheduler=scheduler,
+                max_grad_norm=args.max_grad_norm,
+                on_update=log_update,
             )
         )
         accelerator.log({"train/epoch_loss": epoch_losses[-1]}, step=global_step)
@@ -362,7 +377,11 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
         logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, summary=summary, num_processes=accelerator.num_processes,
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            summary=summary,
+            num_processes=accelerator.num_processes,
             settings=settings_dict(run_args, args),
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)

@@ -33,8 +33,10 @@ RUN_CONFIG_FILE = "run_config.yaml"
 class RunAllArguments:
     config: str | None = field(
         default=None,
-        metadata={"help": "Recipe: a YAML/JSON file, or the name of a shipped one (e.g. quickstart)",
-                  "aliases": ["--recipe"]},
+        metadata={
+            "help": "Recipe: a YAML/JSON file, or the name of a shipped one (e.g. quickstart)",
+            "aliases": ["--recipe"],
+        },
     )
     stages: list[str] | None = field(
         default=None, metadata={"help": f"Stages to consider, among {list(STAGES)} (default: the recipe's, else all)"}
@@ -108,9 +110,7 @@ def plan(argv=None) -> tuple[RunAllArguments, RunArguments, list[StagePlan]]:
     check_stage_names(selected)
     modules = {stage: importlib.import_module(f"emovlm_kd.stages.{stage}") for stage in STAGES if stage in selected}
     set_run, set_stages = parse_overrides(run_all_args.set, modules)
-    run_args = RunArguments(
-        **{**recipe["run"], **coerce_values(RunArguments, {**cli_run, **set_run}, "command line")}
-    )
+    run_args = RunArguments(**{**recipe["run"], **coerce_values(RunArguments, {**cli_run, **set_run}, "command line")})
     plans = []
     for stage, module in modules.items():
         base = {"resume": run_all_args.resume} if "resume" in field_names(module.ARGUMENTS) else {}

@@ -39,7 +39,9 @@ class TeacherArguments(CheckpointArguments):
     )
     pretrained: bool = field(
         default=True,
-        metadata={"help": "Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained"},
+        metadata={
+            "help": "Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained"
+        },
     )
     learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=1e-5, metadata={"help": "Adam weight decay"})
@@ -132,8 +134,17 @@ def run(run_args, args: TeacherArguments) -> dict:
         train_set.epoch = epoch
 
     metrics, stopped_after = train_epochs(
-        accelerator, run_args, args, STAGE, stage_fingerprint, model, train_loader, optimizer, cross_entropy_loss,
-        validate, on_epoch_start=set_augmentation_epoch,
+        accelerator,
+        run_args,
+        args,
+        STAGE,
+        stage_fingerprint,
+        model,
+        train_loader,
+        optimizer,
+        cross_entropy_loss,
+        validate,
+        on_epoch_start=set_augmentation_epoch,
     )
     if stopped_after is not None:
         return {"stage": STAGE, "stopped": True, "epochs_done": stopped_after}
@@ -144,8 +155,14 @@ def run(run_args, args: TeacherArguments) -> dict:
             accelerator.unwrap_model(model), output, model_config={"label_names": class_names}, safe_serialization=True
         )
         write_complete(
-            run_args.run_dir, STAGE, stage_fingerprint, teacher=args.teacher, val_metrics=metrics, epochs=args.epochs,
-            unreadable_images=data.bad_images, num_processes=accelerator.num_processes,
+            run_args.run_dir,
+            STAGE,
+            stage_fingerprint,
+            teacher=args.teacher,
+            val_metrics=metrics,
+            epochs=args.epochs,
+            unreadable_images=data.bad_images,
+            num_processes=accelerator.num_processes,
             settings=settings_dict(run_args, args),
         )
     finish_stage(accelerator, run_args.run_dir, STAGE)
