@@ -73,6 +73,24 @@ class CheckpointArguments:
     keep_checkpoints: int = field(default=1, metadata={"help": "Epoch checkpoints to keep (latest first)"})
 
 
+def training_arguments(
+    name: str, learning_rate: float, weight_decay: float, epochs: int, batch_size: int, optimizer: str = "Adam"
+):
+    """The settings every training stage has, with that stage's defaults (the paper's): a base class of the stage's
+    arguments, on top of [`CheckpointArguments`]."""
+    shared = [
+        ("learning_rate", float, field(default=learning_rate, metadata={"help": f"{optimizer} learning rate"})),
+        ("weight_decay", float, field(default=weight_decay, metadata={"help": f"{optimizer} weight decay"})),
+        ("epochs", int, field(default=epochs, metadata={"help": "Passes over the training data"})),
+        (
+            "batch_size",
+            int,
+            field(default=batch_size, metadata={"help": "Global batch size (split across processes)"}),
+        ),
+    ]
+    return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,))
+
+
 def settings_dict(*arguments) -> dict:
     """The fields of argument dataclasses as one flat dict (for trackers and COMPLETE.json)."""
     merged = {}
@@ -220,4 +238,5 @@ __all__ = [
     "settings_dict",
     "stage_parser",
     "stage_values",
+    "training_arguments",
 ]

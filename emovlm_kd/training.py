@@ -7,6 +7,7 @@ Every training stage is an Accelerate script: `accelerate launch train/<stage>.p
 import logging
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
 from emovlm_kd.data import load_imagefolder
-from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names
+from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, stage_output, write_complete
 
 logger = logging.getLogger(__name__)
 
@@ -115,23 +116,40 @@ def train_one_epoch(
     return accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
 
 
+@dataclass
+class StageRun:
+    """A stage being run: what the shared steps of a stage need (made by `begin_stage`)."""
+
+    stage: str
+    run_args: object
+    args: object
+    accelerator: object
+    fingerprint: str
+    data: object = None
+
+
+def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_names=None, **accelerator_kwargs):
+    """The opening of a stage: the Accelerator, seeding, the dataset (with the run's classes fixed, or checked
+    against `class_names`), the stage's `fingerprint(run_args, args)`, and its old COMPLETE.json removed."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(run_args, stage, args, **accelerator_kwargs)
+    set_seed(run_args.seed)
+    data = load_stage_data(run_args, accelerator, stage, class_names) if load_data else None
+    stage_run = StageRun(stage, run_args, args, accelerator, fingerprint(run_args, args), data)
+    start_stage(accelerator, run_args.run_dir, stage)
+    return stage_run
+
+
 def train_epochs(
-    accelerator,
-    run_args,
-    args,
-    stage: str,
-    fingerprint: str,
-    model,
-    loader,
-    optimizer,
-    compute_loss,
-    validate,
-    on_epoch_start=None,
-) -> tuple[dict, int | None]:
-    """The epoch loop of a stage: resume if asked, then per epoch train, `validate()` (a dict of metrics), log and
-    checkpoint. Returns (the last epoch's metrics + `train_loss`, the epochs done when `stop_after_epoch` ended
-    the run early, else None)."""
-    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, stage, fingerprint)
+    stage_run: StageRun, model, loader, optimizer, compute_loss, validate, on_epoch_start=None
+) -> tuple[dict, dict | None]:
+    """The epoch loop of a training stage: resume if asked, then per epoch train, `validate()` (a dict of metrics),
+    log and checkpoint. Returns (the last epoch's metrics + `train_loss`, the stage's summary when
+    `stop_after_epoch` ended it early, else None)."""
+    accelerator, args, stage = stage_run.accelerator, stage_run.args, stage_run.stage
+    run_dir = stage_run.run_args.run_dir
+    epochs_done = resume_if_asked(accelerator, run_dir, args, stage, stage_run.fingerprint)
     metrics = {}
     for epoch in range(epochs_done, args.epochs):
         loader.set_epoch(epoch)
@@ -143,10 +161,32 @@ def train_epochs(
         metrics = {**validate(), "train_loss": train_loss}
         logger.info(f"{stage} epoch {epoch + 1}: {metrics}")
         accelerator.log({f"{stage}/val_{key}": value for key, value in metrics.items()}, step=epoch + 1)
-        if end_epoch(accelerator, run_args.run_dir, args, stage, fingerprint, epoch + 1, args.epochs):
+        if end_epoch(accelerator, run_dir, args, stage, stage_run.fingerprint, epoch + 1, args.epochs):
             close_trackers(accelerator)
-            return metrics, epoch + 1
+            return metrics, {"stage": stage, "stopped": True, "epochs_done": epoch + 1}
     return metrics, None
+
+
+def complete_stage(stage_run: StageRun, save_outputs=None, **record) -> Path:
+    """The end of a stage: `save_outputs(output folder)` and then COMPLETE.json (fingerprint, settings, process
+    count, `record` and what `save_outputs` returned, if a dict) on the main process; then the epoch checkpoints go
+    and the trackers close."""
+    accelerator, run_dir = stage_run.accelerator, stage_run.run_args.run_dir
+    output = stage_output(run_dir, stage_run.stage)
+    if accelerator.is_main_process:
+        if save_outputs is not None:
+            record.update(save_outputs(output) or {})
+        settings = settings_dict(stage_run.run_args, stage_run.args)
+        write_complete(
+            run_dir,
+            stage_run.stage,
+            stage_run.fingerprint,
+            settings=settings,
+            num_processes=accelerator.num_processes,
+            **record,
+        )
+    finish_stage(accelerator, run_dir, stage_run.stage)
+    return output
 
 
 def start_stage(accelerator, run_dir, stage: str):
@@ -180,7 +220,10 @@ def end_processes():
 
 
 __all__ = [
+    "StageRun",
+    "begin_stage",
     "close_trackers",
+    "complete_stage",
     "end_processes",
     "finish_stage",
     "load_stage_data",

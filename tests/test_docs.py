@@ -66,7 +66,8 @@ def test_every_training_command_in_the_docs_parses(doc, stage, argv, tmp_path):
 
 def test_the_recipes_in_the_docs_are_valid(tmp_path):
     recipe = load_recipe(str(doc_recipe(tmp_path)))
-    plans = {plan.stage: plan.args for plan in run_all.plan(["--config", str(tmp_path / "fi.yaml"), "--run-dir", "R"])[2]}
+    plans = run_all.plan(["--config", str(tmp_path / "fi.yaml"), "--run-dir", "R"])[2]
+    plans = {plan.stage: plan.args for plan in plans}
     assert recipe["instruction_tuning"]["load_in_4bit"] and plans["instruction_tuning"].load_in_4bit
     assert plans["distill"].vlm == "Qwen/Qwen2-VL-7B-Instruct" and plans["export"].push_to_hub
     readme_recipe = tmp_path / "readme.yaml"

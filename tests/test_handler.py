@@ -10,8 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from PIL import Image
-
 from helpers_repo_template import (
     BLOCK_PROJECT_MODULES,
     HANDLER,
@@ -22,6 +20,7 @@ from helpers_repo_template import (
     load_module,
     sample_images,
 )
+from PIL import Image
 
 SAMPLES = sample_images()
 

@@ -280,4 +280,4 @@ def test_train_script_help(monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     usage = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0 and "--load-in-4bit" in usage and "--resume" in usage
-    assert "--learning-rate LEARNING_RATE AdamW learning rate after warm-up (default: 0.0001)" in usage
+    assert "--learning-rate LEARNING_RATE AdamW learning rate (default: 0.0001)" in usage

@@ -14,10 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
-from huggingface_hub import SpaceCard
-
 from helpers_repo_template import (
     BLOCK_PROJECT_MODULES,
     ENDPOINT_REQUIREMENTS,
@@ -28,6 +24,8 @@ from helpers_repo_template import (
     copy_model_repo,
     load_module,
 )
+from huggingface_hub import SpaceCard
+from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 GATE_TEXT = {  # what the gate view says about each gate's own weights

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from emovlm_kd.stages.instruction_tuning import main  # noqa: E402
+from emovlm_kd.cli import cli_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli_main("instruction_tuning")

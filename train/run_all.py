@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """All training stages in order for one dataset, skipping those already complete.
 
-accelerate launch train/run_all.py --data-dir data/FI --run-dir runs/fi --push-to-hub me/emovlm-kd-fi
-python train/run_all.py --data-dir data/bass --run-dir runs/bass --vlm tiny --teacher tiny   # offline trial
+accelerate launch train/run_all.py --data-dir data/FI --run-dir runs/fi --set export.push_to_hub=me/emovlm-kd-fi
+python train/run_all.py --config quickstart --data-dir data/bass --run-dir runs/bass   # offline trial, tiny models
 """
 
 import os

@@ -7,36 +7,28 @@ paper's loss `alpha * KL(teacher_T || head_T) * T^2 + (1 - alpha) * CE` (alpha 0
 Writes `<run_dir>/head/` (`head.safetensors`, `head_spec.json` with what stages 4-6 need to rebuild the model).
 """
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
-from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.arguments import training_arguments
 from emovlm_kd.artifacts import head_logits, save_head
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import (
-    hash_json,
-    read_class_names,
-    resolve_vlm,
-    stage_output,
-    upstream_fingerprint,
-    write_complete,
-)
-from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage, train_epochs
+from emovlm_kd.run_dir import hash_json, read_class_names, resolve_vlm, upstream_fingerprint
+from emovlm_kd.training import begin_stage, complete_stage, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
-
-logger = logging.getLogger(__name__)
 
 STAGE = "distill"
 
 
 @dataclass
-class DistillArguments(CheckpointArguments):
+class DistillArguments(
+    training_arguments("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=32)
+):
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct",
         metadata={
@@ -68,10 +60,6 @@ class DistillArguments(CheckpointArguments):
         default=EmoVLMKDConfig.kd_alpha, metadata={"help": "Weight of the KL term (1 - alpha: cross-entropy)"}
     )
     kd_temperature: float = field(default=EmoVLMKDConfig.kd_temperature, metadata={"help": "Distillation temperature"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
-    epochs: int = field(default=5, metadata={"help": "Passes over the cached training features"})
-    batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)"})
 
 
 ARGUMENTS = DistillArguments
@@ -115,16 +103,10 @@ def fingerprint(run_args, args: DistillArguments, class_names=None) -> str:
 
 
 def run(run_args, args: DistillArguments) -> dict:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(run_args, STAGE, args)
-    set_seed(run_args.seed)
-    data = load_stage_data(run_args, accelerator, STAGE)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint)
+    accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
-    stage_fingerprint = fingerprint(run_args, args, class_names)
     spec = feature_spec(run_args, args, class_names)
-    start_stage(accelerator, run_args.run_dir, STAGE)
-
     features = get_features(
         accelerator,
         run_args.run_dir,
@@ -157,26 +139,16 @@ def run(run_args, args: DistillArguments) -> dict:
         logits = head_logits(accelerator.unwrap_model(head), val["image_embeds"])
         return classification_metrics(val["labels"], logits.argmax(-1), class_names)
 
-    metrics, stopped_after = train_epochs(
-        accelerator, run_args, args, STAGE, stage_fingerprint, head, loader, optimizer, kd_loss, validate
+    metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
+    if stopped:
+        return stopped
+    output = complete_stage(
+        stage_run,
+        lambda output: save_head(output, accelerator.unwrap_model(head), {**spec, "in_features": in_features}),
+        val_metrics=metrics,
+        vlm=spec["vlm"],
+        unreadable_images=data.bad_images,
     )
-    if stopped_after is not None:
-        return {"stage": STAGE, "stopped": True, "epochs_done": stopped_after}
-
-    output = stage_output(run_args.run_dir, STAGE)
-    if accelerator.is_main_process:
-        save_head(output, accelerator.unwrap_model(head), {**spec, "in_features": in_features})
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            val_metrics=metrics,
-            vlm=spec["vlm"],
-            unreadable_images=data.bad_images,
-            num_processes=accelerator.num_processes,
-            settings=settings_dict(run_args, args),
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
     return {
         "stage": STAGE,
         "output": str(output),
@@ -186,10 +158,4 @@ def run(run_args, args: DistillArguments) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = ["ARGUMENTS", "STAGE", "DistillArguments", "feature_spec", "fingerprint", "main", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "DistillArguments", "feature_spec", "fingerprint", "run"]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emovlm_kd.arguments import settings_dict
 from emovlm_kd.artifacts import (
     cached_vlm_predictions,
     fused_logits,
@@ -23,8 +22,8 @@ from emovlm_kd.artifacts import (
 from emovlm_kd.cache import get_features
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, majority_baseline
-from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, stage_output, upstream_fingerprint, write_complete
-from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage
+from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, upstream_fingerprint
+from emovlm_kd.training import begin_stage, complete_stage
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +92,9 @@ def plot_confusion_matrices(labels, predicted: dict[str, np.ndarray], class_name
 
 
 def run(run_args, args: EvaluateArguments) -> dict:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(run_args, STAGE, args)
-    set_seed(run_args.seed)
     head_spec = read_head_spec(run_args.run_dir)
-    data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
-    stage_fingerprint = fingerprint(run_args, args)
-    start_stage(accelerator, run_args.run_dir, STAGE)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"])
+    accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
@@ -121,7 +115,6 @@ def run(run_args, args: EvaluateArguments) -> dict:
     head = load_head(run_args.run_dir)
     gate, gate_spec = load_gate(run_args.run_dir)
 
-    output = stage_output(run_args.run_dir, STAGE)
     train_labels = data.splits["train"]["label"]
     results = {
         "class_names": class_names,
@@ -130,15 +123,16 @@ def run(run_args, args: EvaluateArguments) -> dict:
         "unreadable_images": data.bad_images,
         "splits": {},
     }
+    predicted = {}
     for split in splits:
         labels = features[split]["labels"].numpy()
-        predicted = predictions(features[split], head_spec, head, gate, gate_spec)
+        predicted[split] = predictions(features[split], head_spec, head, gate, gate_spec)
         results["splits"][split] = {
             "num_examples": int(len(labels)),
             "majority_baseline_accuracy": majority_baseline(train_labels, labels),
             **{
                 branch: classification_metrics(labels, branch_predictions, class_names, per_class=True)
-                for branch, branch_predictions in predicted.items()
+                for branch, branch_predictions in predicted[split].items()
             },
         }
         summary = {
@@ -148,29 +142,17 @@ def run(run_args, args: EvaluateArguments) -> dict:
         }
         accelerator.log({f"eval/{key}": value for key, value in summary.items()})
         logger.info(f"Evaluation on {split}: {summary}")
-        if accelerator.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
-            plot_confusion_matrices(
-                labels, predicted, class_names, f"{split} ({len(labels)} images)", output / f"confusion_{split}.png"
-            )
 
-    if accelerator.is_main_process:
+    def save_results(output):
+        output.mkdir(parents=True, exist_ok=True)
+        for split, branch_predictions in predicted.items():
+            labels = features[split]["labels"].numpy()
+            title = f"{split} ({len(labels)} images)"
+            plot_confusion_matrices(labels, branch_predictions, class_names, title, output / f"confusion_{split}.png")
         (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            results=str(output / RESULTS_FILE),
-            settings=settings_dict(run_args, args),
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
+
+    output = complete_stage(stage_run, save_results, results=RESULTS_FILE)
     return {"stage": STAGE, "output": str(output), "results": results}
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = ["ARGUMENTS", "STAGE", "EvaluateArguments", "fingerprint", "main", "predictions", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "EvaluateArguments", "fingerprint", "predictions", "run"]

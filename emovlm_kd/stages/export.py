@@ -17,20 +17,19 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi
 
-from emovlm_kd.arguments import settings_dict
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import get_features
 from emovlm_kd.model_card import build_model_card
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
+    DataError,
     hash_json,
     read_class_names,
     read_complete,
     stage_output,
     upstream_fingerprint,
-    write_complete,
 )
-from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage
+from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
 
 logger = logging.getLogger(__name__)
 
@@ -196,18 +195,17 @@ def push_to_hub(args: ExportArguments, output: Path) -> str:
 
 
 def run(run_args, args: ExportArguments) -> dict:
-    accelerator = make_accelerator(run_args, STAGE, args)
-    start_stage(accelerator, run_args.run_dir, STAGE)
-    stage_fingerprint = fingerprint(run_args, args)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint, load_data=False)
+    accelerator = stage_run.accelerator
     head_spec = read_head_spec(run_args.run_dir)
     if head_spec["class_names"] != read_class_names(run_args.run_dir):
-        raise ValueError(f"The head of {run_args.run_dir!r} was trained for other classes than the run's labels.json")
-    output = stage_output(run_args.run_dir, STAGE)
-    summary = {"stage": STAGE, "output": str(output)}
+        raise DataError(f"The head of {run_args.run_dir!r} was trained for other classes than the run's labels.json")
     verify = args.verify_images > 0 and run_args.data_dir
     if verify:  # every process: loading data and features may synchronise them
         paths, features = verification_data(accelerator, run_args, head_spec, args.verify_images)
-    if accelerator.is_main_process:
+    summary = {"stage": STAGE}
+
+    def build_repo(output: Path) -> dict:
         model, image_processor, vlm_processor = assemble_model(run_args.run_dir)
         model.to(accelerator.device)
         if verify:
@@ -217,21 +215,10 @@ def run(run_args, args: ExportArguments) -> dict:
         write_repo(run_args, args, model, image_processor, vlm_processor, output)
         if args.push_to_hub:
             summary["hub_url"] = push_to_hub(args, output)
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            settings=settings_dict(run_args, args),
-            **{key: value for key, value in summary.items() if key != "stage"},
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
+        return {key: value for key, value in summary.items() if key != "stage"}
+
+    summary["output"] = str(complete_stage(stage_run, build_repo))
     return summary
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = ["ARGUMENTS", "STAGE", "ExportArguments", "fingerprint", "main", "push_to_hub", "run", "write_repo"]
+__all__ = ["ARGUMENTS", "STAGE", "ExportArguments", "fingerprint", "push_to_hub", "run", "write_repo"]

@@ -5,7 +5,6 @@ the gate trains with cross-entropy (paper: `concat_linear`, Adam lr 1e-4, weight
 variants are selectable with `--gate-type`. Writes `<run_dir>/gate/` (`gate.safetensors`, `gate_spec.json`).
 """
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,21 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfig
-from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.arguments import training_arguments
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
 from emovlm_kd.cache import get_features
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, stage_output, upstream_fingerprint, write_complete
-from emovlm_kd.training import finish_stage, load_stage_data, make_accelerator, start_stage, train_epochs
-
-logger = logging.getLogger(__name__)
+from emovlm_kd.run_dir import hash_json, upstream_fingerprint
+from emovlm_kd.training import begin_stage, complete_stage, train_epochs
 
 STAGE = "gate"
 
 
 @dataclass
-class GateArguments(CheckpointArguments):
+class GateArguments(
+    training_arguments("GateTraining", learning_rate=1e-4, weight_decay=1e-4, epochs=10, batch_size=32)
+):
     gate_type: Literal[GATE_TYPES] = field(
         default=EmoVLMKDConfig.gate_type, metadata={"help": "Gate variant (the paper's best: concat_linear)"}
     )
@@ -36,10 +35,6 @@ class GateArguments(CheckpointArguments):
         default=EmoVLMKDConfig.vlm_branch_input,
         metadata={"help": "What the gate sees of the VLM: its class probabilities, or a one-hot answer (the paper's)"},
     )
-    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
-    epochs: int = field(default=10, metadata={"help": "Passes over the cached training features"})
-    batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)"})
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward if features are not cached"})
 
 
@@ -75,17 +70,10 @@ def cross_entropy_loss(gate, batch) -> torch.Tensor:
 
 
 def run(run_args, args: GateArguments) -> dict:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(run_args, STAGE, args)
-    set_seed(run_args.seed)
     head_spec = read_head_spec(run_args.run_dir)
-    data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
-    stage_fingerprint = fingerprint(run_args, args)
-    start_stage(accelerator, run_args.run_dir, STAGE)
-    class_names = data.class_names
-    spec = gate_spec(args, class_names)
-
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"])
+    accelerator, data = stage_run.accelerator, stage_run.data
+    spec = gate_spec(args, data.class_names)
     features = get_features(
         accelerator,
         run_args.run_dir,
@@ -99,7 +87,7 @@ def run(run_args, args: GateArguments) -> dict:
     train_inputs = gate_inputs(head, features["train"], head_spec, spec)
     val_inputs = gate_inputs(head, features["val"], head_spec, spec)
 
-    gate = build_gate(spec, len(class_names))
+    gate = build_gate(spec, len(data.class_names))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"]),
         batch_size=args.batch_size,
@@ -110,34 +98,18 @@ def run(run_args, args: GateArguments) -> dict:
 
     def validate() -> dict:
         logits = fused_logits(accelerator.unwrap_model(gate), *val_inputs)
-        return classification_metrics(features["val"]["labels"], logits.argmax(-1), class_names)
+        return classification_metrics(features["val"]["labels"], logits.argmax(-1), data.class_names)
 
-    metrics, stopped_after = train_epochs(
-        accelerator, run_args, args, STAGE, stage_fingerprint, gate, loader, optimizer, cross_entropy_loss, validate
+    metrics, stopped = train_epochs(stage_run, gate, loader, optimizer, cross_entropy_loss, validate)
+    if stopped:
+        return stopped
+    output = complete_stage(
+        stage_run,
+        lambda output: save_gate(output, accelerator.unwrap_model(gate), spec),
+        val_metrics=metrics,
+        gate_type=args.gate_type,
     )
-    if stopped_after is not None:
-        return {"stage": STAGE, "stopped": True, "epochs_done": stopped_after}
-
-    output = stage_output(run_args.run_dir, STAGE)
-    if accelerator.is_main_process:
-        save_gate(output, accelerator.unwrap_model(gate), spec)
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            val_metrics=metrics,
-            gate_type=args.gate_type,
-            num_processes=accelerator.num_processes,
-            settings=settings_dict(run_args, args),
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
     return {"stage": STAGE, "output": str(output), "val_metrics": metrics}
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = ["ARGUMENTS", "STAGE", "GateArguments", "fingerprint", "gate_spec", "main", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "GateArguments", "fingerprint", "gate_spec", "run"]

@@ -315,22 +315,4 @@ def _is_done(record: dict | None, label: str) -> bool:
     return True
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = [
-    "ARGUMENTS",
-    "STAGE",
-    "InstructionDataArguments",
-    "MalformedAnswer",
-    "build_messages",
-    "enabled",
-    "fingerprint",
-    "label_pattern",
-    "main",
-    "parse_answer",
-    "run",
-]
+__all__ = ["ARGUMENTS", "STAGE", "InstructionDataArguments", "MalformedAnswer", "enabled", "fingerprint", "run"]

@@ -30,20 +30,13 @@ from pathlib import Path
 
 import torch
 
-from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.arguments import training_arguments
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
-from emovlm_kd.run_dir import hash_json, stage_output, write_complete
-from emovlm_kd.training import (
-    close_trackers,
-    finish_stage,
-    load_stage_data,
-    make_accelerator,
-    start_stage,
-    train_one_epoch,
-)
+from emovlm_kd.run_dir import hash_json, stage_output
+from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +48,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
-class InstructionTuningArguments(CheckpointArguments):
+class InstructionTuningArguments(
+    training_arguments(
+        "InstructionTraining", learning_rate=1e-4, weight_decay=0.0, epochs=5, batch_size=1, optimizer="AdamW"
+    )
+):
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
     )
@@ -67,10 +64,6 @@ class InstructionTuningArguments(CheckpointArguments):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=8, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate after warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    epochs: int = field(default=5, metadata={"help": "Passes over all examples"})
-    batch_size: int = field(default=1, metadata={"help": "Global batch size (split across processes; padded batches)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer update"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share, then constant"})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm"})
@@ -274,16 +267,14 @@ def _read_training_log(run_dir, epochs_done: int) -> dict:
 
 def run(run_args, args: InstructionTuningArguments) -> dict:
     """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
-    from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
 
     _check_4bit(args)
-    stage_fingerprint = fingerprint(run_args, args)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
-    accelerator = make_accelerator(run_args, STAGE, args, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    set_seed(run_args.seed)
-    data = load_stage_data(run_args, accelerator, STAGE)
-    start_stage(accelerator, run_args.run_dir, STAGE)
+    stage_run = begin_stage(
+        run_args, args, STAGE, fingerprint, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    accelerator, data = stage_run.accelerator, stage_run.data
     explanations, note = _describe_instruction_data(run_args, args, data, data.class_names)
     (logger.info if explanations else logger.warning)(f"Instruction tuning: {note}")
 
@@ -309,7 +300,7 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     _adapter_checkpoint_hooks(accelerator)
 
-    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, STAGE, stage_fingerprint)
+    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, STAGE, stage_run.fingerprint)
     log = _read_training_log(run_args.run_dir, epochs_done)
     epoch_losses, global_step = list(log["epoch_losses"]), log["global_step"] or epochs_done * updates_per_epoch
     parameters = {
@@ -345,17 +336,16 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         )
         accelerator.log({"train/epoch_loss": epoch_losses[-1]}, step=global_step)
         logger.info(f"Instruction tuning epoch {epoch + 1}/{args.epochs}: mean loss {epoch_losses[-1]:.4f}")
-        stop = end_epoch(accelerator, run_args.run_dir, args, STAGE, stage_fingerprint, epoch + 1, args.epochs)
+        stop = end_epoch(accelerator, run_args.run_dir, args, STAGE, stage_run.fingerprint, epoch + 1, args.epochs)
         training_log = {"epoch_losses": epoch_losses, "global_step": global_step}
         _write_training_log(accelerator, run_args.run_dir, epoch + 1, training_log)
         if stop:
             close_trackers(accelerator)
             return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1, "epoch_losses": epoch_losses}
 
-    output = stage_output(run_args.run_dir, STAGE)
     summary = {
         "stage": STAGE,
-        "output": str(output),
+        "output": str(stage_output(run_args.run_dir, STAGE)),
         "vlm": args.vlm,
         "tasks": [task for task in TASKS if task_counts[task]],
         "instruction_data": note,
@@ -367,8 +357,8 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         "resumed_after_epochs": epochs_done,
         "train_seconds": round(time.time() - started, 1),
     }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def save_merged(output: Path):
         base_loader = None
         if args.load_in_4bit:
             from emovlm_kd.vlm import load_vlm_and_processor
@@ -376,34 +366,11 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
             base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
         export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
         logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            summary=summary,
-            num_processes=accelerator.num_processes,
-            settings=settings_dict(run_args, args),
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
+
+    accelerator.wait_for_everyone()
+    complete_stage(stage_run, save_merged, summary=summary)
     print(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
     return summary
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = [
-    "ARGUMENTS",
-    "LORA_TARGET_MODULES",
-    "STAGE",
-    "InstructionTuningArguments",
-    "add_lora",
-    "export_merged",
-    "fingerprint",
-    "load_base_vlm",
-    "main",
-    "run",
-]
+__all__ = ["ARGUMENTS", "STAGE", "InstructionTuningArguments", "add_lora", "export_merged", "fingerprint", "run"]

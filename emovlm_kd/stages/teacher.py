@@ -6,34 +6,25 @@ the model) for evaluation. Writes `<run_dir>/teacher/` (`model.safetensors` + ti
 `timm.create_model("local-dir:<run_dir>/teacher", pretrained=True)`).
 """
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from emovlm_kd.arguments import CheckpointArguments, settings_dict
+from emovlm_kd.arguments import training_arguments
 from emovlm_kd.data import dataset_hash, open_image_rgb
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, stage_output, write_complete
+from emovlm_kd.run_dir import hash_json
 from emovlm_kd.teachers import TEACHER_PRESETS, create_teacher, teacher_transforms
-from emovlm_kd.training import (
-    finish_stage,
-    load_stage_data,
-    make_accelerator,
-    progress,
-    seeded_rng,
-    start_stage,
-    train_epochs,
-)
-
-logger = logging.getLogger(__name__)
+from emovlm_kd.training import begin_stage, complete_stage, progress, seeded_rng, train_epochs
 
 STAGE = "teacher"
 
 
 @dataclass
-class TeacherArguments(CheckpointArguments):
+class TeacherArguments(
+    training_arguments("TeacherTraining", learning_rate=3e-5, weight_decay=1e-5, epochs=10, batch_size=10)
+):
     teacher: str = field(
         default="vit_base_patch16_384", metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
     )
@@ -43,11 +34,7 @@ class TeacherArguments(CheckpointArguments):
             "help": "Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained"
         },
     )
-    learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=1e-5, metadata={"help": "Adam weight decay"})
-    batch_size: int = field(default=10, metadata={"help": "Global batch size (split across processes)"})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the validation pass"})
-    epochs: int = field(default=10, metadata={"help": "Passes over the training images"})
 
 
 ARGUMENTS = TeacherArguments
@@ -104,16 +91,11 @@ def cross_entropy_loss(model, batch) -> torch.Tensor:
 
 
 def run(run_args, args: TeacherArguments) -> dict:
-    from accelerate.utils import set_seed
     from timm.models import save_for_hf
 
-    accelerator = make_accelerator(run_args, STAGE, args)
-    set_seed(run_args.seed)
-    data = load_stage_data(run_args, accelerator, STAGE)
-    stage_fingerprint = fingerprint(run_args, args)
-    start_stage(accelerator, run_args.run_dir, STAGE)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint)
+    accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
-
     with accelerator.main_process_first():  # one download of pretrained weights
         model = create_teacher(args.teacher, len(class_names), args.pretrained)
     train_transform, eval_transform = teacher_transforms(model)
@@ -133,46 +115,25 @@ def run(run_args, args: TeacherArguments) -> dict:
     def set_augmentation_epoch(epoch: int):
         train_set.epoch = epoch
 
-    metrics, stopped_after = train_epochs(
-        accelerator,
-        run_args,
-        args,
-        STAGE,
-        stage_fingerprint,
-        model,
-        train_loader,
-        optimizer,
-        cross_entropy_loss,
-        validate,
-        on_epoch_start=set_augmentation_epoch,
+    metrics, stopped = train_epochs(
+        stage_run, model, train_loader, optimizer, cross_entropy_loss, validate, on_epoch_start=set_augmentation_epoch
     )
-    if stopped_after is not None:
-        return {"stage": STAGE, "stopped": True, "epochs_done": stopped_after}
+    if stopped:
+        return stopped
 
-    output = stage_output(run_args.run_dir, STAGE)
-    if accelerator.is_main_process:
-        save_for_hf(
-            accelerator.unwrap_model(model), output, model_config={"label_names": class_names}, safe_serialization=True
-        )
-        write_complete(
-            run_args.run_dir,
-            STAGE,
-            stage_fingerprint,
-            teacher=args.teacher,
-            val_metrics=metrics,
-            epochs=args.epochs,
-            unreadable_images=data.bad_images,
-            num_processes=accelerator.num_processes,
-            settings=settings_dict(run_args, args),
-        )
-    finish_stage(accelerator, run_args.run_dir, STAGE)
+    def save_teacher(output):
+        teacher = accelerator.unwrap_model(model)
+        save_for_hf(teacher, output, model_config={"label_names": class_names}, safe_serialization=True)
+
+    output = complete_stage(
+        stage_run,
+        save_teacher,
+        teacher=args.teacher,
+        val_metrics=metrics,
+        epochs=args.epochs,
+        unreadable_images=data.bad_images,
+    )
     return {"stage": STAGE, "output": str(output), "val_metrics": metrics, "unreadable_images": data.bad_images}
 
 
-def main(argv=None) -> dict:
-    from emovlm_kd.cli import cli_main
-
-    return cli_main(STAGE, argv)
-
-
-__all__ = ["ARGUMENTS", "STAGE", "TeacherArguments", "fingerprint", "main", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "TeacherArguments", "fingerprint", "run"]
