@@ -40,6 +40,12 @@ def read_head_spec(run_dir) -> dict:
     return json.loads((stage_output(run_dir, "distill") / HEAD_SPEC).read_text())
 
 
+def spec_vlm(run_dir, spec: dict) -> str:
+    """The VLM a head spec was trained on: the run's own `vlm/` (stage 1), wherever the run directory now is, or
+    the name or folder given."""
+    return str(stage_output(run_dir, "instruction_tuning")) if spec.get("instruction_tuned") else spec["vlm"]
+
+
 def load_head(run_dir) -> EmoVLMKDHead:
     """The distilled head of a run, in eval mode."""
     spec = read_head_spec(run_dir)
@@ -114,7 +120,7 @@ def assemble_model(run_dir):
     _, gate_spec = load_gate(run_dir)
     config = {**spec["model_config"], **{key: gate_spec[key] for key in GATE_CONFIG_FIELDS}}
     model, image_processor, vlm_processor = build_emovlm_kd(
-        spec["vlm"], spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **config
+        spec_vlm(run_dir, spec), spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **config
     )
     dtype = model.head.mlp[0].weight.dtype
     for module, stage, weights in ((model.head, "distill", HEAD_WEIGHTS), (model.gate, "gate", GATE_WEIGHTS)):
@@ -140,4 +146,5 @@ __all__ = [
     "read_head_spec",
     "save_gate",
     "save_head",
+    "spec_vlm",
 ]

@@ -9,16 +9,18 @@ on (which VLM / teacher and the run's stage fingerprint of it, prompt and answer
 model, teacher or dataset gets new files and an unchanged one reuses them across epochs, stages and re-runs.
 """
 
+import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.data import open_image_rgb
-from emovlm_kd.run_dir import hash_json, read_complete, stage_output
+from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
 from emovlm_kd.training import progress
 
 logger = logging.getLogger(__name__)
@@ -28,17 +30,25 @@ CACHE_DIR = "cache"
 VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
 
 
-def vlm_identity(run_dir, vlm: str) -> dict:
-    """What identifies a VLM's weights cheaply: the run's stage-1 fingerprint, a folder's file stats, or a name."""
-    if Path(vlm).resolve() == stage_output(run_dir, "instruction_tuning").resolve():
+def vlm_identity(run_dir, vlm: str, instruction_tuned: bool = False) -> dict:
+    """What identifies a VLM's weights cheaply and wherever they lie: the run's stage-1 fingerprint, a folder's
+    file names, sizes and sampled contents, or a Hub name."""
+    if instruction_tuned:
         return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
     if os.path.isdir(vlm):
         files = sorted(p for p in Path(vlm).iterdir() if p.is_file())
-        return {
-            "folder": str(Path(vlm).resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        }
+        return {"files": [[p.name, p.stat().st_size, _sampled_digest(p)] for p in files]}
     return {"name": vlm}
+
+
+def _sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's first and last MiB: content identity at a fixed cost, also for multi-GB weights."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        digest.update(file.read(chunk))
+        file.seek(max(0, path.stat().st_size - chunk))
+        digest.update(file.read(chunk))
+    return digest.hexdigest()[:16]
 
 
 def vlm_feature_key(spec: dict, split_hash: str) -> str:
@@ -76,12 +86,16 @@ def read_cache(path: Path, num_examples: int) -> dict[str, torch.Tensor] | None:
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
+    """Written to a unique temporary name and renamed into place: an interrupted write leaves no cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"info": json.dumps(metadata, default=str)}
-    )
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tensors = {name: value.contiguous() for name, value in tensors.items()}
+    try:
+        save_file(tensors, tmp, metadata={"info": json.dumps(metadata, default=str)})
+        fault_point("cache-write")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -210,11 +224,15 @@ def get_features(
     kinds = {kind for _, kind, _ in missing}
     model = image_processor = teacher = teacher_transform = None
     if "vlm" in kinds:
+        from emovlm_kd.artifacts import spec_vlm
         from emovlm_kd.vlm import build_emovlm_kd
 
         with accelerator.main_process_first():
             model, image_processor, _ = build_emovlm_kd(
-                spec["vlm"], spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **spec["model_config"]
+                spec_vlm(run_dir, spec),
+                spec["class_names"],
+                dtype=spec.get("vlm_dtype", "auto"),
+                **spec["model_config"],
             )
         model.to(accelerator.device).eval()
     if "teacher" in kinds:

@@ -11,6 +11,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from emovlm_kd.run_dir import fault_point, read_json, write_atomic
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -23,20 +25,20 @@ def checkpoint_root(run_dir, stage: str) -> Path:
 
 def _epoch_folders(root: Path) -> list[Path]:
     """`epoch_<n>` folders, latest first."""
-    return sorted(root.glob("epoch_*"), key=lambda path: int(path.name.split("_")[1]), reverse=True)
+    folders = [path for path in root.glob("epoch_*") if path.name.split("_", 1)[1].isdigit()]
+    return sorted(folders, key=lambda path: int(path.name.split("_")[1]), reverse=True)
 
 
 def find_checkpoint(run_dir, stage: str, fingerprint: str) -> tuple[Path, int] | None:
     """The latest epoch checkpoint of the stage written under the same fingerprint: `(path, epochs done)`."""
     for path in _epoch_folders(checkpoint_root(run_dir, stage)):
-        meta = path / CHECKPOINT_META
-        if not meta.exists():
-            continue  # an interrupted save
-        recorded = json.loads(meta.read_text())
-        if recorded["fingerprint"] != fingerprint:
+        recorded = read_json(path / CHECKPOINT_META, "checkpoint index")
+        if recorded is None:
+            continue  # an interrupted save (the index is written last)
+        if recorded.get("fingerprint") != fingerprint:
             logger.warning(f"Ignoring checkpoint {str(path)!r}: written for other inputs or settings")
             continue
-        return path, recorded["epochs_done"]
+        return path, int(recorded["epochs_done"])
     return None
 
 
@@ -57,10 +59,14 @@ def resume_if_asked(accelerator, run_dir, args, stage: str, fingerprint: str) ->
 def save_checkpoint(accelerator, run_dir, args, stage: str, fingerprint: str, epochs_done: int) -> Path:
     """`accelerator.save_state` of the epoch, then drop older checkpoints beyond `args.keep_checkpoints`."""
     path = checkpoint_root(run_dir, stage) / f"epoch_{epochs_done}"
+    if accelerator.is_main_process:  # never a stale index next to a half-rewritten state
+        shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
+    fault_point("checkpoint-save")
     if accelerator.is_main_process:
         meta = {"fingerprint": fingerprint, "epochs_done": epochs_done}
-        (path / CHECKPOINT_META).write_text(json.dumps(meta) + "\n")
+        write_atomic(path / CHECKPOINT_META, json.dumps(meta) + "\n")
         for stale in _epoch_folders(path.parent)[max(1, args.keep_checkpoints) :]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()

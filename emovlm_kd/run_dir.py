@@ -13,20 +13,36 @@
     <run_dir>/checkpoints/<stage>/      Accelerate `save_state` checkpoints (for `--resume`)
     <run_dir>/logs/                     tracker logs (TensorBoard)
 
-Every stage writes `<stage output>/COMPLETE.json` as its last action, holding its fingerprint (a hash of its inputs,
-its settings and the fingerprints of the stages it reads) and its resolved settings; the all-stages command skips a
-stage whose marker holds the fingerprint it would write. Stage 0's output is a file, so its marker is
-`<run_dir>/instruction_data.COMPLETE.json`.
+Every stage writes `<run_dir>/<output>.COMPLETE.json` (`teacher.COMPLETE.json`, `model.COMPLETE.json`, ...) as its
+last action, holding its fingerprint (a hash of its inputs, its settings and the fingerprints of the stages it
+reads, never of paths) and its resolved settings; the all-stages command skips a stage whose marker holds the
+fingerprint it would write. Markers sit beside the outputs, so an exported repo holds no run bookkeeping.
+
+One process at a time works in a run directory: a stage takes `<run_dir>/.lock` (an exclusive `flock`, naming its
+holder) and a second run fails at once, saying who holds it. Every file the run directory keeps is written to a
+unique temporary name and renamed into place, so an interrupted run never leaves a half-written marker, label list,
+checkpoint index or cache file behind; a corrupt one is reported by path and ignored.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import signal
+import socket
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 LABELS_FILE = "labels.json"
-COMPLETE_FILE = "COMPLETE.json"
+COMPLETE_SUFFIX = ".COMPLETE.json"
+LOCK_FILE = ".lock"
 RESULTS_FILE = "results.json"
 # Stage name (a module of `emovlm_kd.stages`, a script of `train/`) in pipeline order -> its output in the run dir.
 STAGE_OUTPUTS = {
@@ -45,10 +61,48 @@ class DataError(ValueError):
     """A dataset or run directory that cannot be used as given (the message says which path and why)."""
 
 
+class RunDirLocked(DataError):
+    """Another process is working in the run directory."""
+
+
 def hash_json(value) -> str:
     """A short stable hash of any JSON-serialisable value (paths and other objects are stringified)."""
     text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str):
+    """Write `text` to `path` through a unique temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as tmp:
+        tmp.write(text)
+    os.chmod(tmp.name, 0o666 & ~current_umask())
+    os.replace(tmp.name, path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_json(path: Path, what: str) -> dict | None:
+    """A JSON file the run directory keeps; None (and a warning naming it) when it is missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        logger.warning(f"Ignoring the corrupt {what} {str(path)!r}: {error}")
+        return None
+    if not isinstance(value, dict):
+        logger.warning(f"Ignoring the corrupt {what} {str(path)!r}: not a JSON object")
+        return None
+    return value
 
 
 def stage_output(run_dir: str | os.PathLike, stage: str) -> Path:
@@ -57,19 +111,13 @@ def stage_output(run_dir: str | os.PathLike, stage: str) -> Path:
 
 
 def complete_marker(run_dir: str | os.PathLike, stage: str) -> Path:
-    output = stage_output(run_dir, stage)
-    return output.with_suffix(".COMPLETE.json") if output.suffix else output / COMPLETE_FILE
+    return Path(run_dir) / (Path(STAGE_OUTPUTS[stage]).stem + COMPLETE_SUFFIX)
 
 
 def read_complete(run_dir: str | os.PathLike, stage: str) -> dict | None:
-    """The stage's COMPLETE.json contents, or None when the stage has not completed."""
-    marker = complete_marker(run_dir, stage)
-    if not marker.exists():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return None
+    """The stage's COMPLETE marker, or None when the stage has not completed (or its marker is corrupt)."""
+    record = read_json(complete_marker(run_dir, stage), "completion marker")
+    return record if record is None or "fingerprint" in record else None
 
 
 def is_complete(run_dir: str | os.PathLike, stage: str, fingerprint: str | None = None) -> bool:
@@ -81,11 +129,8 @@ def is_complete(run_dir: str | os.PathLike, stage: str, fingerprint: str | None 
 def write_complete(run_dir: str | os.PathLike, stage: str, fingerprint: str, **info) -> Path:
     """Mark the stage complete; call it as the stage's last action (written atomically)."""
     marker = complete_marker(run_dir, stage)
-    marker.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, marker)
+    write_atomic(marker, json.dumps(record, indent=2, default=str) + "\n")
     return marker
 
 
@@ -112,32 +157,103 @@ def ensure_class_names(run_dir: str | os.PathLike, class_names: list[str]) -> li
     """
     path = Path(run_dir) / LABELS_FILE
     class_names = list(class_names)
-    if path.exists():
-        recorded = json.loads(path.read_text())["class_names"]
+    if len(class_names) < 2:  # checked before anything is written: a corrected dataset is then accepted
+        raise DataError(f"EmoVLM-KD needs at least 2 classes, the dataset has {len(class_names)}: {class_names}")
+    recorded = (read_json(path, "class list") or {}).get("class_names")
+    if recorded is not None:
         if recorded != class_names:
             raise DataError(
                 f"The dataset's classes {class_names} differ from those fixed for this run in {str(path)!r}: "
                 f"{recorded}. Use the same dataset (and class order) for every stage of a run, or a new run directory."
             )
         return recorded
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"class_names": class_names}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"class_names": class_names}, indent=2) + "\n")
     return class_names
 
 
 def read_class_names(run_dir: str | os.PathLike) -> list[str]:
     path = Path(run_dir) / LABELS_FILE
-    if not path.exists():
-        raise DataError(f"{str(path)!r} does not exist: run a training stage on a dataset first")
-    return json.loads(path.read_text())["class_names"]
+    recorded = (read_json(path, "class list") or {}).get("class_names")
+    if recorded is None:
+        raise DataError(f"{str(path)!r} is missing or unreadable: run a training stage on the dataset first")
+    return recorded
 
 
-def resolve_vlm(run_dir: str | os.PathLike, vlm: str) -> str:
-    """The VLM a stage 3+ run uses: the run's instruction-tuned `vlm/` when stage 1 completed, else `vlm`."""
-    tuned = stage_output(run_dir, "instruction_tuning")
-    return str(tuned) if is_complete(run_dir, "instruction_tuning") else vlm
+_HELD_LOCKS: dict[str, list] = {}  # lock path -> [file descriptor, depth]: re-entrant within a process
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | os.PathLike):
+    """Hold `<run_dir>/.lock` (exclusive, re-entrant within this process) for the block; another process holding
+    it is a `RunDirLocked` error naming the holder. The operating system releases it if the process dies."""
+    path = (Path(run_dir) / LOCK_FILE).resolve()
+    key = str(path)
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise DataError(f"Cannot write in the run directory {str(path.parent)!r}: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 4096).decode(errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise RunDirLocked(
+            f"The run directory {str(path.parent)!r} is in use by {holder}: wait for it to finish, or use another "
+            f"--run-dir (the lock is {str(path)!r})"
+        ) from None
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(sys.argv)[:300],
+    }
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+    _HELD_LOCKS[key] = [descriptor, 1]
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.pop(key)
+        os.ftruncate(descriptor, 0)
+        os.close(descriptor)  # closing the descriptor releases the lock
+
+
+def fault_point(name: str):
+    """Testing hook for interruptions: `EMOVLM_KD_KILL_AT=<name>` kills the process here with SIGKILL, as a crash
+    or an out-of-memory kill would (points: `cache-write`, `checkpoint-save`, `<stage>-epoch-<n>`,
+    `<stage>-before-complete`)."""
+    if os.environ.get("EMOVLM_KD_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+}
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """What is wrong with the disk when `error` (or what caused it) is a failed write, else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            where = f" writing {error.filename!r}" if error.filename else ""
+            return f"{DISK_ERRNOS[error.errno]}{where}"
+        text = str(error)
+        for number, reason in DISK_ERRNOS.items():
+            if os.strerror(number) in text or f"os error {number}" in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def read_results(run_dir: str | os.PathLike) -> dict:
@@ -146,22 +262,28 @@ def read_results(run_dir: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "COMPLETE_FILE",
+    "COMPLETE_SUFFIX",
     "DataError",
+    "RunDirLocked",
     "LABELS_FILE",
     "RESULTS_FILE",
     "STAGES",
     "STAGE_OUTPUTS",
     "clear_complete",
     "complete_marker",
+    "current_umask",
+    "disk_problem",
+    "fault_point",
     "ensure_class_names",
     "hash_json",
     "is_complete",
     "read_class_names",
     "read_complete",
+    "read_json",
     "read_results",
-    "resolve_vlm",
+    "run_dir_lock",
     "stage_output",
     "upstream_fingerprint",
+    "write_atomic",
     "write_complete",
 ]

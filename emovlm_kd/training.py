@@ -16,7 +16,15 @@ import torch
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
 from emovlm_kd.data import load_imagefolder
-from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, stage_output, write_complete
+from emovlm_kd.run_dir import (
+    DataError,
+    clear_complete,
+    ensure_class_names,
+    fault_point,
+    run_dir_lock,
+    stage_output,
+    write_complete,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +42,10 @@ def make_accelerator(run_args, stage: str, *settings, **kwargs):
         project_config=ProjectConfiguration(
             project_dir=str(run_args.run_dir), logging_dir=str(Path(run_args.run_dir) / "logs")
         ),
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        # data_seed: shuffling follows the run's seed, not whatever consumed the global RNG before
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True, use_seedable_sampler=True, data_seed=run_args.seed
+        ),
         **kwargs,
     )
     if report_to:
@@ -118,7 +129,8 @@ def train_one_epoch(
 
 @dataclass
 class StageRun:
-    """A stage being run: what the shared steps of a stage need (made by `begin_stage`)."""
+    """A stage being run: what the shared steps of a stage need (made by `begin_stage`), and the run-directory lock
+    its main process holds until `complete_stage` (or until the process ends, if the stage fails)."""
 
     stage: str
     run_args: object
@@ -126,6 +138,12 @@ class StageRun:
     accelerator: object
     fingerprint: str
     data: object = None
+    lock: object = None
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
 
 
 def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_names=None, **accelerator_kwargs):
@@ -134,11 +152,23 @@ def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_n
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(run_args, stage, args, **accelerator_kwargs)
+    lock = None
+    if accelerator.is_main_process:
+        lock = run_dir_lock(run_args.run_dir)
+        lock.__enter__()
     set_seed(run_args.seed)
     data = load_stage_data(run_args, accelerator, stage, class_names) if load_data else None
-    stage_run = StageRun(stage, run_args, args, accelerator, fingerprint(run_args, args), data)
+    stage_run = StageRun(stage, run_args, args, accelerator, fingerprint(run_args, args), data, lock)
     start_stage(accelerator, run_args.run_dir, stage)
     return stage_run
+
+
+def seed_training(stage_run: StageRun):
+    """Seed every RNG again once a stage's frozen features are ready, right before it builds what it trains: the
+    weights then do not depend on whether the features were computed (which draws random numbers) or cached."""
+    from accelerate.utils import set_seed
+
+    set_seed(stage_run.run_args.seed)
 
 
 def train_epochs(
@@ -161,8 +191,11 @@ def train_epochs(
         metrics = {**validate(), "train_loss": train_loss}
         logger.info(f"{stage} epoch {epoch + 1}: {metrics}")
         accelerator.log({f"{stage}/val_{key}": value for key, value in metrics.items()}, step=epoch + 1)
-        if end_epoch(accelerator, run_dir, args, stage, stage_run.fingerprint, epoch + 1, args.epochs):
+        stop = end_epoch(accelerator, run_dir, args, stage, stage_run.fingerprint, epoch + 1, args.epochs)
+        fault_point(f"{stage}-epoch-{epoch + 1}")
+        if stop:
             close_trackers(accelerator)
+            stage_run.release()
             return metrics, {"stage": stage, "stopped": True, "epochs_done": epoch + 1}
     return metrics, None
 
@@ -176,6 +209,7 @@ def complete_stage(stage_run: StageRun, save_outputs=None, **record) -> Path:
     if accelerator.is_main_process:
         if save_outputs is not None:
             record.update(save_outputs(output) or {})
+        fault_point(f"{stage_run.stage}-before-complete")
         settings = settings_dict(stage_run.run_args, stage_run.args)
         write_complete(
             run_dir,
@@ -186,6 +220,7 @@ def complete_stage(stage_run: StageRun, save_outputs=None, **record) -> Path:
             **record,
         )
     finish_stage(accelerator, run_dir, stage_run.stage)
+    stage_run.release()
     return output
 
 
@@ -211,6 +246,18 @@ def close_trackers(accelerator):
         tracker.finish()
 
 
+@contextmanager
+def main_process_lock(run_dir):
+    """The run-directory lock, held by the main process of a (possibly multi-process) launch for the block."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        yield
+        return
+    with run_dir_lock(run_dir):
+        yield
+
+
 def end_processes():
     """Tear the process group down cleanly (multi-process runs otherwise may abort at exit)."""
     from accelerate import PartialState
@@ -227,8 +274,10 @@ __all__ = [
     "end_processes",
     "finish_stage",
     "load_stage_data",
+    "main_process_lock",
     "make_accelerator",
     "progress",
+    "seed_training",
     "seeded_rng",
     "start_stage",
     "train_epochs",

@@ -11,7 +11,6 @@ from emovlm_kd.run_dir import (
     hash_json,
     is_complete,
     read_complete,
-    resolve_vlm,
     upstream_fingerprint,
     write_complete,
 )
@@ -31,13 +30,11 @@ def test_complete_markers(tmp_path):
     assert not is_complete(run_dir, "teacher") and read_complete(run_dir, "teacher") is None
     key = hash_json({"lr": 3e-5, "data": "x"})
     write_complete(run_dir, "teacher", key, metrics={"accuracy": 0.5})
-    assert complete_marker(run_dir, "teacher") == run_dir / "teacher" / "COMPLETE.json"
+    assert complete_marker(run_dir, "teacher") == run_dir / "teacher.COMPLETE.json"
+    assert complete_marker(run_dir, "export") == run_dir / "model.COMPLETE.json"  # never inside the pushed repo
     assert is_complete(run_dir, "teacher", key) and not is_complete(run_dir, "teacher", hash_json("other"))
     assert read_complete(run_dir, "teacher")["metrics"] == {"accuracy": 0.5}
     assert complete_marker(run_dir, "instruction_data") == run_dir / "instruction_data.COMPLETE.json"
-    assert resolve_vlm(run_dir, "tiny") == "tiny"
-    write_complete(run_dir, "instruction_tuning", "k")
-    assert resolve_vlm(run_dir, "tiny") == str(run_dir / "vlm")
     with pytest.raises(DataError, match="needs stage 'gate' first"):
         upstream_fingerprint(run_dir, "gate", "evaluate")
     assert upstream_fingerprint(run_dir, "teacher", "distill") == key

@@ -14,12 +14,12 @@ import torch
 
 from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
 from emovlm_kd.arguments import training_arguments
-from emovlm_kd.artifacts import head_logits, save_head
+from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, read_class_names, resolve_vlm, upstream_fingerprint
-from emovlm_kd.training import begin_stage, complete_stage, train_epochs
+from emovlm_kd.run_dir import hash_json, is_complete, read_class_names, upstream_fingerprint
+from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -68,11 +68,13 @@ FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size")
 
 
 def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> dict:
-    """What the cached VLM features and the final model config depend on (saved as the head spec)."""
-    vlm = resolve_vlm(run_args.run_dir, args.vlm)
+    """What the cached VLM features and the final model config depend on (saved as the head spec). The VLM is the
+    run's instruction-tuned `vlm/` once stage 1 completed, else `args.vlm`."""
+    tuned = is_complete(run_args.run_dir, "instruction_tuning")
     return {
-        "vlm": vlm,
-        "vlm_identity": vlm_identity(run_args.run_dir, vlm),
+        "vlm": args.vlm,
+        "instruction_tuned": tuned,
+        "vlm_identity": vlm_identity(run_args.run_dir, args.vlm, tuned),
         "vlm_dtype": args.vlm_dtype,
         "class_names": list(class_names),
         "model_config": {
@@ -95,7 +97,8 @@ def fingerprint(run_args, args: DistillArguments, class_names=None) -> str:
             "stage": STAGE,
             "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
             "teacher": upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
-            "spec": feature_spec(run_args, args, class_names),
+            # the VLM by its identity, not by where it lies: a moved or copied run directory is the same run
+            "spec": {k: v for k, v in feature_spec(run_args, args, class_names).items() if k != "vlm"},
             "seed": run_args.seed,
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
@@ -120,6 +123,7 @@ def run(run_args, args: DistillArguments) -> dict:
     train, val = features["train"], features["val"]
     in_features = train["image_embeds"].shape[-1]
 
+    seed_training(stage_run)
     head = EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
@@ -146,14 +150,14 @@ def run(run_args, args: DistillArguments) -> dict:
         stage_run,
         lambda output: save_head(output, accelerator.unwrap_model(head), {**spec, "in_features": in_features}),
         val_metrics=metrics,
-        vlm=spec["vlm"],
+        vlm=spec_vlm(run_args.run_dir, spec),
         unreadable_images=data.bad_images,
     )
     return {
         "stage": STAGE,
         "output": str(output),
         "val_metrics": metrics,
-        "vlm": spec["vlm"],
+        "vlm": spec_vlm(run_args.run_dir, spec),
         "unreadable_images": data.bad_images,
     }
 

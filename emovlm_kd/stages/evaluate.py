@@ -18,6 +18,7 @@ from emovlm_kd.artifacts import (
     load_gate,
     load_head,
     read_head_spec,
+    spec_vlm,
 )
 from emovlm_kd.cache import get_features
 from emovlm_kd.data import dataset_hash
@@ -119,7 +120,7 @@ def run(run_args, args: EvaluateArguments) -> dict:
     results = {
         "class_names": class_names,
         "gate_type": gate_spec["gate_type"],
-        "vlm": head_spec["vlm"],
+        "vlm": spec_vlm(run_args.run_dir, head_spec),
         "unreadable_images": data.bad_images,
         "splits": {},
     }

@@ -23,6 +23,7 @@ from emovlm_kd.model_card import build_model_card
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
     DataError,
+    current_umask,
     hash_json,
     read_class_names,
     read_complete,
@@ -113,8 +114,7 @@ def verify_against_cache(run_dir, model, image_processor, paths: list[str], feat
 
 def _tuned_base(run_dir, head_spec: dict) -> tuple[bool, str | None]:
     """Whether the run's VLM is stage 1's output, and the VLM that stage 1 (or the run) started from."""
-    tuned = Path(head_spec["vlm"]).resolve() == stage_output(run_dir, "instruction_tuning").resolve()
-    if not tuned:
+    if not head_spec.get("instruction_tuned"):
         return False, head_spec["vlm"]
     record = read_complete(run_dir, "instruction_tuning") or {}
     return True, record.get("summary", {}).get("vlm") or record.get("vlm")
@@ -158,6 +158,8 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
+    base_model = _base_model(run_args.run_dir, args, head_spec)
+    model.config.vlm_config._name_or_path = base_model or ""  # never a path on the training machine
     vlm_processor.tokenizer.save_pretrained(output)
     image_processor.save_pretrained(output)  # after the tokenizer: its preprocessor_config.json is the one to keep
     model.save_pretrained(output)
@@ -173,7 +175,7 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
         repo_id,
         head_spec["class_names"],
         results,
-        _base_model(run_args.run_dir, args, head_spec),
+        base_model,
         dataset_name,
         _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description),
         license=args.license,
@@ -182,6 +184,14 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
     card.save(output / "README.md")
     for plot in sorted(stage_output(run_args.run_dir, "evaluate").glob("confusion_*.png")):
         shutil.copy(plot, output / plot.name)
+    _normal_modes(output)
+
+
+def _normal_modes(folder: Path):
+    """The modes a plain `cp` would give (some writers create 0600 files): readable by whoever may read the folder."""
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def push_to_hub(args: ExportArguments, output: Path) -> str:

@@ -18,7 +18,7 @@ from emovlm_kd.cache import get_features
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json, upstream_fingerprint
-from emovlm_kd.training import begin_stage, complete_stage, train_epochs
+from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
 
 STAGE = "gate"
 
@@ -87,6 +87,7 @@ def run(run_args, args: GateArguments) -> dict:
     train_inputs = gate_inputs(head, features["train"], head_spec, spec)
     val_inputs = gate_inputs(head, features["val"], head_spec, spec)
 
+    seed_training(stage_run)
     gate = build_gate(spec, len(data.class_names))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"]),

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from emovlm_kd.arguments import training_arguments
+from emovlm_kd.cache import vlm_identity
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
-from emovlm_kd.run_dir import hash_json, stage_output
+from emovlm_kd.run_dir import fault_point, hash_json, read_json, stage_output, write_atomic
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ class InstructionTuningArguments(
 ARGUMENTS = InstructionTuningArguments
 # Settings the tuned VLM depends on (not the checkpointing or the memory-saving switches).
 FINGERPRINT_FIELDS = (
-    "vlm",
     "classification_only",
     "lora_r",
     "lora_alpha",
@@ -101,6 +101,7 @@ def fingerprint(run_args, args: InstructionTuningArguments) -> str:
             "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
             "instruction_data": instruction_digest,
             "seed": run_args.seed,
+            "vlm": vlm_identity(run_args.run_dir, args.vlm),
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
     )
@@ -255,14 +256,13 @@ def _write_training_log(accelerator, run_dir, epochs_done: int, log: dict):
     """Next to an epoch checkpoint (when one was written): the losses so far, for the summary of a resumed run."""
     path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}"
     if accelerator.is_main_process and path.is_dir():
-        (path / TRAINING_LOG).write_text(json.dumps(log) + "\n")
+        write_atomic(path / TRAINING_LOG, json.dumps(log) + "\n")
 
 
 def _read_training_log(run_dir, epochs_done: int) -> dict:
     path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}" / TRAINING_LOG
-    if epochs_done and path.exists():
-        return json.loads(path.read_text())
-    return {"epoch_losses": [None] * epochs_done, "global_step": None}
+    log = read_json(path, "training log") if epochs_done else None
+    return log or {"epoch_losses": [None] * epochs_done, "global_step": None}
 
 
 def run(run_args, args: InstructionTuningArguments) -> dict:
@@ -339,8 +339,10 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         stop = end_epoch(accelerator, run_args.run_dir, args, STAGE, stage_run.fingerprint, epoch + 1, args.epochs)
         training_log = {"epoch_losses": epoch_losses, "global_step": global_step}
         _write_training_log(accelerator, run_args.run_dir, epoch + 1, training_log)
+        fault_point(f"{STAGE}-epoch-{epoch + 1}")
         if stop:
             close_trackers(accelerator)
+            stage_run.release()
             return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1, "epoch_losses": epoch_losses}
 
     summary = {

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emovlm_kd.arguments import RunArguments, coerce_values, field_names, load_recipe, overrides_of, stage_values
-from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete
+from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete, write_atomic
+from emovlm_kd.training import main_process_lock
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ def write_run_config(run_args: RunArguments, plans: list[StagePlan]) -> Path:
     config = {"run": dataclasses.asdict(run_args), "stages": [p.stage for p in plans]}
     config.update({p.stage: dataclasses.asdict(p.args) for p in plans})
     path = Path(run_args.run_dir) / RUN_CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -139,27 +139,35 @@ def _is_complete(plan_: StagePlan, run_args) -> bool:
 
 
 def run(run_all_args: RunAllArguments, run_args: RunArguments, plans: list[StagePlan]) -> dict:
-    write_run_config(run_args, plans)
     summary = {}
-    for plan_ in plans:
-        stage = plan_.stage
-        enabled = getattr(plan_.module, "enabled", None)
-        if enabled is not None and not enabled(plan_.args):
-            logger.info(f"Stage {stage!r} skipped: not configured (see `python train/{stage}.py --help`)")
-            continue
-        if not run_all_args.force and _is_complete(plan_, run_args):
-            logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
-            summary[stage] = {"skipped": "complete", **_recorded(run_args.run_dir, stage)}
-            continue
-        logger.info(f"Stage {stage!r}: {dataclasses.asdict(plan_.args)}")
-        started = time.time()
-        result = plan_.module.run(run_args, plan_.args)
-        result["seconds"] = round(time.time() - started, 1)
-        summary[stage] = result
-        if result.get("stopped"):
-            logger.warning(f"Stage {stage!r} stopped early; later stages not run")
-            break
+    with main_process_lock(run_args.run_dir):  # one run at a time in a run directory
+        write_run_config(run_args, plans)
+        for plan_ in plans:
+            result = run_stage(run_all_args, run_args, plan_)
+            if result is None:
+                continue
+            summary[plan_.stage] = result
+            if result.get("stopped"):
+                logger.warning(f"Stage {plan_.stage!r} stopped early; later stages not run")
+                break
     return summary
+
+
+def run_stage(run_all_args: RunAllArguments, run_args: RunArguments, plan_: StagePlan) -> dict | None:
+    """One stage of the run: None when it is not configured, a `skipped` summary when it is complete."""
+    stage = plan_.stage
+    enabled = getattr(plan_.module, "enabled", None)
+    if enabled is not None and not enabled(plan_.args):
+        logger.info(f"Stage {stage!r} skipped: not configured (see `python train/{stage}.py --help`)")
+        return None
+    if not run_all_args.force and _is_complete(plan_, run_args):
+        logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
+        return {"skipped": "complete", **_recorded(run_args.run_dir, stage)}
+    logger.info(f"Stage {stage!r}: {dataclasses.asdict(plan_.args)}")
+    started = time.time()
+    result = plan_.module.run(run_args, plan_.args)
+    result["seconds"] = round(time.time() - started, 1)
+    return result
 
 
 def _recorded(run_dir, stage: str) -> dict:
@@ -168,7 +176,7 @@ def _recorded(run_dir, stage: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    from emovlm_kd.cli import exit_with_error, setup_logging
+    from emovlm_kd.cli import exit_with_error, run_dir_errors, setup_logging
     from emovlm_kd.training import end_processes
 
     setup_logging()
@@ -178,9 +186,8 @@ def main(argv=None) -> dict:
         exit_with_error(error)
     started = time.time()
     try:
-        summary = run(run_all_args, run_args, plans)
-    except DataError as error:
-        exit_with_error(error)
+        with run_dir_errors(run_args.run_dir):
+            summary = run(run_all_args, run_args, plans)
     finally:
         end_processes()
     summary["total_seconds"] = round(time.time() - started, 1)
