@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
 from conftest import EMOTIONS_8, make_images
 from emovlm_kd.tiny import build_tiny_model
 from modeling_emovlm_kd import GATES, AnswerTrie, distillation_loss, parse_generated_answer
@@ -91,27 +92,70 @@ def test_visual_encoder_runs_once_in_generate_mode():
     assert (out.vlm_scores.sum(-1) <= 1).all()
 
 
-def test_generated_answers_parse_into_one_hot():
-    answers = [[7, 8, 10], [7, 8, 11, 12]]  # "sad" and "sadness"-like token answers (end token removed)
-    assert parse_generated_answer([1, 7, 8, 11, 12, 99], answers) == 1
-    assert parse_generated_answer([7, 8, 10, 99], answers) == 0
-    assert parse_generated_answer([7, 8, 11, 12, 7, 8, 10], answers) == 1  # earliest answer wins
-    assert parse_generated_answer([7, 8, 99], answers) is None  # unparseable -> all zeros in the model
-    assert parse_generated_answer([17, 8, 10], answers) is None
+def test_generated_answers_parse_like_the_reference():
+    labels = ["anger", "angry", "awe"]
+    assert parse_generated_answer("{'emotion':'anger'}", labels) == 0
+    assert parse_generated_answer("{'emotion': 'anger'}", labels) == 0
+    assert parse_generated_answer("{'emotion':  \t'awe'}", labels) == 2  # any whitespace after the colon
+    assert parse_generated_answer("I think the answer is {'emotion': 'angry'} because of the fist.", labels) == 1
+    assert parse_generated_answer("{'emotion': 'awe'} or {'emotion': 'anger'}", labels) == 2  # the first match
+    assert parse_generated_answer("{'emotion': 'joy'} {'emotion': 'anger'}", labels) is None  # first is no class
+    assert parse_generated_answer("{'emotion': 'Anger'}", labels) is None  # exact class names only
+    assert parse_generated_answer("anger", labels) is None  # unparseable -> all zeros in the model
+    assert parse_generated_answer("answer: anger!", labels, answer_format="answer: <label>!") == 0
+
+
+def test_generate_mode_parses_decoded_text(monkeypatch):
+    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_branch_mode="generate", max_new_tokens=3)
+    texts = ["{'emotion':'sadness'}", "It is {'emotion': 'joy'}.", "no idea"]
+    monkeypatch.setattr(model, "decode", lambda tokens: texts[: len(tokens)])
+    with torch.no_grad():
+        out = model(**image_processor(make_images()))
+    assert out.vlm_scores.tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 0]]
 
 
 def test_generate_mode_matches_stock_greedy_generation():
     model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate", max_new_tokens=6)
-    image = make_images()[0]
-    inputs = image_processor([image])
+    inputs = image_processor([make_images()[0]])
     image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     with torch.no_grad():
-        _, generated = model.generate_answers(
-            inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], image_embeds
-        )
-        stock = model.vlm.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=model.config.answer_token_ids[0][-1])
+        generated = model.generate_tokens(*branch, image_embeds)
+        stock = model.vlm.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=model.stop_token_ids())
     stock_new = stock[0, inputs["input_ids"].shape[1] :].tolist()
-    assert generated[0][: len(stock_new)] == stock_new
+    assert len(generated[0]) > 0 and generated[0] == stock_new[: len(generated[0])]
+    _, texts = model.generate_answers(*branch, image_embeds)
+    assert texts == model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+
+def test_sampling_is_seeded_and_follows_the_reference_settings():
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate",
+                                                 max_new_tokens=8, generate_do_sample=True)  # fmt: skip
+    assert (model.config.generate_temperature, model.config.generate_top_p) == (0.8, 1.0)
+    assert EmoVLMKDConfig(id2label={0: "a", 1: "b"}).max_new_tokens == 256
+    inputs = image_processor(make_images())
+    image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+
+    def sample(seed):
+        return model.generate_tokens(*branch, image_embeds, generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert first == again and first != other
+    greedy = model.generate_tokens(*branch, image_embeds, do_sample=False)
+    assert greedy == model.generate_tokens(*branch, image_embeds, do_sample=False) and greedy != first
+    out = model(**inputs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.vlm_scores, model(**inputs, generator=torch.Generator().manual_seed(0)).vlm_scores)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    model, _, _ = build_tiny_model(["a", "b"], generate_do_sample=True, generate_top_p=0.5)
+    logits = torch.tensor([[2.0, 1.9, -5.0, -5.0]]) * model.config.generate_temperature  # probs ~0.52, 0.47, ...
+    draws = {model._next_token(logits, True, torch.Generator().manual_seed(seed)).item() for seed in range(50)}
+    assert draws == {0}
+    model.config.generate_top_p = 0.9
+    draws = {model._next_token(logits, True, torch.Generator().manual_seed(seed)).item() for seed in range(50)}
+    assert draws == {0, 1}
 
 
 def test_distillation_loss_matches_formula_by_hand():
