@@ -383,7 +383,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         check_head_and_gate_loaded(loading_info, model.config.gate_type, pretrained_model_name_or_path)
-        model.tokenizer = load_tokenizer(pretrained_model_name_or_path, kwargs)
+        model.tokenizer = load_tokenizer(pretrained_model_name_or_path, model.config.vlm_config, kwargs)
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
@@ -800,8 +800,9 @@ def tokenizer_with_chat_template(processor):
     return tokenizer
 
 
-def load_tokenizer(pretrained_model_name_or_path, from_pretrained_kwargs: dict):
-    """The tokenizer saved with a model (folder or Hub repo), or None when there is none."""
+def load_tokenizer(pretrained_model_name_or_path, vlm_config, from_pretrained_kwargs: dict):
+    """The tokenizer saved with a model (folder or Hub repo), or None when there is none. It is the VLM's: the VLM's
+    config tells `AutoTokenizer` its family (rather than this model's remote-code config)."""
     if pretrained_model_name_or_path is None:
         return None
     hub_kwargs = {name: from_pretrained_kwargs[name] for name in HUB_KWARGS if name in from_pretrained_kwargs}
@@ -812,7 +813,9 @@ def load_tokenizer(pretrained_model_name_or_path, from_pretrained_kwargs: dict):
         _raise_exceptions_for_connection_errors=False,
         **hub_kwargs,
     )
-    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs) if found else None
+    if not found:
+        return None
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=vlm_config, **hub_kwargs)
 
 
 def check_head_and_gate_loaded(loading_info: dict, gate_type: str, source) -> None:
