@@ -50,6 +50,7 @@ _CORPUS = [
     "Which emotion does this image evoke? Choose one of the following emotions: amusement, anger, awe, contentment, "
     "disgust, excitement, fear, sadness. Answer in the format {'emotion': '<label>'}.",
     "{'emotion': 'amusement'} {'emotion': 'contentment'} {'emotion': 'sad'} {'emotion': 'sadness'}",
+    "{'emotion': 'negative'} {'emotion': 'neutral'} {'emotion': 'positive'}",
     "positive negative neutral joy surprise happy calm angry scared",
     "Describe the key visual elements of this image. Explain the emotional reasoning behind the image.",
     "The image shows a person, a dark sky, bright colours, a smiling face, a storm, flowers, a quiet lake.",

@@ -15,7 +15,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from configuration_emovlm_kd import DEFAULT_ANSWER_FORMAT, DEFAULT_PROMPT, VLM_BRANCH_MODES
+from configuration_emovlm_kd import ANSWER_FORMAT, CLASSIFICATION_PROMPT, VLM_BRANCH_MODES
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.data import fingerprint as hash_of
 from emovlm_kd.data import read_class_names, resolve_vlm, stage_output, write_complete
@@ -71,8 +71,12 @@ def add_vlm_args(parser):
         help="VLM checkpoint or folder when the run has no instruction-tuned vlm/ (stage 1); 'tiny' works offline",
     )
     group.add_argument("--vlm-dtype", default="auto", help="dtype to load the VLM in (auto, bfloat16, float32, ...)")
-    group.add_argument("--classification-prompt", default=DEFAULT_PROMPT, help="<labels> is replaced by the classes")
-    group.add_argument("--answer-format", default=DEFAULT_ANSWER_FORMAT, help="<label> is replaced by a class")
+    group.add_argument(
+        "--classification-prompt",
+        default=CLASSIFICATION_PROMPT,
+        help="<num_labels>, <label_list>, <example_label_1>, <example_label_2> are filled in",
+    )
+    group.add_argument("--answer-format", default=ANSWER_FORMAT, help="<label> is replaced by a class")
     group.add_argument("--vlm-branch-mode", choices=VLM_BRANCH_MODES, default="score")
     group.add_argument("--max-new-tokens", type=int, default=32, help="Generation budget of the 'generate' mode")
     group.add_argument("--feature-batch-size", type=int, default=8, help="Images per VLM forward while caching")
