@@ -140,10 +140,12 @@ class EmoVLMKDConfig(PreTrainedConfig):
     >>> from configuration_emovlm_kd import EmoVLMKDConfig
 
     >>> config = EmoVLMKDConfig(id2label={0: "positive", 1: "negative"}, gate_type="moe")
-    >>> config.prompt_text("classification").splitlines()[0][-60:]
-    "from the following 2 categories ['positive', 'negative']. Answer in dictionary form as follows"
+    >>> config.prompt_text("classification").splitlines()[1].strip()
+    "{'emotion':'positive'} or {'emotion':'negative'}"
     >>> config.answer_text("negative")
     "{'emotion': 'negative'}"
+    >>> [message["role"] for message in config.chat_messages("inference")]
+    ['system', 'user']
     ```
     """
 
