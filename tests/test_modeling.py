@@ -80,7 +80,9 @@ def test_visual_encoder_runs_once_per_image(tiny):
 
 
 def test_visual_encoder_runs_once_in_generate_mode():
-    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_branch_mode="generate", max_new_tokens=4)
+    model, image_processor, _ = build_tiny_model(
+        ["sad", "sadness", "joy"], vlm_branch_mode="generate", max_new_tokens=4
+    )
     calls = []
     handle = model.vlm.model.visual.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
@@ -106,7 +108,7 @@ def test_generated_answers_parse_like_the_reference():
 
 
 def test_generate_mode_parses_decoded_text(monkeypatch):
-    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_branch_mode="generate", max_new_tokens=3)
+    model, image_processor, _ = build_tiny_model(["sad", "sadness", "joy"], vlm_branch_mode="generate")
     texts = ["{'emotion':'sadness'}", "It is {'emotion': 'joy'}.", "no idea"]
     monkeypatch.setattr(model, "decode", lambda tokens: texts[: len(tokens)])
     with torch.no_grad():
@@ -115,22 +117,24 @@ def test_generate_mode_parses_decoded_text(monkeypatch):
 
 
 def test_generate_mode_matches_stock_greedy_generation():
-    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate", max_new_tokens=6)
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate")
     inputs = image_processor([make_images()[0]])
     image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
     branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     with torch.no_grad():
-        generated = model.generate_tokens(*branch, image_embeds)
+        generated = model.generate_tokens(*branch, image_embeds, max_new_tokens=6)
         stock = model.vlm.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=model.stop_token_ids())
     stock_new = stock[0, inputs["input_ids"].shape[1] :].tolist()
     assert len(generated[0]) > 0 and generated[0] == stock_new[: len(generated[0])]
+    model.config.max_new_tokens = 6
     _, texts = model.generate_answers(*branch, image_embeds)
     assert texts == model.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
 
 def test_sampling_is_seeded_and_follows_the_reference_settings():
-    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate",
-                                                 max_new_tokens=8, generate_do_sample=True)  # fmt: skip
+    model, image_processor, _ = build_tiny_model(
+        ["negative", "positive"], vlm_branch_mode="generate", max_new_tokens=8, generate_do_sample=True
+    )
     assert (model.config.generate_temperature, model.config.generate_top_p) == (0.8, 1.0)
     assert EmoVLMKDConfig(id2label={0: "a", 1: "b"}).max_new_tokens == 256
     inputs = image_processor(make_images())
@@ -324,16 +328,22 @@ def reference_gate_formula(gate_type, p, v1, v2):
     raise AssertionError(gate_type)
 
 
+def linear_shapes(name, fan_in, fan_out):
+    return {f"{name}.weight": (fan_out, fan_in), f"{name}.bias": (fan_out,)}
+
+
 def reference_gate_shapes(gate_type, c, experts=3):
-    linear = lambda name, fan_in, fan_out: {f"{name}.weight": (fan_out, fan_in), f"{name}.bias": (fan_out,)}  # noqa: E731
-    return {
-        "concat_linear": linear("fc", 2 * c, c),
-        "bilinear": {"bilinear.weight": (c, c, c), "bilinear.bias": (c,), **linear("fc", c, c)},
-        "moe": {**{k: v for e in range(experts) for k, v in linear(f"experts.{e}", 2 * c, c).items()},
-                **linear("gate", 2 * c, experts)},
-        "dynamic_weighting": {**linear("gate", 2 * c, 2), **linear("fc", c, c)},
-        "cross_gating": {**linear("gate1", c, c), **linear("gate2", c, c), **linear("fc", c, c)},
-    }[gate_type]  # fmt: skip
+    """The reference's parameter names and shapes (nn.Linear(in, out).weight is (out, in))."""
+    if gate_type == "concat_linear":
+        return linear_shapes("fc", 2 * c, c)
+    if gate_type == "bilinear":
+        return {"bilinear.weight": (c, c, c), "bilinear.bias": (c,), **linear_shapes("fc", c, c)}
+    if gate_type == "moe":
+        shapes = {k: v for e in range(experts) for k, v in linear_shapes(f"experts.{e}", 2 * c, c).items()}
+        return {**shapes, **linear_shapes("gate", 2 * c, experts)}
+    if gate_type == "dynamic_weighting":
+        return {**linear_shapes("gate", 2 * c, 2), **linear_shapes("fc", c, c)}
+    return {**linear_shapes("gate1", c, c), **linear_shapes("gate2", c, c), **linear_shapes("fc", c, c)}
 
 
 @pytest.mark.parametrize("gate_type", GATE_TYPES)
@@ -342,17 +352,20 @@ def test_gates_compute_the_reference_functions_with_its_parameters(gate_type):
     torch.manual_seed(0)
     gate = GATES[gate_type](num_labels, num_experts=3).double()
     state = gate.state_dict()
-    assert {name: tuple(tensor.shape) for name, tensor in state.items()} == reference_gate_shapes(gate_type, num_labels)
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    assert shapes == reference_gate_shapes(gate_type, num_labels)
     head_logits = torch.randn(batch, num_labels, dtype=torch.float64) * 3
     vlm_scores = torch.randn(batch, num_labels, dtype=torch.float64).softmax(-1)
     fused, weights = gate(head_logits, vlm_scores)
-    torch.testing.assert_close(fused, reference_gate_formula(gate_type, state, head_logits, vlm_scores), atol=1e-6, rtol=0)
-    if gate_type == "dynamic_weighting":  # documented weights: (head, VLM) mixing weights
-        expected = torch.softmax(torch.cat([head_logits, vlm_scores], 1) @ state["gate.weight"].T + state["gate.bias"], 1)
-        torch.testing.assert_close(weights, expected)
-    if gate_type == "cross_gating":  # documented weights: (gate on the head from the VLM, gate on the VLM from the head)
-        torch.testing.assert_close(weights[:, 0], torch.sigmoid(vlm_scores @ state["gate1.weight"].T + state["gate1.bias"]))
-        torch.testing.assert_close(weights[:, 1], torch.sigmoid(head_logits @ state["gate2.weight"].T + state["gate2.bias"]))
+    expected = reference_gate_formula(gate_type, state, head_logits, vlm_scores)
+    torch.testing.assert_close(fused, expected, atol=1e-6, rtol=0)
+    if gate_type == "dynamic_weighting":  # documented weights: the (head, VLM) mixing weights
+        features = torch.cat([head_logits, vlm_scores], 1)
+        torch.testing.assert_close(weights, torch.softmax(features @ state["gate.weight"].T + state["gate.bias"], 1))
+    if gate_type == "cross_gating":  # documented weights: gates on the head (from the VLM) and the VLM
+        on_head = torch.sigmoid(vlm_scores @ state["gate1.weight"].T + state["gate1.bias"])
+        on_vlm = torch.sigmoid(head_logits @ state["gate2.weight"].T + state["gate2.bias"])
+        torch.testing.assert_close(weights, torch.stack([on_head, on_vlm], dim=1))
 
 
 def test_gate_registry_is_keyed_by_the_config_gate_types():
@@ -437,7 +450,8 @@ def old_gate_layout(gate_type, state, num_labels):
             old[name.replace(module, renamed[module], 1)] = tensor
     if gate_type == "cross_gating":  # the fusion was Linear(2C -> C)
         old["proj.weight"], old["proj.bias"] = torch.randn(num_labels, 2 * num_labels), torch.randn(num_labels)
-    return {**{k: v for k, v in state.items() if not k.startswith("gate.")}, **{f"gate.{k}": v for k, v in old.items()}}
+    kept = {k: v for k, v in state.items() if not k.startswith("gate.")}
+    return {**kept, **{f"gate.{k}": v for k, v in old.items()}}
 
 
 @pytest.mark.parametrize("gate_type", GATE_TYPES)
@@ -453,8 +467,8 @@ def test_checkpoints_with_the_old_gate_definitions_are_refused(tiny_folder, tmp_
     state = load_file(tiny_folder / "model.safetensors")
     torch.manual_seed(0)
     new_gate = GATES[gate_type](num_labels, num_experts=3).state_dict()
-    state = {**{k: v for k, v in state.items() if not k.startswith("gate.")},
-             **{f"gate.{k}": v for k, v in new_gate.items()}}  # fmt: skip
+    state = {k: v for k, v in state.items() if not k.startswith("gate.")}
+    state.update({f"gate.{k}": v for k, v in new_gate.items()})
     for layout, weights in (("new", state), ("old", old_gate_layout(gate_type, state, num_labels))):
         folder = tmp_path / layout
         shutil.copytree(tiny_folder, folder)
