@@ -117,6 +117,10 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
     def from_vlm_processor(cls, vlm_processor, config, **kwargs) -> "EmoVLMKDImageProcessor":
         """Build from a VLM processor (e.g. `Qwen2VLProcessor`) and an `EmoVLMKDConfig`: the classification chat of
         `config.chat_messages` rendered with the processor's chat template and tokenised around the image."""
+        if not hasattr(config, "prompt_token_ids"):
+            raise TypeError(
+                f"from_vlm_processor takes the model's EmoVLMKDConfig (it defines the whole chat), got {type(config)}"
+            )
         tokenizer = vlm_processor.tokenizer
         prefix_ids, suffix_ids = config.prompt_token_ids("classification", vlm_processor)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

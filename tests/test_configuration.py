@@ -106,6 +106,8 @@ def test_prompt_ids_around_the_image_are_what_the_vlm_processor_makes(tiny):
     )
     text = vlm_processor.tokenizer.decode(image_processor.prompt_prefix_ids)
     assert text.startswith(f"<|im_start|>system\n{REFERENCE_SYSTEM_MESSAGE}<|im_end|>")
+    with pytest.raises(TypeError, match="EmoVLMKDConfig"):  # a prompt string alone no longer defines the chat
+        type(image_processor).from_vlm_processor(vlm_processor, model.config.prompt_text())
 
 
 def test_stage1_encoder_and_the_model_share_a_custom_prompt():
