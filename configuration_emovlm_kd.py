@@ -1,5 +1,10 @@
 # Copyright 2026 The emovlm-kd authors. Licensed under the Apache License, Version 2.0.
-"""EmoVLM-KD configuration (remote code: copied into every exported model repo)."""
+"""EmoVLM-KD configuration (remote code: copied into every exported model repo).
+
+The prompts of the method are defined here and nowhere else: instruction tuning (stage 1), feature caching and
+scoring (stages 3-6), the exported image processor and the model's `explain` all build their chat messages with
+[`EmoVLMKDConfig.chat_messages`].
+"""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -7,15 +12,64 @@ from transformers.configuration_utils import SubConfigSpec
 GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating")
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
+TASKS = ("observation", "inference", "classification")
 # VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
 # Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
 SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
-DEFAULT_PROMPT = (
-    "Which emotion does this image evoke? Choose one of the following emotions: <labels>. "
-    "Answer in the format {'emotion': '<label>'}."
+# Where a saved folder finds this package's classes: the Auto classes and the image-classification pipeline.
+AUTO_MAP = {
+    "AutoConfig": "configuration_emovlm_kd.EmoVLMKDConfig",
+    "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
+    "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
+}
+CUSTOM_PIPELINES = {
+    "image-classification": {
+        "impl": "pipeline_emovlm_kd.EmoVLMKDImageClassificationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "tf": [],
+        "type": "image",
+    }
+}
+
+# The published prompts (github.com/sange1104/EmoVLM-KD: data_utils.py SYSTEM_MESSAGE and get_final_task_message,
+# train_vlm.py OBS_TASK_MESSAGE and INF_TASK_MESSAGE), character for character.
+SYSTEM_MESSAGE = "You are an AI visual assistant, and you are seeing a single image."
+OBSERVATION_PROMPT = (
+    "Observe the image and describe key elements of the image. "
+    "Example: The dark sky serves as a dramatic background, emphasizing people holding tools. "
+    "Objects resembling agricultural tools appear threatening, creating tension. "
+    "The synchronized movement of the crowd and strong silhouette effects contribute to a striking atmosphere. "
+    "The high contrast highlights the shapes of the tools as primary visual elements."
 )
-DEFAULT_ANSWER_FORMAT = "{'emotion': '<label>'}"
+INFERENCE_PROMPT = (
+    "Observe the image and describe the process of inferring the emotions conveyed in the image. "
+    "Example: The crowd holding various tools suggests intense energy and the excitement of collective action. "
+    "The silhouette contrasting with the dark sky evokes tension, potentially eliciting anxiety or fear. "
+    "The threatening shapes of the tools and the collective behavior may hint at anger or hostility. "
+    "The overall scene's organized yet uncertain atmosphere limits the possibility of comfort."
+)
+# The reference writes this prompt as an indented triple-quoted f-string: the newlines and the 8-space indents are
+# part of the text the VLM was tuned on.
+CLASSIFICATION_PROMPT = (
+    "Observe the image and select the emotion category that best matches this image from the following "
+    "<num_labels> categories <label_list>. Answer in dictionary form as follows\n"
+    "        {'emotion':'<example_label_1>'} or {'emotion':'<example_label_2>'}\n"
+    "        "
+)
+ANSWER_FORMAT = "{'emotion': '<label>'}"
+
+
+def example_labels(labels: list[str]) -> list[str]:
+    """The two classes named in the classification prompt's example answers.
+
+    The rule reproduces the reference's prompts: `anger` first when it is a class (FI, EmoSet: `anger`, `amusement`;
+    Emotion6: `anger`, `disgust`), then the first other class; without `anger`, the first two classes (Flickr,
+    Instagram: `positive`, `negative`).
+    """
+    if "anger" in labels:
+        return ["anger", next(label for label in labels if label != "anger")]
+    return list(labels[:2])
 
 
 class EmoVLMKDConfig(PreTrainedConfig):
@@ -27,42 +81,85 @@ class EmoVLMKDConfig(PreTrainedConfig):
     Args:
         vlm_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the vision-language model (an `AutoModelForImageTextToText` family; `qwen2_vl` by default).
-        id2label / label2id (`dict`):
+        id2label (`dict[int, str]`):
             The emotion classes, any number >= 2. Their order is the order of every output vector.
-        classification_prompt (`str`):
-            The question asked next to the image. `<labels>` is replaced by the comma-separated class names.
-        answer_format (`str`):
-            The answer whose likelihood is scored per class; `<label>` is replaced by the class name.
-        answer_token_ids (`list[list[int]]`):
+        label2id (`dict[str, int]`):
+            The inverse of `id2label`.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the head's and the gate's weights.
+        system_message (`str`, *optional*, defaults to the reference's):
+            The system turn that opens every chat; an empty string leaves it to the VLM's chat template.
+        observation_prompt (`str`, *optional*, defaults to the reference's):
+            The user turn of the observation task (describe the key visual elements), with its one-shot example.
+        inference_prompt (`str`, *optional*, defaults to the reference's):
+            The user turn of the inference task (explain how the elements lead to the emotion), with its example.
+        classification_prompt (`str`, *optional*, defaults to the reference's):
+            The user turn of the classification task, a template: `<num_labels>` becomes the number of classes,
+            `<label_list>` the classes as a Python list (`['anger', 'fear']`), `<example_label_1>` and
+            `<example_label_2>` the classes of the two example answers.
+        classification_example_labels (`list[str]`, *optional*):
+            The two classes of the example answers; by default [`example_labels`] picks them as the reference does.
+        answer_format (`str`, *optional*, defaults to `"{'emotion': '<label>'}"`):
+            The answer whose likelihood is scored per class (and that generated text is parsed for); `<label>` is
+            replaced by the class name.
+        answer_token_ids (`list[list[int]]`, *optional*):
             Tokenised answer of every class (answer format + end-of-turn token), filled in by
             `EmoVLMKDForImageClassification.from_vlm`; the model scores exactly these sequences.
-        head_hidden_sizes (`list[int]`, defaults to `[1024]`):
+        head_hidden_sizes (`list[int]`, *optional*, defaults to `[1024]`):
             Hidden layers of the distilled head (Linear-GELU-Dropout each, then Linear to the classes).
-        head_dropout (`float`, defaults to 0.1):
+        head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout after every hidden layer of the head.
-        gate_type (`str`, defaults to `"concat_linear"`):
-            One of `concat_linear`, `bilinear`, `moe`, `dynamic_weighting`, `cross_gating`.
-        gate_num_experts (`int`, defaults to 3):
+        gate_type (`str`, *optional*, defaults to `"concat_linear"`):
+            One of `concat_linear`, `bilinear`, `moe`, `dynamic_weighting`, `cross_gating` (the reference's gates).
+        gate_num_experts (`int`, *optional*, defaults to 3):
             Number of experts of the `moe` gate.
-        kd_temperature / kd_alpha (`float`, defaults to 2.0 / 0.5):
-            Distillation loss `alpha * KL(teacher_T || head_T) * T^2 + (1 - alpha) * CE(head, labels)`.
-        vlm_branch_mode (`str`, defaults to `"score"`):
+        kd_temperature (`float`, *optional*, defaults to 2.0):
+            Temperature `T` of the distillation loss `alpha * KL(teacher_T || head_T) * T^2 + (1 - alpha) * CE`.
+        kd_alpha (`float`, *optional*, defaults to 0.5):
+            Weight `alpha` of the KL term of the distillation loss.
+        vlm_branch_mode (`str`, *optional*, defaults to `"score"`):
             `"score"`: exact log-likelihood of every class answer (one batched forward, no generation).
-            `"generate"`: greedy generation parsed into a one-hot vector, as the paper's code does.
-        vlm_branch_input (`str`, defaults to `"probs"`):
-            What the gate sees from the VLM: its class distribution (`"probs"`) or a one-hot vector (`"one_hot"`, paper).
-        max_new_tokens (`int`, defaults to 32):
-            Generation budget of the `"generate"` mode.
-        freeze_vlm (`bool`, defaults to `True`):
+            `"generate"`: generation parsed into a one-hot vector, as the paper's code does.
+        vlm_branch_input (`str`, *optional*, defaults to `"probs"`):
+            What the gate sees from the VLM in `"score"` mode: its class distribution (`"probs"`) or a one-hot
+            vector of its best class (`"one_hot"`, as in the paper).
+        max_new_tokens (`int`, *optional*, defaults to 256):
+            Generation budget of the `"generate"` mode and of `explain` (the reference's).
+        generate_do_sample (`bool`, *optional*, defaults to `False`):
+            Sample in the `"generate"` mode (the reference does) instead of decoding greedily.
+        generate_temperature (`float`, *optional*, defaults to 0.8):
+            Sampling temperature (the reference's).
+        generate_top_p (`float`, *optional*, defaults to 1.0):
+            Nucleus sampling mass (the reference's 1.0 keeps every token).
+        freeze_vlm (`bool`, *optional*, defaults to `True`):
             Keep the VLM frozen (no gradients, always in eval mode); only the head and the gate train.
+
+    Example:
+
+    ```python
+    >>> from configuration_emovlm_kd import EmoVLMKDConfig
+
+    >>> config = EmoVLMKDConfig(id2label={0: "positive", 1: "negative"}, gate_type="moe")
+    >>> config.prompt_text("classification").splitlines()[1].strip()
+    "{'emotion':'positive'} or {'emotion':'negative'}"
+    >>> config.answer_text("negative")
+    "{'emotion': 'negative'}"
+    >>> [message["role"] for message in config.chat_messages("inference")]
+    ['system', 'user']
+    ```
     """
 
     model_type = "emovlm_kd"
     sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
 
     vlm_config: dict | PreTrainedConfig | None = None
-    classification_prompt: str = DEFAULT_PROMPT
-    answer_format: str = DEFAULT_ANSWER_FORMAT
+    initializer_range: float = 0.02
+    system_message: str = SYSTEM_MESSAGE
+    observation_prompt: str = OBSERVATION_PROMPT
+    inference_prompt: str = INFERENCE_PROMPT
+    classification_prompt: str = CLASSIFICATION_PROMPT
+    classification_example_labels: list | None = None
+    answer_format: str = ANSWER_FORMAT
     answer_token_ids: list | None = None
     head_hidden_sizes: list | None = None
     head_dropout: float = 0.1
@@ -72,7 +169,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
     kd_alpha: float = 0.5
     vlm_branch_mode: str = "score"
     vlm_branch_input: str = "probs"
-    max_new_tokens: int = 32
+    max_new_tokens: int = 256
+    generate_do_sample: bool = False
+    generate_temperature: float = 0.8
+    generate_top_p: float = 1.0
     freeze_vlm: bool = True
 
     def __post_init__(self, **kwargs):
@@ -95,17 +195,83 @@ class EmoVLMKDConfig(PreTrainedConfig):
             raise ValueError(
                 f"answer_token_ids has {len(self.answer_token_ids)} entries but there are {self.num_labels} labels"
             )
+        examples = self.classification_example_labels
+        if examples is not None and (len(examples) != 2 or not set(examples) <= set(self.labels)):
+            raise ValueError(
+                f"classification_example_labels must be two of the classes {self.labels}, "
+                f"got {examples!r}"
+            )
+        if "<label>" not in self.answer_format:
+            raise ValueError(f"answer_format must contain '<label>', got {self.answer_format!r}")
+        if not 0 < self.generate_top_p <= 1 or self.generate_temperature <= 0:
+            raise ValueError(
+                f"generate_temperature must be > 0 and generate_top_p in (0, 1], got {self.generate_temperature} "
+                f"and {self.generate_top_p}"
+            )
+        # Saved folders load through the Auto classes and the pipeline by these entries (kept when already set, e.g.
+        # by a config loaded from the Hub).
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
 
     @property
     def labels(self) -> list[str]:
         """Class names in output order."""
         return [self.id2label[i] for i in range(self.num_labels)]
 
-    def prompt_text(self) -> str:
-        return self.classification_prompt.replace("<labels>", ", ".join(self.labels))
+    def prompt_text(self, task: str = "classification") -> str:
+        """The user turn's text for `task` (one of `TASKS`); the classification template filled in."""
+        if task == "observation":
+            return self.observation_prompt
+        if task == "inference":
+            return self.inference_prompt
+        if task != "classification":
+            raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}")
+        examples = self.classification_example_labels or example_labels(self.labels)
+        fields = {
+            "<num_labels>": str(self.num_labels),
+            "<label_list>": str(self.labels),
+            "<example_label_1>": examples[0],
+            "<example_label_2>": examples[1],
+        }
+        text = self.classification_prompt
+        for placeholder, value in fields.items():
+            text = text.replace(placeholder, value)
+        return text
 
     def answer_text(self, label: str) -> str:
         return self.answer_format.replace("<label>", label)
 
+    def chat_messages(self, task: str) -> list[dict]:
+        """The chat for `task`, as the reference builds it: the system turn, then the user turn with the task's text
+        before the image. Render it with the VLM processor's (or tokenizer's) `apply_chat_template`."""
+        user = {"role": "user", "content": [{"type": "text", "text": self.prompt_text(task)}, {"type": "image"}]}
+        if not self.system_message:
+            return [user]
+        return [{"role": "system", "content": [{"type": "text", "text": self.system_message}]}, user]
 
-__all__ = ["EmoVLMKDConfig"]
+    def chat_prompt(self, task: str, chat) -> str:
+        """The chat for `task` rendered by `chat` (the VLM processor or a tokenizer with a chat template), ending
+        with the assistant turn's header."""
+        return chat.apply_chat_template(self.chat_messages(task), tokenize=False, add_generation_prompt=True)
+
+    def prompt_token_ids(self, task: str, chat) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered chat for `task` before and after its single image placeholder.
+
+        `chat` is the VLM processor or its tokenizer (with a chat template). The image placeholder is repeated once
+        per LM-ready image embedding between the two parts.
+        """
+        tokenizer = getattr(chat, "tokenizer", chat)
+        image_token = tokenizer.convert_ids_to_tokens(self.vlm_config.image_token_id)
+        text = self.chat_prompt(task, chat)
+        if text.count(image_token) != 1:
+            raise ValueError(
+                f"The chat template produced {text.count(image_token)} image placeholders, expected 1: {text!r}"
+            )
+        prefix, suffix = text.split(image_token)
+        return (
+            tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            tokenizer(suffix, add_special_tokens=False)["input_ids"],
+        )
+
+
+__all__ = ["EmoVLMKDConfig", "example_labels"]

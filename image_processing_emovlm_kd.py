@@ -114,27 +114,26 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
         self.padding_side = "left"
 
     @classmethod
-    def from_vlm_processor(cls, vlm_processor, prompt: str, **kwargs) -> "EmoVLMKDImageProcessor":
-        """Build from a VLM processor (e.g. `Qwen2VLProcessor`): tokenise `prompt` with its chat template."""
+    def from_vlm_processor(cls, vlm_processor, config, **kwargs) -> "EmoVLMKDImageProcessor":
+        """Build from a VLM processor (e.g. `Qwen2VLProcessor`) and an `EmoVLMKDConfig`: the classification chat of
+        `config.chat_messages` rendered with the processor's chat template and tokenised around the image."""
+        if not hasattr(config, "prompt_token_ids"):
+            raise TypeError(
+                f"from_vlm_processor takes the model's EmoVLMKDConfig (it defines the whole chat), got {type(config)}"
+            )
         tokenizer = vlm_processor.tokenizer
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = vlm_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image_token = vlm_processor.image_token
-        if text.count(image_token) != 1:
-            raise ValueError(f"Chat template produced {text.count(image_token)} image placeholders, expected 1: {text!r}")
-        prefix, suffix = text.split(image_token)
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        prefix_ids, suffix_ids = config.prompt_token_ids("classification", vlm_processor)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        config = vlm_processor.image_processor.to_dict()
+        image_processor_config = vlm_processor.image_processor.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
-            config.pop(key, None)
-        config.update(kwargs)
+            image_processor_config.pop(key, None)
+        image_processor_config.update(kwargs)
         return cls(
-            prompt_prefix_ids=encode(prefix),
-            prompt_suffix_ids=encode(suffix),
+            prompt_prefix_ids=prefix_ids,
+            prompt_suffix_ids=suffix_ids,
             image_token_id=vlm_processor.image_token_id,
             pad_token_id=pad_token_id,
-            **config,
+            **image_processor_config,
         )
 
     def to_dict(self):

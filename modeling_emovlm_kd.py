@@ -5,9 +5,11 @@ One forward runs the VLM's visual encoder once per image. The LM-ready image emb
   * the VLM branch: the exact log-likelihood of every class's answer string given image and prompt, computed in one
     language-model pass over the prompt followed by a token trie of all answers (tree-shaped attention mask), and
   * the distilled head: an MLP on the per-image mean of the same embeddings;
-and a gate fuses the two predictions into `logits`.
+and a gate fuses the two predictions into `logits`. `explain` asks the VLM, from the same embeddings, for its own
+description or reasoning of an image.
 """
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -15,15 +17,25 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedModel
-from transformers.utils import ModelOutput
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple, cached_file
 
 try:
-    from .configuration_emovlm_kd import EmoVLMKDConfig
-    from .pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+    from .configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
+
+    # Imported so that transformers copies the pipeline file (a relative import) into every saved model folder and
+    # into its module cache when loading one; `config.custom_pipelines` names it.
+    from .pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
 except ImportError:  # imported from the installed package rather than from a model folder
-    from configuration_emovlm_kd import EmoVLMKDConfig
-    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+    from configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
+
+# The file whose presence in a model folder or repo means the VLM's tokenizer was saved with the model.
+TOKENIZER_FILE = "tokenizer_config.json"
+# Keyword arguments of `from_pretrained` that also say where to find the tokenizer.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 @dataclass
@@ -42,10 +54,15 @@ class EmoVLMKDOutput(ModelOutput):
     vlm_log_likelihoods (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
         Log-likelihood of each class's full answer given image and prompt (`"score"` mode only).
     gate_weights (`torch.FloatTensor`, *optional*):
-        How the gate weighed its inputs, for the gates that have such weights (`moe`: `(batch, experts)`,
-        `dynamic_weighting`: `(batch, 2)` for (head, VLM), `cross_gating`: `(batch, 2, num_labels)`).
+        How the gate weighed its inputs, for the gates that have such weights: `moe`: the router's softmax
+        `(batch_size, num_experts)`; `dynamic_weighting`: `(batch_size, 2)`, the weights of (head, VLM);
+        `cross_gating`: `(batch_size, 2, num_labels)`, the sigmoid gates on the head (computed from the VLM) and on
+        the VLM (computed from the head).
     image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Mean-pooled LM-ready image embeddings, the head's input.
+    image_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+        The LM-ready image embeddings of every image, `(num_image_tokens_i, hidden_size)` each (when
+        `output_image_hidden_states=True`): pass them to `explain` to reuse this forward's vision pass.
     distillation_loss (`torch.FloatTensor` of shape `()`, *optional*):
         The head's KD loss, when `teacher_logits` are given.
     """
@@ -57,6 +74,7 @@ class EmoVLMKDOutput(ModelOutput):
     vlm_log_likelihoods: Optional[torch.FloatTensor] = None
     gate_weights: Optional[torch.FloatTensor] = None
     image_embeds: Optional[torch.FloatTensor] = None
+    image_hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
     distillation_loss: Optional[torch.FloatTensor] = None
 
 
@@ -76,8 +94,9 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature=2
     return alpha * kl + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def vlm_gate_input(vlm_log_likelihoods: torch.Tensor, vlm_branch_input: str = "probs") -> torch.Tensor:
-    """What the gate sees of the VLM branch in `"score"` mode: class probabilities, or a one-hot argmax (paper)."""
+def vlm_scores_from_log_likelihoods(vlm_log_likelihoods: torch.Tensor, vlm_branch_input: str = "probs"):
+    """The VLM branch as the gate sees it in `"score"` mode: the class probabilities (`"probs"`), or a one-hot vector
+    of the most likely class (`"one_hot"`, as in the paper)."""
     if vlm_branch_input == "one_hot":
         return F.one_hot(vlm_log_likelihoods.argmax(-1), vlm_log_likelihoods.shape[-1]).float()
     return vlm_log_likelihoods.float().softmax(dim=-1)
@@ -99,79 +118,83 @@ class EmoVLMKDHead(nn.Module):
         return self.mlp(image_embeds)
 
 
-# Gates: (head_logits, vlm_scores), both (batch, C) -> (fused logits (batch, C), weights or None).
+# The gates of the reference (train_gate.py), with its parameter shapes and submodule names, so its state dicts load.
+# Each takes v1 = the head's logits and v2 = the VLM branch's scores, both (batch, C), and returns
+# (fused logits (batch, C), the gate's own weights or None).
 class ConcatLinearGate(nn.Module):
-    """Linear(2C -> C) over the concatenated predictions (the paper's default and best variant)."""
+    """`fc(cat(v1, v2))`, fc: Linear(2C -> C). The paper's default and best gate."""
 
     def __init__(self, num_labels: int, **_):
         super().__init__()
-        self.proj = nn.Linear(2 * num_labels, num_labels)
+        self.fc = nn.Linear(2 * num_labels, num_labels)
 
     def forward(self, head_logits, vlm_scores):
-        return self.proj(torch.cat([head_logits, vlm_scores], dim=-1)), None
+        return self.fc(torch.cat([head_logits, vlm_scores], dim=-1)), None
 
 
 class BilinearGate(nn.Module):
-    """Bilinear interaction of the two predictions."""
+    """`fc(bilinear(v1, v2))`, bilinear: Bilinear(C, C -> C), fc: Linear(C -> C)."""
 
     def __init__(self, num_labels: int, **_):
         super().__init__()
         self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels)
+        self.fc = nn.Linear(num_labels, num_labels)
 
     def forward(self, head_logits, vlm_scores):
-        return self.bilinear(head_logits, vlm_scores), None
+        return self.fc(self.bilinear(head_logits, vlm_scores)), None
 
 
 class MoEGate(nn.Module):
-    """Mixture of linear experts over the concatenated predictions, routed by a softmax gate."""
+    """`sum_e w_e * expert_e(x)` with `x = cat(v1, v2)`, experts: Linear(2C -> C), `w = softmax(gate(x))`, gate:
+    Linear(2C -> experts). Weights: the routing `w`, `(batch, experts)`."""
 
     def __init__(self, num_labels: int, num_experts: int = 3, **_):
         super().__init__()
         self.experts = nn.ModuleList(nn.Linear(2 * num_labels, num_labels) for _ in range(num_experts))
-        self.router = nn.Linear(2 * num_labels, num_experts)
+        self.gate = nn.Linear(2 * num_labels, num_experts)
 
     def forward(self, head_logits, vlm_scores):
         features = torch.cat([head_logits, vlm_scores], dim=-1)
-        weights = self.router(features).softmax(dim=-1)  # (batch, experts)
+        weights = self.gate(features).softmax(dim=-1)
         experts = torch.stack([expert(features) for expert in self.experts], dim=1)  # (batch, experts, C)
         return (weights.unsqueeze(-1) * experts).sum(dim=1), weights
 
 
 class DynamicWeightingGate(nn.Module):
-    """Per-sample convex combination of the two predictions."""
+    """`fc(w0 * v1 + w1 * v2)` with `w = softmax(gate(cat(v1, v2)))`, gate: Linear(2C -> 2), fc: Linear(C -> C).
+    Weights: `w`, `(batch, 2)` for (head, VLM)."""
 
     def __init__(self, num_labels: int, **_):
         super().__init__()
-        self.weighting = nn.Linear(2 * num_labels, 2)
+        self.gate = nn.Linear(2 * num_labels, 2)
+        self.fc = nn.Linear(num_labels, num_labels)
 
     def forward(self, head_logits, vlm_scores):
-        weights = self.weighting(torch.cat([head_logits, vlm_scores], dim=-1)).softmax(dim=-1)  # (batch, 2)
-        return weights[:, :1] * head_logits + weights[:, 1:] * vlm_scores, weights
+        weights = self.gate(torch.cat([head_logits, vlm_scores], dim=-1)).softmax(dim=-1)
+        return self.fc(weights[:, :1] * head_logits + weights[:, 1:] * vlm_scores), weights
 
 
 class CrossGatingGate(nn.Module):
-    """Each branch is gated, per class, by a sigmoid of the other; a linear layer fuses the gated pair."""
+    """`fc(g1 * v1 + g2 * v2)` with `g1 = sigmoid(gate1(v2))`, `g2 = sigmoid(gate2(v1))`; gate1, gate2, fc:
+    Linear(C -> C). Each branch is gated per class by the other. Weights: `(g1, g2)`, `(batch, 2, C)`."""
 
     def __init__(self, num_labels: int, **_):
         super().__init__()
-        self.gate_head = nn.Linear(num_labels, num_labels)
-        self.gate_vlm = nn.Linear(num_labels, num_labels)
-        self.proj = nn.Linear(2 * num_labels, num_labels)
+        self.gate1 = nn.Linear(num_labels, num_labels)
+        self.gate2 = nn.Linear(num_labels, num_labels)
+        self.fc = nn.Linear(num_labels, num_labels)
 
     def forward(self, head_logits, vlm_scores):
-        head_gate = torch.sigmoid(self.gate_head(vlm_scores))
-        vlm_gate = torch.sigmoid(self.gate_vlm(head_logits))
-        fused = self.proj(torch.cat([head_logits * head_gate, vlm_scores * vlm_gate], dim=-1))
+        head_gate = torch.sigmoid(self.gate1(vlm_scores))
+        vlm_gate = torch.sigmoid(self.gate2(head_logits))
+        fused = self.fc(head_gate * head_logits + vlm_gate * vlm_scores)
         return fused, torch.stack([head_gate, vlm_gate], dim=1)
 
 
-GATES = {
-    "concat_linear": ConcatLinearGate,
-    "bilinear": BilinearGate,
-    "moe": MoEGate,
-    "dynamic_weighting": DynamicWeightingGate,
-    "cross_gating": CrossGatingGate,
-}
+# Keyed by the config's `GATE_TYPES`, in that order, so the two cannot name different gates.
+GATES = dict(
+    zip(GATE_TYPES, (ConcatLinearGate, BilinearGate, MoEGate, DynamicWeightingGate, CrossGatingGate), strict=True)
+)
 
 
 class AnswerTrie:
@@ -239,15 +262,19 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _supports_attention_backend = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _no_split_modules = [
+        "Qwen2VLDecoderLayer",
+        "Qwen2VLVisionBlock",
+        "Qwen2_5_VLDecoderLayer",
+        "Qwen2_5_VLVisionBlock",
+    ]
 
     def _init_weights(self, module):
         # Only the head and the gates live here; the VLM (a PreTrainedModel) initialises its own modules.
-        std = 0.02
         if isinstance(module, (nn.Linear, nn.Bilinear)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
 
 
 class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
@@ -256,7 +283,28 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     Inputs are what [`EmoVLMKDImageProcessor`] produces: `pixel_values` `(num_patches, patch_dim)`,
     `image_grid_thw` `(batch, 3)`, `input_ids` / `attention_mask` / `mm_token_type_ids` `(batch, seq_len)`
-    (the classification prompt, left-padded).
+    (the classification prompt, left-padded). The VLM's tokenizer, attached as `model.tokenizer` by `from_vlm` and
+    `from_pretrained`, decodes generated text (the `"generate"` branch mode and `explain`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from PIL import Image
+    >>> from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    >>> repo = "your-name/emovlm-kd-fi"  # any exported EmoVLM-KD model folder or Hub repo
+    >>> model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)
+    >>> image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+
+    >>> inputs = image_processor(Image.open("storm.jpg"))
+    >>> with torch.no_grad():
+    ...     outputs = model(**inputs, output_image_hidden_states=True)
+    >>> model.config.id2label[outputs.logits.argmax(-1).item()]
+    'fear'
+    >>> model.explain(**inputs, image_hidden_states=outputs.image_hidden_states)  # no second vision pass
+    ['The dark clouds and the lightning over the empty field ...']
+    ```
     """
 
     def __init__(self, config: EmoVLMKDConfig):
@@ -266,28 +314,34 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.head = EmoVLMKDHead(hidden_size, config.head_hidden_sizes, config.num_labels, config.head_dropout)
         self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
         self._trie = AnswerTrie(config.answer_token_ids) if config.answer_token_ids else None
+        self.tokenizer = None  # the VLM's; attached by `from_vlm` and `from_pretrained`
         if config.freeze_vlm:
             self.vlm.requires_grad_(False)
         self.post_init()
 
-    # ------------------------------------------------------------------ construction
     @classmethod
-    def from_vlm(cls, vlm, processor=None, id2label: dict[int, str] | list[str] = None, **config_kwargs):
+    def from_vlm(cls, vlm, processor, labels: list[str] | dict[int, str], **config_kwargs):
         """Wrap a VLM with a fresh head and gate for a label set.
 
         Args:
-            vlm (`str` or `PreTrainedModel`): an `AutoModelForImageTextToText` checkpoint name or folder
-                (e.g. `"Qwen/Qwen2-VL-2B-Instruct"`), or an already loaded model. Its weights are used as they are.
-            processor: the VLM's processor (e.g. `Qwen2VLProcessor`), whose tokenizer tokenises the class answers;
-                loaded from `vlm` when `vlm` is a name and `processor` is None.
-            id2label: the classes, as `{index: name}` or a list of names in order.
-            **config_kwargs: any [`EmoVLMKDConfig`] field (gate_type, head_hidden_sizes, ...).
+            vlm (`str` or `PreTrainedModel`):
+                An `AutoModelForImageTextToText` checkpoint name or folder (e.g. `"Qwen/Qwen2-VL-2B-Instruct"`), or
+                an already loaded model. Its weights are used as they are.
+            processor (`ProcessorMixin` or `None`):
+                The VLM's processor (e.g. `Qwen2VLProcessor`). Its tokenizer tokenises the class answers and is
+                attached to the model (`model.tokenizer`) to decode generated text. `None` loads it from `vlm` when
+                `vlm` is a name.
+            labels (`list[str]` or `dict[int, str]`):
+                The classes, as names in output order or as `{index: name}`.
+            config_kwargs:
+                Any [`EmoVLMKDConfig`] field (`gate_type`, `head_hidden_sizes`, prompts, ...), and `dtype` for
+                loading `vlm` by name.
 
         Returns the model; build the matching image processor with
-        `EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())`.
+        `EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)`.
         """
-        if id2label is None:
-            raise ValueError("from_vlm needs the class labels (id2label)")
+        if not labels:
+            raise ValueError("from_vlm needs the class labels (a list of names or {index: name})")
         if isinstance(vlm, str):
             if processor is None:
                 from transformers import AutoProcessor
@@ -296,11 +350,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             vlm = AutoModelForImageTextToText.from_pretrained(vlm, dtype=config_kwargs.pop("dtype", "auto"))
         if processor is None:
             raise ValueError("from_vlm needs the VLM's processor to tokenise the class answers")
-        if isinstance(id2label, (list, tuple)):
-            id2label = dict(enumerate(id2label))
+        id2label = dict(enumerate(labels)) if isinstance(labels, (list, tuple)) else dict(labels)
         config = EmoVLMKDConfig(
             vlm_config=vlm.config,
-            id2label=dict(id2label),
+            id2label=id2label,
             label2id={name: index for index, name in id2label.items()},
             **config_kwargs,
         )
@@ -314,9 +367,29 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             for submodule in module.modules():
                 model._init_weights(submodule)
         model.set_trainable(head=True, gate=True, vlm=not config.freeze_vlm)
+        model.tokenizer = tokenizer_with_chat_template(processor)
         return model
 
-    # ------------------------------------------------------------------ trainability
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, which also attaches the tokenizer stored with the model (when the folder
+        or repo has one) and refuses checkpoints whose head or gate weights do not fit this code's definitions."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        check_head_and_gate_loaded(loading_info, model.config.gate_type, pretrained_model_name_or_path)
+        model.tokenizer = load_tokenizer(pretrained_model_name_or_path, model.config.vlm_config, kwargs)
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, which also writes the attached tokenizer (and pushes it with the model
+        when `push_to_hub=True`), so that `from_pretrained` gives a model that can decode generated text."""
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if self.tokenizer is not None and is_main_process:
+            push = ("push_to_hub", "repo_id", "commit_message", "token", "private", "create_pr")
+            self.tokenizer.save_pretrained(save_directory, **{name: kwargs[name] for name in push if name in kwargs})
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.config.freeze_vlm:
@@ -330,7 +403,6 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.vlm.requires_grad_(vlm)
         self.config.freeze_vlm = not vlm
 
-    # ------------------------------------------------------------------ timm-style pieces
     def get_image_embeds(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The single pass of the visual encoder: LM-ready embeddings, one `(tokens_i, hidden)` tensor per image."""
         return self.vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
@@ -342,13 +414,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def forward_head(self, pooled_image_embeds: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_image_embeds.to(self.head.mlp[0].weight.dtype))
 
-    def vlm_gate_input(self, vlm_log_likelihoods: torch.Tensor) -> torch.Tensor:
-        return vlm_gate_input(vlm_log_likelihoods, self.config.vlm_branch_input)
-
     def forward_gate(self, head_logits: torch.Tensor, vlm_scores: torch.Tensor):
         return self.gate(head_logits, vlm_scores.to(head_logits.dtype))
 
-    # ------------------------------------------------------------------ the VLM branch
     def _prompt_embeds(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds):
         """Prompt embeddings with the image embeddings scattered in, and Qwen2-VL's 3D rope positions."""
         if not bool(attention_mask[:, -1].all()):
@@ -362,7 +430,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         if mm_token_type_ids is None:
             mm_token_type_ids = image_mask.squeeze(-1).long()
         position_ids, _ = self.vlm.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
         )
         return inputs_embeds, position_ids
 
@@ -422,45 +493,187 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         node_log_probs = log_probs[:, which, trie["tokens"]]  # (batch, nodes)
         return node_log_probs @ trie["paths"].T
 
-    def generate_answers(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds):
-        """The paper's way: greedy generation, parsed into a one-hot vector `(batch, num_labels)`.
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a generated answer: the end-of-turn token and the VLM's end-of-sequence tokens."""
+        eos = getattr(getattr(self.vlm, "generation_config", None), "eos_token_id", None)
+        stop = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        if self.config.answer_token_ids:
+            stop.add(self.config.answer_token_ids[0][-1])
+        if not stop:
+            raise ValueError("No end-of-turn token is known: build the model with `from_vlm`")
+        return sorted(stop)
 
-        An answer is parsed as class `c` when it contains class `c`'s answer tokens (the earliest match wins);
-        an answer that names no class becomes all zeros. Returns (one_hot, generated token ids).
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        input_ids,
+        attention_mask,
+        mm_token_type_ids,
+        image_grid_thw,
+        image_embeds,
+        max_new_tokens: Optional[int] = None,
+        do_sample: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> list[list[int]]:
+        """Generate after the prompt from already computed image embeddings (no second vision pass).
+
+        Greedy, or sampled with `config.generate_temperature` and `config.generate_top_p` (the reference's 0.8 and
+        1.0) when `do_sample` (default: `config.generate_do_sample`); `generator` makes sampling reproducible.
+        Returns every row's new tokens up to, not including, its first stop token.
         """
-        from transformers import DynamicCache
-
+        max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        do_sample = self.config.generate_do_sample if do_sample is None else do_sample
         inputs_embeds, position_ids = self._prompt_embeds(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
         language_model, embed = self.vlm.model.language_model, self.vlm.get_input_embeddings()
-        end_token = self.config.answer_token_ids[0][-1]
+        stop = torch.tensor(self.stop_token_ids(), device=input_ids.device)
         cache = DynamicCache(config=language_model.config)
         next_position = position_ids.amax(dim=(0, 2)) + 1
         mask = attention_mask
         generated, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(self.config.max_new_tokens):
+        for step in range(max_new_tokens):
             hidden = language_model(
-                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
             ).last_hidden_state
-            token = self.vlm.get_output_embeddings()(hidden[:, -1]).argmax(-1)
-            token = torch.where(done, torch.full_like(token, end_token), token)
+            logits = self.vlm.get_output_embeddings()(hidden[:, -1]).float()
+            token = self._next_token(logits, do_sample, generator)
+            token = torch.where(done, stop[0], token)
             generated.append(token)
-            done |= token == end_token
+            done |= torch.isin(token, stop)
             if bool(done.all()):
                 break
             inputs_embeds = embed(token).unsqueeze(1)
             position_ids = (next_position + step).view(1, -1, 1).expand(3, -1, 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        generated = torch.stack(generated, dim=1).tolist()
-        one_hot = torch.zeros(len(generated), self.config.num_labels, device=input_ids.device)
-        for row, tokens in enumerate(generated):
-            label = parse_generated_answer(tokens, [answer[:-1] for answer in self.config.answer_token_ids])
+        stop_ids = set(stop.tolist())
+        rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(input_ids.shape[0])]
+        return [row[: next((i for i, token in enumerate(row) if token in stop_ids), len(row))] for row in rows]
+
+    def _next_token(self, logits: torch.Tensor, do_sample: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = (logits / self.config.generate_temperature).softmax(dim=-1)
+        if self.config.generate_top_p < 1.0:  # keep the smallest set of most likely tokens holding top_p of the mass
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.config.generate_top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        """Generated token ids to text, as the reference decodes them (special tokens skipped)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "Decoding generated text needs the VLM's tokenizer, and this model has none: build it with "
+                "`from_vlm`, load it from a folder or repo that holds the tokenizer files, or set `model.tokenizer`."
+            )
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def generate_answers(
+        self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds, generator=None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The paper's VLM branch: generate an answer to the classification prompt (greedy, or sampled when
+        `config.generate_do_sample`), decode it and parse it with the reference's rule (`parse_generated_answer`).
+
+        Returns the one-hot vector `(batch, num_labels)`, all zeros for an answer that names no class, and the
+        decoded answers.
+        """
+        tokens = self.generate_tokens(
+            input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds, generator=generator
+        )
+        texts = self.decode(tokens)
+        one_hot = torch.zeros(len(texts), self.config.num_labels, device=input_ids.device)
+        for row, text in enumerate(texts):
+            label = parse_generated_answer(text, self.config.labels, self.config.answer_format)
             if label is not None:
                 one_hot[row, label] = 1.0
-        return one_hot, generated
+        return one_hot, texts
 
-    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def explain(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.LongTensor] = None,
+        task: str = "inference",
+        max_new_tokens: Optional[int] = None,
+        do_sample: bool = False,
+        seed: Optional[int] = None,
+        image_hidden_states: Optional[tuple[torch.Tensor, ...]] = None,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        mm_token_type_ids: Optional[torch.Tensor] = None,
+    ) -> list[str]:
+        r"""The VLM's own words about each image: its reasoning towards the emotion (`task="inference"`) or the key
+        visual elements it sees (`task="observation"`), asked with the prompts of instruction tuning (the config's).
+
+        Args:
+            pixel_values (`torch.Tensor`, *optional*):
+                The image processor's patches; not needed when `image_hidden_states` are given.
+            image_grid_thw (`torch.LongTensor` of shape `(batch_size, 3)`):
+                The image processor's patch grid of every image.
+            task (`str`, *optional*, defaults to `"inference"`):
+                `"inference"`, `"observation"` or `"classification"` (the classification answer as text).
+            max_new_tokens (`int`, *optional*):
+                Generation budget per image; `config.max_new_tokens` (256) by default.
+            do_sample (`bool`, *optional*, defaults to `False`):
+                Sample with the config's temperature and top-p (the reference's 0.8 and 1.0) instead of greedy.
+            seed (`int`, *optional*):
+                Seed of the sampling: the same seed gives the same texts.
+            image_hidden_states (`tuple[torch.Tensor]`, *optional*):
+                A forward's `image_hidden_states` (`output_image_hidden_states=True`) for the same images: reused,
+                so the visual encoder does not run again.
+            input_ids, attention_mask, mm_token_type_ids:
+                The image processor's classification prompt, accepted so that `**image_processor(images)` can be
+                passed; the task's own prompt replaces it.
+
+        Returns one generated text per image, verbatim (special tokens removed).
+        """
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}")
+        if image_grid_thw is None:
+            raise ValueError("explain needs `image_grid_thw` (pass the image processor's output)")
+        if self.tokenizer is None:
+            self.decode([])  # raises the error that says how to attach a tokenizer
+        device = self.vlm.device
+        image_grid_thw = image_grid_thw.to(device)
+        if image_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError("explain needs `pixel_values` or a forward's `image_hidden_states`")
+            image_hidden_states = self.get_image_embeds(pixel_values.to(device), image_grid_thw)
+        if len(image_hidden_states) != len(image_grid_thw):
+            raise ValueError(f"{len(image_hidden_states)} image_hidden_states for {len(image_grid_thw)} images")
+
+        prefix, suffix = self.config.prompt_token_ids(task, self.tokenizer)
+        image_token_id = self.config.vlm_config.image_token_id
+        prompts = [torch.tensor(prefix + [image_token_id] * len(embeds) + suffix) for embeds in image_hidden_states]
+        pad_token_id = self.tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = self.tokenizer.eos_token_id
+        prompt_ids = pad_sequence(prompts, batch_first=True, padding_value=pad_token_id, padding_side="left")
+        prompt_ids = prompt_ids.to(device)
+        prompt_mask = pad_sequence(
+            [torch.ones_like(prompt) for prompt in prompts], batch_first=True, padding_value=0, padding_side="left"
+        ).to(device)
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        tokens = self.generate_tokens(
+            prompt_ids,
+            prompt_mask,
+            ((prompt_ids == image_token_id) & prompt_mask.bool()).long(),
+            image_grid_thw,
+            image_hidden_states,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            generator=generator,
+        )
+        return self.decode(tokens)
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -470,14 +683,29 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         mm_token_type_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         teacher_logits: Optional[torch.FloatTensor] = None,
-        return_dict: Optional[bool] = None,
+        output_image_hidden_states: bool = False,
+        generator: Optional[torch.Generator] = None,
         **kwargs,
     ) -> EmoVLMKDOutput:
         r"""
+        pixel_values (`torch.Tensor` of shape `(num_patches, patch_dim)`):
+            The patches of all images, as the image processor makes them.
+        image_grid_thw (`torch.LongTensor` of shape `(batch_size, 3)`):
+            The patch grid (time, height, width) of every image.
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+            The classification prompt, left-padded, with one image placeholder per LM-ready image embedding.
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
+            1 for prompt tokens, 0 for left padding.
+        mm_token_type_ids (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
+            1 at image placeholders (derived from `input_ids` when not given).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices; adds the cross-entropy of the fused logits (and the CE part of the KD loss) to `loss`.
         teacher_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Logits of the conventional vision model; adds the head's distillation loss to `loss`.
+        output_image_hidden_states (`bool`, *optional*, defaults to `False`):
+            Also return the per-image LM-ready image embeddings (for `explain`).
+        generator (`torch.Generator`, *optional*):
+            Random source of the `"generate"` mode's sampling (`config.generate_do_sample`), for reproducible runs.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -488,9 +716,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             branch_inputs = (input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds)
             if self.config.vlm_branch_mode == "score":
                 log_likelihoods = self.score_answers(*branch_inputs)
-                vlm_scores = self.vlm_gate_input(log_likelihoods)
+                vlm_scores = vlm_scores_from_log_likelihoods(log_likelihoods, self.config.vlm_branch_input)
             else:
-                vlm_scores, _ = self.generate_answers(*branch_inputs)
+                vlm_scores, _ = self.generate_answers(*branch_inputs, generator=generator)
             pooled = self.pool_image_embeds(image_embeds)
 
         head_logits = self.forward_head(pooled)
@@ -518,27 +746,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             vlm_log_likelihoods=log_likelihoods,
             gate_weights=gate_weights,
             image_embeds=pooled,
+            image_hidden_states=tuple(image_embeds) if output_image_hidden_states else None,
             distillation_loss=kd_loss,
         )
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # One auto_map for the config, AutoModel and AutoModelForImageClassification (remote code), and the
-        # pipeline that feeds images to the model's own image processor. The remote-code files (this one and the
-        # ones it imports relatively) are copied into the folder by transformers.
-        self.config.auto_map = {
-            "AutoConfig": "configuration_emovlm_kd.EmoVLMKDConfig",
-            "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
-            "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
-        }
-        self.config.custom_pipelines = {
-            "image-classification": {
-                "impl": f"pipeline_emovlm_kd.{EmoVLMKDImageClassificationPipeline.__name__}",
-                "pt": ["AutoModelForImageClassification"],
-                "tf": [],
-                "type": "image",
-            }
-        }
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def tokenize_answers(tokenizer, config: EmoVLMKDConfig) -> list[list[int]]:
@@ -552,24 +762,90 @@ def tokenize_answers(tokenizer, config: EmoVLMKDConfig) -> list[list[int]]:
     ]
 
 
-def parse_generated_answer(tokens: list[int], answers: list[list[int]]) -> Optional[int]:
-    """Index of the class whose answer tokens occur earliest in `tokens`, or None."""
-    text = " " + " ".join(map(str, tokens)) + " "
-    best = None
-    for label, answer in enumerate(answers):
-        match = re.search(" " + " ".join(map(str, answer)) + " ", text)
-        if match and (best is None or match.start() < best[0]):
-            best = (match.start(), label)
-    return None if best is None else best[1]
+def answer_pattern(answer_format: str) -> re.Pattern:
+    """The reference's parsing rule (`{'emotion':\\s*'.*?'}`) for any answer format: the format's text with any
+    whitespace where it has whitespace, and the label as the shortest text in place of `<label>`."""
+    before, after = answer_format.split("<label>", 1)
+
+    def literal(text: str) -> str:
+        return r"\s*".join(re.escape(part) for part in re.split(r"\s+", text))
+
+    return re.compile(literal(before) + "(.*?)" + literal(after))
 
 
+def parse_generated_answer(text: str, labels: list[str], answer_format: str = "{'emotion': '<label>'}"):
+    """Index of the class a generated answer names, or None.
+
+    As the reference parses (train_gate.py): the first answer-shaped match in the text counts, and its label must be
+    one of the classes exactly.
+    """
+    match = answer_pattern(answer_format).search(text)
+    if match is None or match.group(1) not in labels:
+        return None
+    return labels.index(match.group(1))
+
+
+def tokenizer_with_chat_template(processor):
+    """The processor's tokenizer, carrying the processor's chat template when it has none of its own (`explain`
+    renders its prompts with it, and it is saved with the tokenizer)."""
+    tokenizer = processor.tokenizer
+    chat_template = getattr(processor, "chat_template", None)
+    if getattr(tokenizer, "chat_template", None) is None and chat_template is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_tokenizer(pretrained_model_name_or_path, vlm_config, from_pretrained_kwargs: dict):
+    """The tokenizer saved with a model (folder or Hub repo), or None when there is none. It is the VLM's: the VLM's
+    config tells `AutoTokenizer` its family (rather than this model's remote-code config)."""
+    if pretrained_model_name_or_path is None:
+        return None
+    hub_kwargs = {name: from_pretrained_kwargs[name] for name in HUB_KWARGS if name in from_pretrained_kwargs}
+    found = cached_file(
+        pretrained_model_name_or_path,
+        TOKENIZER_FILE,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if not found:
+        return None
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=vlm_config, **hub_kwargs)
+
+
+def check_head_and_gate_loaded(loading_info: dict, gate_type: str, source) -> None:
+    """Refuse a checkpoint whose head or gate weights do not match this code's modules.
+
+    transformers would initialise missing weights randomly and drop unexpected ones, silently changing the model.
+    The case this guards: folders saved before the gates matched the reference's definitions (bilinear and
+    dynamic_weighting had no `fc`, cross_gating fused through Linear(2C -> C), parameters had other names).
+    """
+    own = ("head.", "gate.")
+    missing = sorted(key for key in loading_info["missing_keys"] if key.startswith(own))
+    unexpected = sorted(key for key in loading_info["unexpected_keys"] if key.startswith(own))
+    mismatched = sorted(str(entry[0]) for entry in loading_info["mismatched_keys"] if str(entry[0]).startswith(own))
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"The head/gate weights of {str(source)!r} do not fit this code's {gate_type!r} gate and head (missing: "
+            f"{missing}, unexpected: {unexpected}, wrong shape: {mismatched}). Checkpoints saved before the gates "
+            "were aligned with the paper's reference code (bilinear and dynamic_weighting gained an output Linear "
+            "`fc`, cross_gating's `fc` became Linear(C -> C), parameters took the reference's names fc / gate / "
+            "gate1 / gate2) cannot be loaded as they are: retrain the gate (stage 4) and export again."
+        )
+
+
+# Marks the class as remote code: transformers then copies this file and its relative imports into saved folders.
+# The folder's auto_map comes from the config (`AUTO_MAP`), which names this class for the same entry.
 EmoVLMKDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "GATES",
     "EmoVLMKDForImageClassification",
     "EmoVLMKDPreTrainedModel",
     "EmoVLMKDOutput",
     "distillation_loss",
+    "parse_generated_answer",
     "tokenize_answers",
-    "vlm_gate_input",
+    "vlm_scores_from_log_likelihoods",
 ]

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from emovlm_kd import distillation_loss
 from emovlm_kd.cache import vlm_features
 from emovlm_kd.training import train_one_epoch
+from modeling_emovlm_kd import vlm_scores_from_log_likelihoods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
@@ -186,7 +187,7 @@ def run_cached(work: Workload, args) -> dict:
     with Stopwatch(work.device) as watch:
         with torch.no_grad():  # the frozen head's logits, once per image
             head_logits = head(pooled.to(head_dtype))
-            vlm_scores = model.vlm_gate_input(log_likelihoods).to(head_dtype)
+            vlm_scores = vlm_scores_from_log_likelihoods(log_likelihoods, model.config.vlm_branch_input).to(head_dtype)
         gate_loss_value = train_on_tensors(
             gate,
             gate_loss,

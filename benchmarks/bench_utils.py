@@ -142,7 +142,7 @@ def wrap_vlm(vlm, processor, labels: list[str], spec: ModelSpec, seed: int = 0):
     """(model, image_processor): EmoVLM-KD around `vlm` with the paper's head and the default gate."""
     torch.manual_seed(seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, labels, head_hidden_sizes=[spec.head_hidden])
-    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)
     return model.eval(), image_processor
 
 

@@ -12,25 +12,13 @@ always one image at a time. This module does the same with the benchmark model's
 contender shares the weights.
 """
 
-import ast
 import copy
-import re
 
 import torch
 
-ANSWER_PATTERN = re.compile(r"{'emotion':\s*'.*?'}")
-
-
-def parse_answer(text: str, labels: list[str]) -> int | None:
-    """The reference's parse: the first `{'emotion': '<label>'}` in `text`, as a class index (None if absent)."""
-    match = ANSWER_PATTERN.search(text)
-    if match is None:
-        return None
-    try:
-        label = ast.literal_eval(match.group(0))["emotion"]
-    except (ValueError, SyntaxError, KeyError, TypeError):
-        return None
-    return labels.index(label) if label in labels else None
+# The reference's parse (the first `{'emotion':\s*'...'}` in the text, its label must be a class), as the model's
+# `"generate"` mode applies it.
+from modeling_emovlm_kd import parse_generated_answer as parse_answer
 
 
 class ReferencePipeline:
@@ -59,7 +47,7 @@ class ReferencePipeline:
         self.visual_encoder_copy = visual_encoder_copy or copy.deepcopy(model.vlm.model.visual).eval()
         self.head, self.gate = model.head, model.gate
         self.labels = model.config.labels
-        self.prompt = model.config.prompt_text()
+        self.prompt = model.config.chat_prompt("classification", vlm_processor)  # the reference's chat
         tokenizer = vlm_processor.tokenizer
         self.generation_kwargs = {
             "do_sample": True,
@@ -72,11 +60,9 @@ class ReferencePipeline:
 
     def prepare(self, images, device=None, dtype=None) -> list[dict]:
         """Per-image VLM inputs, built as the reference builds them (chat template + processor, batch of one)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prepared = []
         for image in images:
-            inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+            inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
             inputs = {
                 key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
                 for key, value in inputs.items()

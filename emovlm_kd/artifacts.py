@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.run_dir import stage_output
-from modeling_emovlm_kd import GATES, EmoVLMKDHead, vlm_gate_input
+from modeling_emovlm_kd import GATES, EmoVLMKDHead, vlm_scores_from_log_likelihoods
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_SPEC = "head_spec.json"
@@ -93,7 +93,7 @@ def cached_vlm_scores(features: dict[str, torch.Tensor], vlm_branch_mode: str, v
     """What the gate sees of the VLM branch, from cached features (as `EmoVLMKDForImageClassification` computes it)."""
     if vlm_branch_mode == "generate":
         return features["vlm_generated"]
-    return vlm_gate_input(features["vlm_log_likelihoods"], vlm_branch_input)
+    return vlm_scores_from_log_likelihoods(features["vlm_log_likelihoods"], vlm_branch_input)
 
 
 def cached_vlm_predictions(features: dict[str, torch.Tensor], vlm_branch_mode: str) -> torch.Tensor:

@@ -5,9 +5,9 @@ Per training image:
   * inference: explain the emotional reasoning (answer: the instruction data's `reasoning`);
   * classification: the EmoVLM-KD classification prompt, answered `{'emotion': '<label>'}`.
 
-The classification prompt, chat template and answer tokens are exactly those the EmoVLM-KD model scores
-(`EmoVLMKDConfig.prompt_text()`, the VLM processor's chat template with the image first, and
-`tokenize_answers`: answer tokens + end-of-turn), so instruction tuning raises precisely the likelihoods the VLM
+The chats are `EmoVLMKDConfig.chat_messages(task)` (the reference's system message and task prompts, text before
+the image), the same that the exported model scores and explains with, and the classification answers are
+`tokenize_answers`' (answer tokens + end-of-turn), so instruction tuning raises precisely the likelihoods the VLM
 branch measures. Every answer ends with the end-of-turn token and only answer tokens carry labels (the prompt,
 image placeholders and padding are -100).
 """
@@ -16,18 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from configuration_emovlm_kd import EmoVLMKDConfig
+from configuration_emovlm_kd import TASKS, EmoVLMKDConfig
 from emovlm_kd.data import open_image_rgb
 from modeling_emovlm_kd import tokenize_answers
 
-TASKS = ("observation", "inference", "classification")
-OBSERVATION_PROMPT = (
-    "Observe the image and describe its key visual elements: the objects, people and their expressions, colours, "
-    "lighting, composition and atmosphere that shape the emotion it evokes."
-)
-INFERENCE_PROMPT = (
-    "Observe the image and explain, step by step, how its visual elements lead to the emotion the image evokes."
-)
 IGNORE_INDEX = -100
 
 
@@ -76,29 +68,27 @@ class InstructionEncoder:
         class_names: the classes in label order (they make the classification prompt and answers).
         max_answer_tokens: longer observation / inference answers are cut to this many tokens (before the
             end-of-turn token).
+        prompt_settings: `EmoVLMKDConfig` prompt fields (`system_message`, `classification_prompt`,
+            `answer_format`, ...) to train on instead of the reference's; give the model the same ones.
     """
 
-    def __init__(self, processor, class_names: list[str], max_answer_tokens: int = 512):
+    def __init__(self, processor, class_names: list[str], max_answer_tokens: int = 512, **prompt_settings):
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        config = EmoVLMKDConfig(
-            id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)}
+        self.config = EmoVLMKDConfig(
+            id2label=dict(enumerate(class_names)),
+            label2id={name: i for i, name in enumerate(class_names)},
+            **prompt_settings,
         )
-        self.prompts = {
-            "observation": OBSERVATION_PROMPT,
-            "inference": INFERENCE_PROMPT,
-            "classification": config.prompt_text(),
-        }
-        self.classification_answer_ids = tokenize_answers(self.tokenizer, config)
+        self.classification_answer_ids = tokenize_answers(self.tokenizer, self.config)
         self.end_token_id = end_of_turn_id(self.tokenizer)
         self.max_answer_tokens = max_answer_tokens
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def prompt_text(self, task: str) -> str:
-        """The chat-templated user turn (image first, then the task's question) and the assistant header."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompts[task]}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The chat of `task` rendered with the processor's chat template, up to the assistant turn's header."""
+        return self.config.chat_prompt(task, self.processor)
 
     def answer_ids(self, task: str, answer: str | int) -> list[int]:
         if task == "classification":
@@ -154,8 +144,6 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 __all__ = [
     "IGNORE_INDEX",
-    "INFERENCE_PROMPT",
-    "OBSERVATION_PROMPT",
     "TASKS",
     "InstructionDataset",
     "InstructionEncoder",

@@ -12,7 +12,13 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-from configuration_emovlm_kd import EmoVLMKDConfig
+from configuration_emovlm_kd import (
+    CLASSIFICATION_PROMPT,
+    INFERENCE_PROMPT,
+    OBSERVATION_PROMPT,
+    SYSTEM_MESSAGE,
+    EmoVLMKDConfig,
+)
 from image_processing_emovlm_kd import EmoVLMKDImageProcessor
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
@@ -44,13 +50,20 @@ _CORPUS = [
     "Which emotion does this image evoke? Choose one of the following emotions: amusement, anger, awe, contentment, "
     "disgust, excitement, fear, sadness. Answer in the format {'emotion': '<label>'}.",
     "{'emotion': 'amusement'} {'emotion': 'contentment'} {'emotion': 'sad'} {'emotion': 'sadness'}",
+    "{'emotion': 'negative'} {'emotion': 'neutral'} {'emotion': 'positive'}",
     "positive negative neutral joy surprise happy calm angry scared",
     "Describe the key visual elements of this image. Explain the emotional reasoning behind the image.",
     "The image shows a person, a dark sky, bright colours, a smiling face, a storm, flowers, a quiet lake.",
+    # the default prompts, so that they tokenise into about a hundred tokens rather than several hundred bytes
+    SYSTEM_MESSAGE,
+    OBSERVATION_PROMPT,
+    INFERENCE_PROMPT,
+    CLASSIFICATION_PROMPT,
+    "['amusement', 'excitement', 'sadness', 'fear', 'contentment', 'anger', 'disgust', 'awe']",
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
+def build_tiny_tokenizer(vocab_size: int = 800) -> Qwen2Tokenizer:
     """A small byte-level BPE trained offline, with the Qwen special tokens and the Qwen2-VL chat template."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -172,7 +185,7 @@ def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, 
     config_kwargs.setdefault("head_hidden_sizes", [32])
     torch.manual_seed(seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, list(labels), **config_kwargs)
-    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)
     return model.eval(), image_processor, processor
 
 

@@ -35,7 +35,7 @@ def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, dtype="auto
 
     vlm_model, vlm_processor = load_vlm_and_processor(vlm, dtype=dtype, seed=seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm_model, vlm_processor, list(class_names), **config_kwargs)
-    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config.prompt_text())
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config)
     return model.eval(), image_processor, vlm_processor
 
 

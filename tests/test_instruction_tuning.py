@@ -247,7 +247,7 @@ def test_learning_check_classification_only(tmp_path, caplog):
     for name, vlm_name in (("base", "tiny"), ("tuned", str(run_dir / "vlm"))):
         vlm, processor = load_vlm_and_processor(vlm_name, seed=1)
         model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, classes).eval()
-        image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config.prompt_text())
+        image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)
         with torch.no_grad():
             out = model(**image_processor(list(data.splits["val"]["image_path"])))
         accuracies[name] = (out.vlm_log_likelihoods.argmax(-1) == val_labels).float().mean().item()

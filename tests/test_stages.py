@@ -172,11 +172,12 @@ def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
 
 def test_cached_vlm_gate_input_matches_the_model():
     from emovlm_kd.tiny import build_tiny_model
+    from modeling_emovlm_kd import vlm_scores_from_log_likelihoods
 
     log_likelihoods = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -0.7]])
     for branch_input in ("probs", "one_hot"):
         model = build_tiny_model(CLASSES, vlm_branch_input=branch_input)[0]
-        expected = model.vlm_gate_input(log_likelihoods)
+        expected = vlm_scores_from_log_likelihoods(log_likelihoods, model.config.vlm_branch_input)
         got = cached_vlm_scores({"vlm_log_likelihoods": log_likelihoods}, "score", branch_input)
         torch.testing.assert_close(got, expected)
 

@@ -40,7 +40,8 @@ class DistillArguments(
         default="auto", metadata={"help": "dtype to load the VLM in (auto, bfloat16, float32, ...)"}
     )
     classification_prompt: str = field(
-        default=EmoVLMKDConfig.classification_prompt, metadata={"help": "<labels> is replaced by the classes"}
+        default=EmoVLMKDConfig.classification_prompt,
+        metadata={"help": "Classification turn: <num_labels>, <label_list>, <example_label_1|2> are filled in"},
     )
     answer_format: str = field(
         default=EmoVLMKDConfig.answer_format, metadata={"help": "<label> is replaced by a class"}

@@ -99,24 +99,25 @@ class EmotionPredictor:
 def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict | None:
     """Exact split of the fused logits into `head + vlm + bias` (each `(num_labels,)`), or None for the bilinear gate.
 
-    Every gate but the bilinear one is linear in each branch once its own weights are fixed: for `concat_linear`
-    (`Linear(2C -> C)` on `cat(head_logits, vlm_scores)`) a branch's part is the product with its half of the weight
-    columns; `moe` mixes its experts' weights by the routing weights; `cross_gating` applies its output layer to
-    the gated branches; `dynamic_weighting` scales each branch by its weight.
+    Every gate but the bilinear one is linear in each branch once its own weights are fixed. `concat_linear`
+    (`fc(cat(head, vlm))`) and `moe` (its experts mixed by the routing weights) apply one `Linear(2C -> C)`, whose
+    weight columns split into a head half and a VLM half; `dynamic_weighting` (`fc(w0 * head + w1 * vlm)`) and
+    `cross_gating` (`fc(g1 * head + g2 * vlm)`) apply their output layer `fc` to the sum of the weighted branches.
     """
     gate, gate_type, num_labels = model.gate, model.config.gate_type, model.config.num_labels
     head_logits, vlm_scores = head_logits.float(), vlm_scores.float()
-    if gate_type == "dynamic_weighting":
-        head, vlm = gate_weights[0] * head_logits, gate_weights[1] * vlm_scores
-        return {"head": head, "vlm": vlm, "bias": torch.zeros_like(head)}
+    if gate_type in ("dynamic_weighting", "cross_gating"):
+        weight, bias = gate.fc.weight.detach().float(), gate.fc.bias.detach().float()
+        return {
+            "head": weight @ (gate_weights[0] * head_logits),
+            "vlm": weight @ (gate_weights[1] * vlm_scores),
+            "bias": bias,
+        }
     if gate_type == "concat_linear":
-        weight, bias = gate.proj.weight.detach().float(), gate.proj.bias.detach().float()
+        weight, bias = gate.fc.weight.detach().float(), gate.fc.bias.detach().float()
     elif gate_type == "moe":
         weight = sum(w * expert.weight.detach().float() for w, expert in zip(gate_weights, gate.experts))
         bias = sum(w * expert.bias.detach().float() for w, expert in zip(gate_weights, gate.experts))
-    elif gate_type == "cross_gating":
-        weight, bias = gate.proj.weight.detach().float(), gate.proj.bias.detach().float()
-        head_logits, vlm_scores = head_logits * gate_weights[0], vlm_scores * gate_weights[1]
     else:
         return None
     return {
