@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from configuration_emovlm_kd import EmoVLMKDConfig
-from emovlm_kd.data import open_image_rgb
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, prepare_image
 from modeling_emovlm_kd import tokenize_answers
 
 TASKS = ("observation", "inference", "classification")
@@ -78,6 +78,9 @@ class InstructionEncoder:
             end-of-turn token).
     """
 
+    # The longest-side cap of the exported image processor (its `max_image_side`): training sees what inference sees.
+    max_image_side = DEFAULT_MAX_IMAGE_SIDE
+
     def __init__(self, processor, class_names: list[str], max_answer_tokens: int = 512):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -107,7 +110,9 @@ class InstructionEncoder:
         return ids + [self.end_token_id]
 
     def encode(self, image, task: str, answer: str | int) -> dict[str, torch.Tensor]:
-        """One example, unpadded: 1-D `input_ids` / `mm_token_type_ids` / `labels`, and the image tensors."""
+        """One example, unpadded: 1-D `input_ids` / `mm_token_type_ids` / `labels`, and the image tensors. `image`
+        is anything `prepare_image` takes (a path, a PIL image, ...): prepared as the exported model prepares it."""
+        image = prepare_image(image, max_image_side=self.max_image_side)
         prompt = self.processor(images=[image], text=[self.prompt_text(task)], return_tensors="pt")
         answer_ids = torch.tensor(self.answer_ids(task, answer), dtype=torch.long)
         prompt_ids = prompt["input_ids"][0]
@@ -149,7 +154,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         example = self.examples[index]
-        return self.encoder.encode(open_image_rgb(example.image_path), example.task, example.answer)
+        return self.encoder.encode(example.image_path, example.task, example.answer)
 
 
 __all__ = [
