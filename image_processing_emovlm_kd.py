@@ -48,7 +48,8 @@ def _source_name(source, name: str | None) -> str:
         return repr(os.fspath(source))
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
-    return repr(getattr(source, "name", None) or f"<{type(source).__name__}>")
+    file_name = getattr(source, "name", None)
+    return repr(file_name) if isinstance(file_name, str) else f"<{type(source).__name__}>"
 
 
 def _check_size(size: tuple[int, int], name: str, max_pixels: int | None):
@@ -91,7 +92,9 @@ def _open_header(file, name: str, max_pixels: int | None) -> Image.Image:
     try:
         image = Image.open(file, formats=RASTER_FORMATS)
     except Image.DecompressionBombError as error:  # PIL refuses sizes above twice its own limit while opening
-        raise ValueError(f"Image {name} is too large: {error}; to accept it, {PIXEL_LIMIT_HINT}") from None
+        raise ValueError(
+            f"Image {name} is too large: {error} To accept it, raise PIL.Image.MAX_IMAGE_PIXELS and {PIXEL_LIMIT_HINT}"
+        ) from None
     except Exception as error:  # UnidentifiedImageError, OSError, SyntaxError...
         raise ValueError(f"Could not read image {name}: {_unreadable_reason(file, error)}") from error
     _check_size(image.size, name, max_pixels)
