@@ -4,6 +4,12 @@
 The stock image-classification pipeline passes only the image processor's output to the model, so this processor
 also writes the tokenised classification prompt around the right number of image placeholder tokens. The prompt is
 tokenised once, when the processor is built from the VLM's processor (`from_vlm_processor`), and stored as ids.
+
+This file is also the one place that decides how an image is decoded and prepared, for training and inference
+alike (the pipeline, the Endpoint handler and the Space app reach it through the loaded processor's methods):
+`open_image` decodes raster formats only (`RASTER_FORMATS`; never PostScript or PDF, which PIL would hand to
+Ghostscript) after checking the pixel count from the header, and `prepare_image` turns any accepted input into what
+the VLM is shown.
 """
 
 import contextlib
@@ -27,8 +33,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # The reference implementation caps the VLM's images at 1024 px on the longest side (LANCZOS) before its processor.
 DEFAULT_MAX_IMAGE_SIDE = 1024
 PIXEL_LIMIT_HINT = (
-    "raise `max_image_pixels` in the image processor's preprocessor_config.json (the Endpoint handler and the Space "
-    "app also read $EMOVLM_KD_MAX_IMAGE_PIXELS)"
+    "raise the `max_image_pixels` setting (the image processor's, in preprocessor_config.json; the Endpoint handler "
+    "and the Space app also read $EMOVLM_KD_MAX_IMAGE_PIXELS)"
 )
 # Signatures of the documents most often disguised as images, for an error that says what the file is.
 _NON_RASTER_SIGNATURES = {b"%!PS": "PostScript/EPS", b"\xc5\xd0\xd3\xc6": "EPS", b"%PDF": "PDF", b"<svg": "SVG"}
@@ -262,9 +268,7 @@ def array_to_image(array, name: str | None = None, max_pixels: int | None = DEFA
     if np.issubdtype(array.dtype, np.floating) and low >= 0 and high <= 1:
         array = array * 255.0
     elif low < 0 or high > 255:
-        raise ValueError(
-            f"Image array {name} has values in [{low}, {high}]: expected [0, 255], or floats in [0, 1]"
-        )
+        raise ValueError(f"Image array {name} has values in [{low}, {high}]: expected [0, 255], or floats in [0, 1]")
     if array.dtype != np.uint8:
         array = np.rint(array).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(array))

@@ -44,7 +44,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
-from image_processing_emovlm_kd import RASTER_FORMATS, open_image, to_rgb, verify_image
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_PIXELS, RASTER_FORMATS, open_image, to_rgb, verify_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +70,17 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- images
-def open_image_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and decode an image file as 8-bit RGB (raster formats only, pixel limit checked from the header first);
-    failures are `ValueError`s that name the file."""
-    return to_rgb(open_image(path))
+def open_image_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and decode an image file as 8-bit RGB (raster formats only, at most `max_pixels` pixels, checked from
+    the header first); failures are `ValueError`s that name the file."""
+    return to_rgb(open_image(path, max_pixels=max_pixels))
 
 
-def check_image(path: str) -> str | None:
+def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
     """None when `path` decodes as an image `open_image` accepts, else the reason it does not. The format and size
     are read from the header first, so a decompression bomb is refused without being decoded."""
     try:
-        verify_image(path)
+        verify_image(path, max_pixels=max_pixels)
     except ValueError as error:
         message = str(error)
         return message.split(": ", 1)[1] if message.startswith("Could not read image") else message
