@@ -67,6 +67,11 @@ class EndpointHandler:
         # The model's own image processor (remote code from the repo) holds the decoding policy: formats, pixel
         # limit, preparation. The handler adds only what is per request.
         self.image_processor = AutoImageProcessor.from_pretrained(path or ".", trust_remote_code=True)
+        if not hasattr(self.image_processor, "prepare_image"):
+            raise RuntimeError(
+                f"{type(self.image_processor).__name__} in {path or '.'!r} predates this handler (it has no "
+                "`prepare_image`): export the model again so that handler.py and image_processing_emovlm_kd.py match"
+            )
         max_image_pixels = _limit(max_image_pixels, "EMOVLM_KD_MAX_IMAGE_PIXELS", None)
         if max_image_pixels is not None:
             self.image_processor.max_image_pixels = max_image_pixels
