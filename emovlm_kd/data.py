@@ -21,23 +21,26 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
 from emovlm_kd.run_dir import DataError, hash_json
-from image_processing_emovlm_kd import load_image, to_rgb
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_PIXELS, RASTER_FORMATS, open_image, to_rgb, verify_image
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+# The raster formats every decode accepts (never .eps/.ps/.pdf: PIL would hand those to Ghostscript).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in RASTER_FORMATS)
 
 
-def open_image_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and decode an image file as 8-bit RGB; failures are `ValueError`s that name the file."""
-    return to_rgb(load_image(path))
+def open_image_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and decode an image file as 8-bit RGB (raster formats only, at most `max_pixels` pixels, checked from
+    the header first); failures are `ValueError`s that name the file."""
+    return to_rgb(open_image(path, max_pixels=max_pixels))
 
 
-def check_image(path: str) -> str | None:
-    """None when `path` decodes as an image, else the reason it does not."""
+def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """None when `path` decodes as an image `open_image` accepts, else the reason it does not. The format and size
+    are read from the header first, so a decompression bomb is refused without being decoded."""
     try:
-        load_image(path)
+        verify_image(path, max_pixels=max_pixels)
     except ValueError as error:
         message = str(error)
         return message.split(": ", 1)[1] if message.startswith("Could not read image") else message
@@ -77,18 +80,56 @@ class ImageFolderData:
 
 
 def _list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """`{class: [image paths]}` and the ignored non-image files of one split folder."""
+    """`{class: [image paths]}` and the ignored paths of one split folder.
+
+    Symbolic links: a class folder linking into the dataset or to a folder that holds this split (`test/x -> ..`)
+    is skipped, and so are broken links and folder links below a class folder (each logged and listed as ignored);
+    a linked image file is listed like any image, so a broken or looping one is reported with the unreadable images.
+    """
+    root, split = split_dir.parent.resolve(), split_dir.resolve()
     classes, ignored = {}, []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        ignored += [str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+        if class_dir.is_symlink():
+            reason = _unfollowed_folder_link(class_dir, root, split)
+            if reason:
+                logger.warning(f"Skipped {str(class_dir)!r}: {reason}")
+                ignored.append(str(class_dir))
+                continue
+        if not class_dir.is_dir():
+            ignored.append(str(class_dir))  # a file beside the class folders
+            continue
+        images = []
+        for path in sorted(p for p in class_dir.rglob("*") if not p.name.startswith(".")):
+            if path.is_symlink() and path.is_dir():  # not followed (a loop or another class's files otherwise)
+                logger.warning(f"Skipped {str(path)!r}: a link to a folder inside a class folder is not followed")
+                ignored.append(str(path))
+            elif path.is_dir():
+                continue
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(str(path))
+            else:
+                ignored.append(str(path))
         if not images:
             raise DataError(f"Class folder {str(class_dir)!r} contains no image files")
         classes[class_dir.name] = images
     if not classes:
         raise DataError(f"Split folder {str(split_dir)!r} contains no class folders")
     return classes, ignored
+
+
+def _unfollowed_folder_link(link: Path, root: Path, split: Path) -> str | None:
+    """Why the symbolic link `link` in a split folder is not followed as a class folder, or None when it is."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError) as error:
+        return f"a broken or looping symbolic link ({error})"
+    if not target.is_dir():
+        return None
+    if target == root or root in target.parents:
+        return f"a link to {str(target)!r} inside the dataset (classes must be real folders of their split)"
+    if target in split.parents:
+        return f"a link to {str(target)!r}, a folder holding this split"
+    return None
 
 
 def _find_bad_images(paths: list[str], num_threads: int | None = None) -> list[tuple[str, str]]:

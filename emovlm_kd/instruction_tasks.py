@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from configuration_emovlm_kd import TASKS, EmoVLMKDConfig
-from emovlm_kd.data import open_image_rgb
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, prepare_image
 from modeling_emovlm_kd import tokenize_answers
 
 IGNORE_INDEX = -100
@@ -68,13 +68,23 @@ class InstructionEncoder:
         class_names: the classes in label order (they make the classification prompt and answers).
         max_answer_tokens: longer observation / inference answers are cut to this many tokens (before the
             end-of-turn token).
+        max_image_side: images are capped to this longest side as the exported image processor does (its
+            `max_image_side`): training sees what inference sees.
         prompt_settings: `EmoVLMKDConfig` prompt fields (`system_message`, `classification_prompt`,
             `answer_format`, ...) to train on instead of the reference's; give the model the same ones.
     """
 
-    def __init__(self, processor, class_names: list[str], max_answer_tokens: int = 512, **prompt_settings):
+    def __init__(
+        self,
+        processor,
+        class_names: list[str],
+        max_answer_tokens: int = 512,
+        max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+        **prompt_settings,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.max_image_side = max_image_side
         self.config = EmoVLMKDConfig(
             id2label=dict(enumerate(class_names)),
             label2id={name: i for i, name in enumerate(class_names)},
@@ -97,7 +107,9 @@ class InstructionEncoder:
         return ids + [self.end_token_id]
 
     def encode(self, image, task: str, answer: str | int) -> dict[str, torch.Tensor]:
-        """One example, unpadded: 1-D `input_ids` / `mm_token_type_ids` / `labels`, and the image tensors."""
+        """One example, unpadded: 1-D `input_ids` / `mm_token_type_ids` / `labels`, and the image tensors. `image`
+        is anything `prepare_image` takes (a path, a PIL image, ...): prepared as the exported model prepares it."""
+        image = prepare_image(image, max_image_side=self.max_image_side)
         prompt = self.processor(images=[image], text=[self.prompt_text(task)], return_tensors="pt")
         answer_ids = torch.tensor(self.answer_ids(task, answer), dtype=torch.long)
         prompt_ids = prompt["input_ids"][0]
@@ -139,7 +151,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         example = self.examples[index]
-        return self.encoder.encode(open_image_rgb(example.image_path), example.task, example.answer)
+        return self.encoder.encode(example.image_path, example.task, example.answer)
 
 
 __all__ = [

@@ -88,12 +88,11 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
 def image_data_url(path: str | Path, max_side: int | None = 1024) -> str:
     """A `data:` URL of the image file: its own bytes when the format is web-safe and no side exceeds `max_side`,
     else a JPEG of the RGB image resized to fit `max_side`. Unreadable files raise `ValueError` naming the file."""
-    from image_processing_emovlm_kd import load_image, to_rgb
+    from image_processing_emovlm_kd import check_image_header, open_image, to_rgb
 
     path = Path(path)
-    image = load_image(path)  # decodes the whole file: a broken one fails here, not at the server
-    with Image.open(path) as probe:
-        file_format = probe.format  # `load_image` returns a copy, which has no format
+    file_format, _ = check_image_header(path)  # raster formats only, size checked before decoding
+    image = open_image(path)  # decodes the whole file: a broken one fails here, not at the server
     if file_format in DATA_URL_FORMATS and (max_side is None or max(image.size) <= max_side):
         data, mime = path.read_bytes(), DATA_URL_FORMATS[file_format]
     else:

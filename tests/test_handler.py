@@ -66,7 +66,7 @@ def imported_modules(path) -> list[tuple[str, str | None]]:
 
 def test_repo_template_imports_only_pypi_packages():
     handler_imports = {module for module, _ in imported_modules(HANDLER)}
-    assert handler_imports <= {"base64", "binascii", "io", "torch", "PIL", "transformers"}, handler_imports
+    assert handler_imports <= {"base64", "binascii", "io", "os", "torch", "PIL", "transformers"}, handler_imports
     # The app may build a tiny model with the package, lazily, only when no model is given.
     project = [(m, f) for m, f in imported_modules(SPACE_APP) if m in PROJECT_MODULES]
     assert project == [("emovlm_kd", "build_tiny_model_folder")], project
@@ -131,9 +131,9 @@ GOOD = base64.b64encode(image_bytes(Image.new("RGB", (20, 20)), "PNG")).decode()
         ({"inputs": "https://example.com/cat.jpg"}, r"inputs is a URL .*fetches nothing: send the image in base64"),
         ({"inputs": "not base64 at all!"}, r"inputs is not valid base64"),
         ({"inputs": "data:image/png,abc"}, r"without ';base64'"),
-        ({"inputs": base64.b64encode(b"just some text").decode()}, r"not a readable image .*known image format"),
-        ({"inputs": b"\x00\x01 binary junk"}, r"inputs is not a readable image"),
-        ({"inputs": _truncated_png()}, r"inputs is not a readable image"),
+        ({"inputs": base64.b64encode(b"just some text").decode()}, r"read image inputs: cannot identify .* JPEG, PNG"),
+        ({"inputs": b"\x00\x01 binary junk"}, r"Could not read image inputs: cannot identify"),
+        ({"inputs": _truncated_png()}, r"Could not read image inputs: .*truncated"),
         ({"inputs": 42}, r"inputs must be a base64-encoded image string or raw image bytes, got int"),
         ({"inputs": [GOOD, "???"]}, r"inputs\[1\] is not valid base64"),
         ({"inputs": []}, r"'inputs' is an empty list"),
@@ -204,4 +204,4 @@ def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder
     png = image_bytes(Image.new("RGB", (90, 70), (210, 40, 40)), "PNG")
     for fresh, here in zip(out["base64_png"], handler({"inputs": png})):
         assert fresh["label"] == here["label"] and abs(fresh["score"] - here["score"]) < 1e-5
-    assert "inputs is not a readable image" in out["error"]
+    assert "Could not read image inputs" in out["error"]

@@ -103,12 +103,13 @@ def test_predictor_shows_every_branch(app, predictor, tiny):
     assert f"| **{winner}** |" in table and all(f"| {label} |" in table or label == winner for label in labels)
 
 
-def test_demo_passes_uploads_to_the_model_processor_unconverted(app, predictor):
-    # Gradio's default image_mode="RGB" would drop transparency before the processor could composite it onto white.
+def test_demo_passes_uploads_to_the_model_processor_undecoded(app, predictor):
+    # Gradio's default image_mode="RGB" would drop transparency before the processor could composite it onto white,
+    # and type="pil" would let Gradio decode the upload with every PIL plugin: the processor gets the file instead.
     demo = app.build_demo(predictor, "tiny")
     components = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"image", "submit", "fused", "vlm-branch", "head-branch", "gate-share", "gate-table"} <= set(components)
-    assert components["image"].image_mode is None and components["image"].type == "pil"
+    assert components["image"].image_mode is None and components["image"].type == "filepath"
 
 
 def test_example_images_are_distinct_pictures(app, tmp_path):

@@ -13,17 +13,29 @@ endpoint never fetches anything. `top_k` defaults to every class.
 
 Response: `[{"label": "awe", "score": 0.61}, ...]` sorted by decreasing score; a list of such lists for a list of
 images. Bad input raises `ValueError` naming the offending item.
+
+Limits (constructor arguments, or environment variables of the endpoint; 0 disables one):
+  * `max_images_per_request` (`$EMOVLM_KD_MAX_IMAGES_PER_REQUEST`, default 64);
+  * `max_request_bytes` (`$EMOVLM_KD_MAX_REQUEST_BYTES`, default 32 MiB of image data; base64 text counts for the
+    bytes it encodes);
+  * `max_image_pixels` (`$EMOVLM_KD_MAX_IMAGE_PIXELS`, default the image processor's, 40 megapixels), read from each
+    image's header before anything is decoded.
+Images are decoded only in the formats the image processor accepts (raster formats: JPEG, PNG, GIF, WebP, BMP,
+TIFF, PPM; never PostScript or PDF, which PIL would hand to Ghostscript), one at a time as each chunk of
+`max_batch_size` images is classified, so a request costs at most one full-size decoded image at a time.
 """
 
 import base64
 import binascii
-import io
+import os
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 SUPPORTED_PARAMETERS = ("top_k",)
+DEFAULT_MAX_IMAGES_PER_REQUEST = 64
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 
 
 class EndpointHandler:
@@ -33,16 +45,43 @@ class EndpointHandler:
         path (`str`): the model repo folder (Inference Endpoints pass the repository's local path).
         device (`str`, *optional*): defaults to `cuda` when available, else `cpu`.
         max_batch_size (`int`, defaults to 16): larger requests run in chunks of this size.
+        max_images_per_request (`int`, *optional*): defaults to `$EMOVLM_KD_MAX_IMAGES_PER_REQUEST`, else 64.
+        max_request_bytes (`int`, *optional*): image data per request; defaults to `$EMOVLM_KD_MAX_REQUEST_BYTES`,
+            else 32 MiB.
+        max_image_pixels (`int`, *optional*): defaults to `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image
+            processor's `max_image_pixels`.
     """
 
-    def __init__(self, path: str = "", device: str | None = None, max_batch_size: int = 16):
+    def __init__(
+        self,
+        path: str = "",
+        device: str | None = None,
+        max_batch_size: int = 16,
+        max_images_per_request: int | None = None,
+        max_request_bytes: int | None = None,
+        max_image_pixels: int | None = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageClassification.from_pretrained(path or ".", trust_remote_code=True, dtype="auto")
         self.model.to(self.device).eval()
+        # The model's own image processor (remote code from the repo) holds the decoding policy: formats, pixel
+        # limit, preparation. The handler adds only what is per request.
         self.image_processor = AutoImageProcessor.from_pretrained(path or ".", trust_remote_code=True)
+        if not hasattr(self.image_processor, "prepare_image"):
+            raise RuntimeError(
+                f"{type(self.image_processor).__name__} in {path or '.'!r} predates this handler (it has no "
+                "`prepare_image`): export the model again so that handler.py and image_processing_emovlm_kd.py match"
+            )
+        max_image_pixels = _limit(max_image_pixels, "EMOVLM_KD_MAX_IMAGE_PIXELS", None)
+        if max_image_pixels is not None:
+            self.image_processor.max_image_pixels = max_image_pixels
         config = self.model.config
         self.labels = [config.id2label[index] for index in range(config.num_labels)]
         self.max_batch_size = max_batch_size
+        self.max_images_per_request = _limit(
+            max_images_per_request, "EMOVLM_KD_MAX_IMAGES_PER_REQUEST", DEFAULT_MAX_IMAGES_PER_REQUEST
+        )
+        self.max_request_bytes = _limit(max_request_bytes, "EMOVLM_KD_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
 
     def __call__(self, data: dict) -> list:
         if not isinstance(data, dict) or "inputs" not in data:
@@ -53,16 +92,56 @@ class EndpointHandler:
         items = list(inputs) if batched else [inputs]
         if not items:
             raise ValueError("'inputs' is an empty list: send at least one image")
-        images = [decode_image(item, f"inputs[{index}]" if batched else "inputs") for index, item in enumerate(items)]
-        results = [self._ranked(row, top_k) for row in self.predict_proba(images)]
+        if self.max_images_per_request and len(items) > self.max_images_per_request:
+            raise ValueError(
+                f"The request holds {len(items)} images, more than the limit of {self.max_images_per_request}: send "
+                "fewer per request (or raise the handler's max_images_per_request, $EMOVLM_KD_MAX_IMAGES_PER_REQUEST)"
+            )
+        names = [f"inputs[{index}]" if batched else "inputs" for index in range(len(items))]
+        total = sum(_payload_bytes(item, name) for item, name in zip(items, names))
+        if self.max_request_bytes and total > self.max_request_bytes:
+            raise ValueError(
+                f"The request holds {total:,} bytes of image data, more than the limit of {self.max_request_bytes:,}: "
+                "send fewer or smaller images (or raise the handler's max_request_bytes, $EMOVLM_KD_MAX_REQUEST_BYTES)"
+            )
+        # Every image's format and size are checked from its header before any image is decoded.
+        images = [self.read_image(item, name) for item, name in zip(items, names)]
+        results = [self._ranked(row, top_k) for row in self.predict_proba(images, names)]
         return results if batched else results[0]
 
+    def read_image(self, item, name: str = "inputs") -> Image.Image | bytes:
+        """The image bytes of a request item (or the PIL image the toolkit passes), after a header-only check of
+        their format and size; `ValueError` naming `name` otherwise."""
+        if isinstance(item, Image.Image):
+            return item  # opened lazily by the toolkit; checked before decoding in `prepare_image`
+        if isinstance(item, str):
+            raw = _decode_base64(item, name)
+        else:
+            raw = bytes(item)
+            if not raw:
+                raise ValueError(f"{name} is empty (0 bytes): send the bytes of an image file")
+        try:
+            self.image_processor.check_image_header(raw, name)
+        except ValueError as error:
+            if isinstance(item, str) or not raw.isascii():
+                raise
+            try:  # JSON clients sometimes send the base64 text as raw bytes
+                raw = _decode_base64(raw.decode("ascii"), name)
+            except ValueError:
+                raise error from None
+            self.image_processor.check_image_header(raw, name)
+        return raw
+
     @torch.inference_mode()
-    def predict_proba(self, images: list[Image.Image]) -> torch.Tensor:
-        """Fused class probabilities `(len(images), num_labels)`, in chunks of `max_batch_size` images."""
+    def predict_proba(self, images: list, names: list[str] | None = None) -> torch.Tensor:
+        """Fused class probabilities `(len(images), num_labels)`, in chunks of `max_batch_size` images; each image
+        (PIL image, bytes or path) is decoded and prepared only when its chunk runs, one at a time."""
+        names = names or [f"images[{index}]" for index in range(len(images))]
         chunks = []
         for start in range(0, len(images), self.max_batch_size):
-            inputs = self.image_processor(images[start : start + self.max_batch_size], return_tensors="pt")
+            chunk = zip(images[start : start + self.max_batch_size], names[start : start + self.max_batch_size])
+            prepared = [self.image_processor.prepare_image(image, name) for image, name in chunk]
+            inputs = self.image_processor(prepared, return_tensors="pt")
             logits = self.model(**inputs.to(self.device)).logits
             chunks.append(logits.float().softmax(dim=-1).cpu())
         return torch.cat(chunks)
@@ -85,35 +164,29 @@ class EndpointHandler:
         return [{"label": self.labels[i], "score": float(s)} for s, i in zip(scores.tolist(), indices.tolist())]
 
 
-def decode_image(item, name: str = "inputs") -> Image.Image:
-    """A decoded PIL image from a PIL image, raw bytes or a base64 string; `ValueError` naming `name` otherwise."""
+def _limit(value: int | None, variable: str, default: int | None) -> int | None:
+    """A limit from the constructor, else from the environment variable, else the default."""
+    if value is None and os.environ.get(variable, "").strip():
+        try:
+            value = int(os.environ[variable])
+        except ValueError:
+            raise ValueError(f"${variable} must be an integer (0: no limit), got {os.environ[variable]!r}") from None
+    value = default if value is None else value
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        setting = variable.removeprefix("EMOVLM_KD_").lower()
+        raise ValueError(f"The handler's {setting} must be an integer >= 0 (0: no limit), got {value!r}")
+    return value
+
+
+def _payload_bytes(item, name: str) -> int:
+    """The image data an item carries (base64 text: the bytes it encodes), without decoding it."""
     if isinstance(item, Image.Image):
-        return item
+        return 0  # the toolkit already read the request body; its pixels are limited by max_image_pixels
     if isinstance(item, str):
-        raw = _decode_base64(item, name)
-    elif isinstance(item, (bytes, bytearray, memoryview)):
-        raw = bytes(item)
-        if not raw:
-            raise ValueError(f"{name} is empty (0 bytes): send the bytes of an image file")
-        if not _looks_like_image(raw):  # JSON clients sometimes send the base64 text as raw bytes
-            try:
-                raw = _decode_base64(raw.decode("ascii"), name)
-            except (UnicodeDecodeError, ValueError):
-                pass  # not base64 either: let PIL report what it is
-    else:
-        raise ValueError(
-            f"{name} must be a base64-encoded image string or raw image bytes, got {type(item).__name__}"
-        )
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).copy()
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
-        unknown = isinstance(error, UnidentifiedImageError)
-        reason = "not a known image format" if unknown else f"{type(error).__name__}: {error}"
-        raise ValueError(
-            f"{name} is not a readable image ({len(raw)} bytes starting with {raw[:12]!r}): {reason}"
-        ) from error
+        return len(item) * 3 // 4
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return len(item)
+    raise ValueError(f"{name} must be a base64-encoded image string or raw image bytes, got {type(item).__name__}")
 
 
 def _decode_base64(text: str, name: str) -> bytes:
@@ -133,14 +206,6 @@ def _decode_base64(text: str, name: str) -> bytes:
     if not raw:
         raise ValueError(f"{name} decodes to 0 bytes: send a base64-encoded image")
     return raw
-
-
-def _looks_like_image(raw: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(raw)):
-            return True
-    except Exception:
-        return False
 
 
 def _preview(value) -> str:

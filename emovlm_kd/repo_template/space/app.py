@@ -12,6 +12,10 @@ model built offline (for trying the app; its predictions mean nothing).
 
 As a Space: a Gradio Space holding this file and `requirements.txt`, with the Space variable `EMOVLM_KD_MODEL` set to
 the model repo (and `HF_TOKEN` as a secret if that repo is private).
+
+Uploads are read by the model's own image processor (raster formats only, never PostScript or PDF; at most
+`--max-image-pixels`, default `$EMOVLM_KD_MAX_IMAGE_PIXELS` or the processor's 40 megapixels, checked before decoding),
+and Gradio refuses uploads above `--max-upload-mb` (default 32).
 """
 
 import argparse
@@ -30,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 
 MODEL_ENV = "EMOVLM_KD_MODEL"
+MAX_IMAGE_PIXELS_ENV = "EMOVLM_KD_MAX_IMAGE_PIXELS"
 TINY_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 HEAD, VLM = "distilled head", "VLM branch"
 
@@ -60,20 +65,31 @@ def build_tiny_model_folder(labels=TINY_LABELS) -> str:
 
 
 class EmotionPredictor:
-    """The model, its image processor and a `__call__(image)` returning every branch's output for one image."""
+    """The model, its image processor and a `__call__(image)` returning every branch's output for one image.
 
-    def __init__(self, model: str, device: str | None = None):
+    `max_image_pixels` (default `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image processor's own) bounds the images
+    accepted; 0 lifts the limit.
+    """
+
+    def __init__(self, model: str, device: str | None = None, max_image_pixels: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageClassification.from_pretrained(model, trust_remote_code=True, dtype="auto")
         self.model.to(self.device).eval()
+        # The processor (the model repo's remote code) decodes and prepares uploads: formats, pixel limit, resizing.
         self.image_processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
+        if max_image_pixels is None and os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip():
+            max_image_pixels = int(os.environ[MAX_IMAGE_PIXELS_ENV])
+        if max_image_pixels is not None:
+            self.image_processor.max_image_pixels = max_image_pixels
         self.config = self.model.config
         self.labels = [self.config.id2label[index] for index in range(self.config.num_labels)]
 
     @torch.inference_mode()
-    def __call__(self, image: Image.Image) -> dict:
-        """Class probabilities of the fused output and of each branch, the gate's view, and the time taken."""
+    def __call__(self, image) -> dict:
+        """Class probabilities of the fused output and of each branch, the gate's view, and the time taken, for an
+        image file path or PIL image (a `ValueError` naming the file when it is refused)."""
         start = time.perf_counter()
+        image = self.image_processor.prepare_image(image)
         inputs = self.image_processor([image], return_tensors="pt").to(self.device)
         out = self.model(**inputs)
         seconds = time.perf_counter() - start
@@ -218,7 +234,10 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
     def classify(image):
         if image is None:
             raise gr.Error("Upload an image first.")
-        prediction = predictor(image)
+        try:
+            prediction = predictor(image)
+        except ValueError as error:  # refused or unreadable upload: say why in the page
+            raise gr.Error(str(error)) from None
         return (
             as_label(labels, prediction["fused"]),
             as_label(labels, prediction["vlm"]),
@@ -244,9 +263,10 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
         )
         with gr.Row():
             with gr.Column():
-                # image_mode=None: the model's image processor converts any mode itself (transparency onto white).
+                # A file path, not a PIL image: Gradio then opens only the header and the model's image processor does
+                # all the decoding (raster formats only, pixel limit first, any mode with transparency onto white).
                 image = gr.Image(
-                    type="pil", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="image"
+                    type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="image"
                 )
                 submit = gr.Button("Classify", variant="primary", elem_id="submit")
                 if example_paths:
@@ -267,6 +287,13 @@ def parse_args(argv=None):
     parser.add_argument("--host", default=None, help="server address (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="server port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help=f"largest image accepted, in pixels; 0: no limit (default: ${MAX_IMAGE_PIXELS_ENV}, else the model's)",
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=32, help="largest upload accepted (default: 32 MB)")
     return parser.parse_args(argv)
 
 
@@ -274,12 +301,17 @@ def main(argv=None):
     args = parse_args(argv)
     model, tiny = resolve_model(args.model)
     print(f"Loading {model}{' (tiny random model)' if tiny else ''}", flush=True)
-    predictor = EmotionPredictor(model, device=args.device)
+    predictor = EmotionPredictor(model, device=args.device, max_image_pixels=args.max_image_pixels)
     example_folder = Path(tempfile.gettempdir()) / "emovlm-kd-space-examples"
     examples = make_example_images(example_folder)
     demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny)
     demo.launch(
-        server_name=args.host, server_port=args.port, share=False, show_error=True, allowed_paths=[str(example_folder)]
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        show_error=True,
+        allowed_paths=[str(example_folder)],
+        max_file_size=int(args.max_upload_mb * 2**20),
     )
 
 
