@@ -34,7 +34,7 @@ def run_dir_errors(run_dir):
     except DataError as error:
         exit_with_error(error)
     except Exception as error:
-        problem = disk_problem(error)
+        problem = disk_problem(error, run_dir)
         if problem is None:
             raise
         exit_with_error(

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from emovlm_kd.run_dir import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,11 +43,7 @@ def read_records(path: str | os.PathLike) -> dict[str, dict]:
 
 def rewrite_records(path: Path, records: dict[str, dict]):
     """Atomically replace the file with one record per image."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as file:
-        for record in records.values():
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records.values()))
 
 
 def done_examples(path: str | os.PathLike) -> dict[str, dict]:

@@ -182,18 +182,28 @@ def read_class_names(run_dir: str | os.PathLike) -> list[str]:
 _HELD_LOCKS: dict[str, list] = {}  # lock path -> [file descriptor, depth]: re-entrant within a process
 
 
+def _lock_path(run_dir: str | os.PathLike) -> Path:
+    return (Path(run_dir) / LOCK_FILE).resolve()
+
+
+def holds_run_dir_lock(run_dir: str | os.PathLike) -> bool:
+    """Whether this process holds the run directory's lock."""
+    return str(_lock_path(run_dir)) in _HELD_LOCKS
+
+
 @contextmanager
 def run_dir_lock(run_dir: str | os.PathLike):
     """Hold `<run_dir>/.lock` (exclusive, re-entrant within this process) for the block; another process holding
     it is a `RunDirLocked` error naming the holder. The operating system releases it if the process dies."""
-    path = (Path(run_dir) / LOCK_FILE).resolve()
+    path = _lock_path(run_dir)
     key = str(path)
     if key in _HELD_LOCKS:
         _HELD_LOCKS[key][1] += 1
         try:
             yield
         finally:
-            _HELD_LOCKS[key][1] -= 1
+            if key in _HELD_LOCKS:
+                _HELD_LOCKS[key][1] -= 1
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +228,8 @@ def run_dir_lock(run_dir: str | os.PathLike):
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, json.dumps(holder).encode(), 0)
     _HELD_LOCKS[key] = [descriptor, 1]
+    for stale in path.parent.rglob(".*.tmp"):  # left by a killed run: nobody else writes here now
+        stale.unlink(missing_ok=True)
     try:
         yield
     finally:
@@ -238,21 +250,31 @@ DISK_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
     errno.EROFS: "the file system is read-only",
     errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit is exceeded",
     errno.EACCES: "permission denied",
 }
 
 
-def disk_problem(error: BaseException) -> str | None:
-    """What is wrong with the disk when `error` (or what caused it) is a failed write, else None."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-            where = f" writing {error.filename!r}" if error.filename else ""
-            return f"{DISK_ERRNOS[error.errno]}{where}"
-        text = str(error)
+def disk_problem(error: BaseException, run_dir: str | os.PathLike | None = None) -> str | None:
+    """What is wrong with the disk when `error` (or what caused it) is a failed write, else None. Some writers
+    (torch's zip writer) say only "file write failed": then the run directory's file system is asked whether it is
+    read-only or full."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            where = f" writing {cause.filename!r}" if cause.filename else ""
+            return f"{DISK_ERRNOS[cause.errno]}{where}"
+        text = str(cause)
         for number, reason in DISK_ERRNOS.items():
             if os.strerror(number) in text or f"os error {number}" in text:
                 return reason
-        error = error.__cause__ or error.__context__
+        cause = cause.__cause__ or cause.__context__
+    if run_dir is not None and os.path.isdir(run_dir):
+        status = os.statvfs(run_dir)
+        if status.f_flag & os.ST_RDONLY:
+            return DISK_ERRNOS[errno.EROFS]
+        if status.f_bavail * status.f_frsize < 1 << 20:
+            return DISK_ERRNOS[errno.ENOSPC]
     return None
 
 
@@ -274,6 +296,7 @@ __all__ = [
     "current_umask",
     "disk_problem",
     "fault_point",
+    "holds_run_dir_lock",
     "ensure_class_names",
     "hash_json",
     "is_complete",

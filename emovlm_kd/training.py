@@ -21,6 +21,7 @@ from emovlm_kd.run_dir import (
     clear_complete,
     ensure_class_names,
     fault_point,
+    holds_run_dir_lock,
     run_dir_lock,
     stage_output,
     write_complete,
@@ -153,7 +154,7 @@ def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_n
 
     accelerator = make_accelerator(run_args, stage, args, **accelerator_kwargs)
     lock = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not holds_run_dir_lock(run_args.run_dir):  # else a caller holds it
         lock = run_dir_lock(run_args.run_dir)
         lock.__enter__()
     set_seed(run_args.seed)
