@@ -1,6 +1,7 @@
 """Stages 2-6 end to end on the tiny models and a generated dataset with a learnable colour signal (offline, CPU)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -107,6 +108,15 @@ def test_exported_repo_loads_with_auto_classes_and_pipeline(pipeline, dataset):
     for name in REPO_FILES:
         assert (repo / name).is_file(), name
     assert (repo / "space" / "app.py").is_file()
+    # nothing of the training machine or the run: no path, no marker, the modes a plain copy gives
+    assert not list(repo.rglob("*COMPLETE*")) and (run_dir / "model.COMPLETE.json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (p for p in repo.rglob("*") if p.is_file()):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+        if path.suffix in (".json", ".md", ".py", ".txt", ".jinja"):
+            text = path.read_text()
+            assert str(run_dir) not in text and str(dataset) not in text and "/tmp/" not in text, path
 
     card = (repo / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
