@@ -91,11 +91,24 @@ def training_arguments(
     return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,))
 
 
+SECRET = {"secret": True}  # field metadata: the value is a credential, never written or logged
+REDACTED = "<redacted>"
+
+
+def recordable(instance) -> dict:
+    """An argument dataclass as a dict to write or log: fields marked secret are redacted."""
+    values = dataclasses.asdict(instance)
+    for spec in dataclasses.fields(instance):
+        if spec.metadata.get("secret") and values[spec.name] is not None:
+            values[spec.name] = REDACTED
+    return values
+
+
 def settings_dict(*arguments) -> dict:
-    """The fields of argument dataclasses as one flat dict (for trackers and COMPLETE.json)."""
+    """The fields of argument dataclasses as one flat dict (for trackers and COMPLETE.json), secrets redacted."""
     merged = {}
     for instance in arguments:
-        merged.update(dataclasses.asdict(instance))
+        merged.update(recordable(instance))
     return merged
 
 
@@ -229,11 +242,14 @@ def _coerce(kind, value):
 __all__ = [
     "CheckpointArguments",
     "RECIPES_DIR",
+    "REDACTED",
     "RunArguments",
+    "SECRET",
     "coerce_values",
     "field_names",
     "load_recipe",
     "overrides_of",
+    "recordable",
     "parse_stage_args",
     "settings_dict",
     "stage_parser",

@@ -86,6 +86,16 @@ def test_resolved_settings_are_written_as_a_reusable_recipe(tmp_path):
     assert again_run == run_args and settings(again) == settings(plans)
 
 
+def test_credentials_are_never_written(tmp_path):
+    from emovlm_kd.arguments import settings_dict
+
+    argv = ["--run-dir", str(tmp_path / "run"), "--stages", "export", "--set", "export.hub_token=hf_SeCrEt"]
+    _, run_args, plans = run_all.plan(argv)
+    assert plans[0].args.hub_token == "hf_SeCrEt"  # used, but never recorded:
+    assert "hf_SeCrEt" not in run_all.write_run_config(run_args, plans).read_text()
+    assert "hf_SeCrEt" not in json.dumps(settings_dict(run_args, plans[0].args))
+
+
 def test_instruction_data_runs_only_with_an_endpoint(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class=3, splits=("train",))
     summary = run_all.run(

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi
 
+from emovlm_kd.arguments import SECRET
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import get_features
 from emovlm_kd.model_card import build_model_card
@@ -43,7 +44,9 @@ ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints 
 class ExportArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the repo to this Hub model id (REPO_ID)"})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private"})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / the cached login)"})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (default: HF_TOKEN / the cached login); never recorded", **SECRET}
+    )
     commit_message: str = field(default="Upload EmoVLM-KD model", metadata={"help": "Commit message of the upload"})
     model_name: str | None = field(
         default=None, metadata={"help": "Repo name in the card (default: --push-to-hub or the run dir's name)"}

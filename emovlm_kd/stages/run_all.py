@@ -21,7 +21,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emovlm_kd.arguments import RunArguments, coerce_values, field_names, load_recipe, overrides_of, stage_values
+from emovlm_kd.arguments import (
+    REDACTED,
+    RunArguments,
+    coerce_values,
+    field_names,
+    load_recipe,
+    overrides_of,
+    recordable,
+    stage_values,
+)
 from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete, write_atomic
 from emovlm_kd.training import main_process_lock
 
@@ -124,8 +133,9 @@ def write_run_config(run_args: RunArguments, plans: list[StagePlan]) -> Path:
     """The resolved settings, as a recipe that reproduces the run: `<run_dir>/run_config.yaml`."""
     import yaml
 
-    config = {"run": dataclasses.asdict(run_args), "stages": [p.stage for p in plans]}
-    config.update({p.stage: dataclasses.asdict(p.args) for p in plans})
+    config = {"run": recordable(run_args), "stages": [p.stage for p in plans]}
+    for p in plans:  # credentials stay out: a rerun takes them from the environment again
+        config[p.stage] = {name: value for name, value in recordable(p.args).items() if value != REDACTED}
     path = Path(run_args.run_dir) / RUN_CONFIG_FILE
     write_atomic(path, yaml.safe_dump(config, sort_keys=False))
     return path
@@ -163,7 +173,7 @@ def run_stage(run_all_args: RunAllArguments, run_args: RunArguments, plan_: Stag
     if not run_all_args.force and _is_complete(plan_, run_args):
         logger.info(f"Stage {stage!r} is complete for these inputs; skipped")
         return {"skipped": "complete", **_recorded(run_args.run_dir, stage)}
-    logger.info(f"Stage {stage!r}: {dataclasses.asdict(plan_.args)}")
+    logger.info(f"Stage {stage!r}: {recordable(plan_.args)}")
     started = time.time()
     result = plan_.module.run(run_args, plan_.args)
     result["seconds"] = round(time.time() - started, 1)
