@@ -91,16 +91,16 @@ def training_arguments(
     return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,))
 
 
-SECRET = {"secret": True}  # field metadata: the value is a credential, never written or logged
 REDACTED = "<redacted>"
 
 
 def recordable(instance) -> dict:
-    """An argument dataclass as a dict to write or log: fields marked secret are redacted."""
+    """An argument dataclass as a dict to write or log: the fields its class lists in `SECRETS` (credentials) are
+    redacted."""
     values = dataclasses.asdict(instance)
-    for spec in dataclasses.fields(instance):
-        if spec.metadata.get("secret") and values[spec.name] is not None:
-            values[spec.name] = REDACTED
+    for name in getattr(type(instance), "SECRETS", ()):
+        if values.get(name) is not None:
+            values[name] = REDACTED
     return values
 
 
@@ -244,7 +244,6 @@ __all__ = [
     "RECIPES_DIR",
     "REDACTED",
     "RunArguments",
-    "SECRET",
     "coerce_values",
     "field_names",
     "load_recipe",

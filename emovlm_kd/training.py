@@ -5,6 +5,7 @@ Every training stage is an Accelerate script: `accelerate launch train/<stage>.p
 """
 
 import logging
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,12 +248,17 @@ def close_trackers(accelerator):
         tracker.finish()
 
 
+# Where launchers put a process's global rank (torchrun / accelerate launch, MPI).
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
 @contextmanager
 def main_process_lock(run_dir):
-    """The run-directory lock, held by the main process of a (possibly multi-process) launch for the block."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    """The run-directory lock, held by the main process of a (possibly multi-process) launch for the block. The rank
+    is read from the launcher's environment: creating Accelerate's state here would fix it before the stage's
+    Accelerator could configure it."""
+    rank = next((int(os.environ[name]) for name in RANK_VARIABLES if name in os.environ), 0)
+    if rank != 0:
         yield
         return
     with run_dir_lock(run_dir):

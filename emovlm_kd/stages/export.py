@@ -13,11 +13,11 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from huggingface_hub import HfApi
 
-from emovlm_kd.arguments import SECRET
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import get_features
 from emovlm_kd.model_card import build_model_card
@@ -42,10 +42,12 @@ ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints 
 
 @dataclass
 class ExportArguments:
+    SECRETS: ClassVar[tuple[str, ...]] = ("hub_token",)  # never written to run_config.yaml, markers or logs
+
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the repo to this Hub model id (REPO_ID)"})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private"})
     hub_token: str | None = field(
-        default=None, metadata={"help": "Hub token (default: HF_TOKEN / the cached login); never recorded", **SECRET}
+        default=None, metadata={"help": "Hub token (default: HF_TOKEN / the cached login); never recorded"}
     )
     commit_message: str = field(default="Upload EmoVLM-KD model", metadata={"help": "Commit message of the upload"})
     model_name: str | None = field(
