@@ -158,7 +158,9 @@ class Contenders:
 
     def __init__(self, args, device, dtype, spec):
         self.device, self.dtype, self.seed = device, dtype, args.seed
-        self.model, self.image_processor, self.vlm_processor = build_model(spec, MIKELS_LABELS, device, dtype, args.seed)
+        self.model, self.image_processor, self.vlm_processor = build_model(
+            spec, MIKELS_LABELS, device, dtype, args.seed
+        )
         self.answer_tokens = realistic_answer_length(self.model)
         self.reference = ReferencePipeline(self.model, self.vlm_processor, self.answer_tokens, self.answer_tokens)
         tokens = args.long_generation_tokens
@@ -526,7 +528,7 @@ def to_markdown(result: dict) -> str:
     for row in rows:
         ratios, checks = row["ratios"], result["target_checks"][row_key(row)]
 
-        def cell(key, digits, check=None):
+        def cell(key, digits, check=None, ratios=ratios, checks=checks):
             return f"{ratios[key]:.{digits}f}{_mark(checks.get(check))}" if key in ratios else "–"
 
         reference_digits = 1 if ratios.get("reference_over_emovlm_kd", 0) < 10 else 0

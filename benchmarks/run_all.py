@@ -162,10 +162,10 @@ def headline(results: dict) -> str:
     for row in inference["results"]:
         contenders, ratios, memory = row["contenders"], row["ratios"], row.get("memory", {})
 
-        def images_per_s(name):
+        def images_per_s(name, contenders=contenders):
             return f"{contenders[name]['images_per_s']:.2f}" if name in contenders else "–"
 
-        def ratio(key, digits):
+        def ratio(key, digits, ratios=ratios):
             return f"{ratios[key]:.{digits}f}" if key in ratios else "–"
 
         peak = memory.get("emovlm_kd", {}).get("total_mib")
