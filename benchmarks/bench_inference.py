@@ -439,11 +439,13 @@ MEMORY_NOTES = {
 
 
 def method_note(settings: dict, row: dict) -> str:
+    """How the times and memory were measured (older results lack the newer settings: their defaults apply)."""
     warmup = settings["warmup"]
     timing = (
         f"Times: {clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} runs"
         + (f" after {warmup} warm-up" if warmup else " (no warm-up round)")
-        + ", contenders interleaved; preprocessing timed apart."
+        + ", contenders interleaved; preprocessing "
+        + ("timed apart." if "processor_limits" in settings else "not timed.")
     )
     long_runs = settings.get("long_generation_runs", settings["runs"])
     generation = (

@@ -15,6 +15,7 @@ difference from the floor's pass over the same prompt. The top operators come fr
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -31,12 +32,14 @@ from bench_utils import (  # noqa: E402
     machine_line,
     markdown_table,
     model_line,
+    paired_ratio,
     parse_image_size,
     setup,
     size_key,
     size_name,
     spec_dict,
     synchronize,
+    time_interleaved,
 )
 
 LM_PROMPT = "language model: prompt (+ trie)"
@@ -61,6 +64,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--top", type=int, default=8, help="operators listed per contender (0: no operator profile)")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--replay-runs",
+        type=int,
+        default=0,
+        help="also time emovlm_kd's and the floor's language-model passes alone, interleaved, this many times",
+    )
     parser.set_defaults(long_generation_tokens=256)
     return parser.parse_args(argv)
 
@@ -126,6 +135,43 @@ def breakdown(contenders: Contenders, run, runs: int, warmup: int, device, clock
     return {"total_s": total / runs, "components": components, "calls_per_run": calls}
 
 
+def capture_language_model_call(language_model, run) -> dict:
+    """The keyword arguments of the (first) language-model call that `run` makes."""
+    captured = {}
+
+    def pre(_, args, kwargs):
+        captured.setdefault("kwargs", dict(kwargs))
+
+    handle = language_model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured["kwargs"]
+
+
+def replay_language_model(contenders: Contenders, callables: dict, runs: int, device, clock: str) -> dict:
+    """The trie tokens' cost, measured directly: `emovlm_kd`'s language-model pass (prompt + trie, tree mask) and
+    the floor's (prompt only, causal) replayed on their captured inputs, interleaved; medians and their paired
+    ratio. A difference of two whole-call components would drown a few percent in the vision pass's noise."""
+    language_model = contenders.model.vlm.model.language_model
+    passes = {
+        "prompt + trie (emovlm_kd)": capture_language_model_call(language_model, callables["emovlm_kd"]),
+        "prompt only (floor)": capture_language_model_call(language_model, callables["vlm_floor"]),
+    }
+    calls = {name: (lambda kwargs=kwargs: language_model(**kwargs)) for name, kwargs in passes.items()}
+    times = time_interleaved(calls, runs, 1, device)
+    medians = {name: statistics.median(times[name][clock]) for name in calls}
+    ours, floor = medians.values()
+    return {
+        "median_s": medians,
+        "times_s": {name: times[name][clock] for name in calls},
+        "tokens": {name: int(kwargs["inputs_embeds"].shape[1]) for name, kwargs in passes.items()},
+        "trie_s": ours - floor,
+        "ratio_paired": paired_ratio(times, *calls, clock),
+    }
+
+
 def top_operators(run, device, top: int) -> list[tuple[str, float, int]]:
     """The `top` operators by self time (device time on CUDA, CPU time otherwise): (name, ms, calls)."""
     cuda = torch.device(device).type == "cuda"
@@ -156,6 +202,9 @@ def main(argv=None):
         if args.top > 0:
             for name in [name for name in names if name != "reference_256"]:
                 tops[name] = top_operators(callables[name], device, args.top)
+        replay = None
+        if args.replay_runs and {"emovlm_kd", "vlm_floor"} <= set(names):
+            replay = replay_language_model(contenders, callables, args.replay_runs, device, args.clock)
     if {"emovlm_kd", "vlm_floor"} <= set(reports):
         ours, floor = (reports[name]["components"][LM_PROMPT] for name in ("emovlm_kd", "vlm_floor"))
         reports["emovlm_kd"]["derived"] = {TRIE_SHARE: ours - floor}
@@ -199,6 +248,18 @@ def main(argv=None):
             )
     rows.append(["**total**"] + [f"**{scale * reports[name]['total_s']:.{digits}f}**" for name in names])
     sections.append(markdown_table(["component (calls per run)"] + names, rows))
+    if replay is not None:
+        rows = [
+            [name, replay["tokens"][name], f"{replay['median_s'][name]:.3f}", " ".join(f"{t:.3f}" for t in times)]
+            for name, times in replay["times_s"].items()
+        ]
+        sections.append(
+            f"Language-model passes alone, replayed on the captured inputs ({clock_name} s, {args.replay_runs} "
+            "interleaved runs after 1 warm-up):\n\n"
+            + markdown_table(["pass", "tokens", "median s", "runs"], rows)
+            + f"\n\nThe trie tokens cost **{replay['trie_s']:.3f} s** per call (paired ratio of the passes "
+            f"{replay['ratio_paired']:.3f})."
+        )
     for name, operators in tops.items():
         sections.append(
             f"Top operators of `{name}` (self {'device' if device.type == 'cuda' else 'CPU'} ms, calls):\n\n"
@@ -226,6 +287,7 @@ def main(argv=None):
             "reference_generated_tokens": contenders.answer_tokens,
         },
         "reports": reports,
+        "language_model_replay": replay,
     }
     (args.output_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(markdown)

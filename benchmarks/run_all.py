@@ -204,11 +204,12 @@ def headline(results: dict) -> str:
     ]
     if training is not None:
         cached, reference = training["cached"], training["reference"]
+        caching = training.get("feature_caching_images_per_s")
         lines.append(
             f"Training stages 3 + 4 on {training['settings']['num_images']} images: cached "
             f"{cached['total_s']:.1f} s vs the reference's per-sample loops {reference['total_s']:.0f} s "
-            f"(**{training['ratio_reference_over_cached']:.0f}×**); feature caching "
-            f"**{training.get('feature_caching_images_per_s', float('nan')):.2f} images/s**."
+            f"(**{training['ratio_reference_over_cached']:.0f}×**)"
+            + (f"; feature caching **{caching:.2f} images/s**." if caching else ".")
         )
     return "\n\n".join(lines) + "\n"
 

@@ -224,7 +224,7 @@ def test_reference_pipeline_shares_weights_and_parses_like_the_paper():
 
 def test_profile_splits_the_time_into_components(tmp_path):
     argv = QUICK + ["--image-size", "56", "--top", "2", "--contenders", "emovlm_kd", "vlm_floor", "reference"]
-    reports = profile_contenders.main(argv + ["--output-dir", str(tmp_path), "--tag", "smoke"])
+    reports = profile_contenders.main(argv + ["--replay-runs", "2", "--output-dir", str(tmp_path), "--tag", "smoke"])
     markdown = (tmp_path / "profile_smoke_56x56px_batch1.md").read_text()
     for report in reports.values():
         components = report["components"]
@@ -237,6 +237,13 @@ def test_profile_splits_the_time_into_components(tmp_path):
     lm = profile_contenders.LM_PROMPT
     assert trie == pytest.approx(reports["emovlm_kd"]["components"][lm] - reports["vlm_floor"]["components"][lm])
     assert "Top operators of `emovlm_kd`" in markdown and profile_contenders.TRIE_SHARE in markdown
+    replay = json.loads((tmp_path / "profile_smoke_56x56px_batch1.json").read_text())["language_model_replay"]
+    ours, floor = replay["tokens"].values()
+    assert ours - floor == 27  # the trie's inner nodes: 35 answer tokens less the 8 end-of-turn leaves
+    assert replay["trie_s"] == pytest.approx(
+        replay["median_s"]["prompt + trie (emovlm_kd)"] - replay["median_s"]["prompt only (floor)"]
+    )
+    assert "The trie tokens cost" in markdown
 
 
 def test_the_papers_image_cap():
