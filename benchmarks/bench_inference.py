@@ -435,6 +435,7 @@ def _mark(passed) -> str:
 MEMORY_NOTES = {
     "subprocess": "a process per contender",
     "inline": "measured during the timed calls (their maximum)",
+    "skip": "not measured in this run",
 }
 
 

@@ -466,9 +466,9 @@ def write_results(result: dict, to_markdown, output_dir: Path, name: str) -> tup
     """Write `<name>.json` and `<name>.md` (from `to_markdown(result)`) into `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
-    markdown = to_markdown(result).rstrip() + "\n"
     json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")  # first: a report bug must not lose a long run
+    markdown = to_markdown(result).rstrip() + "\n"
     md_path.write_text(markdown)
     return json_path, md_path, markdown
 

@@ -113,15 +113,19 @@ def test_inference_benchmark_reports_every_contender_ratio_and_memory(tmp_path):
         assert name in markdown
 
 
-def test_inline_memory_and_contender_subset(tmp_path):
+@pytest.mark.parametrize("memory", ["inline", "skip"])
+def test_inline_or_no_memory_and_contender_subset(tmp_path, memory):
     argv = QUICK + ["--image-sizes", "56", "--batch-sizes", "1", "--contenders", "emovlm_kd", "vlm_floor"]
-    argv += ["--memory", "inline", "--output-dir", str(tmp_path), "--tag", "inline"]
+    argv += ["--memory", memory, "--output-dir", str(tmp_path), "--tag", memory]
     bench_inference.main(argv)
-    result, markdown = _read(tmp_path, "inference_inline")
+    result, markdown = _read(tmp_path, f"inference_{memory}")
     (row,) = result["results"]
     assert set(row["contenders"]) == {"emovlm_kd", "vlm_floor"} and "reference_over_emovlm_kd" not in row["ratios"]
-    assert row["memory"]["emovlm_kd"]["weights_mib"] > row["memory"]["vlm_floor"]["weights_mib"] > 0
-    assert "measured during the timed calls" in markdown
+    if memory == "inline":
+        assert row["memory"]["emovlm_kd"]["weights_mib"] > row["memory"]["vlm_floor"]["weights_mib"] > 0
+        assert "measured during the timed calls" in markdown
+    else:
+        assert "memory" not in row and "not measured in this run" in markdown
 
 
 def test_training_benchmark_extrapolates_the_reference_epochs(tmp_path):
