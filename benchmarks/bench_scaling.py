@@ -94,6 +94,8 @@ def measure(model, image_processor, batch_size, args, device, dtype, progress) -
 def to_markdown(result: dict) -> str:
     settings = result["settings"]
     size = settings["image_size"]
+    # results written before image sizes had a width and a height predate the cap
+    resized = "" if isinstance(size, int) else " after the 1024-px cap and the Qwen2-VL resize"
     size = size_name((size, size) if isinstance(size, int) else size)
 
     def cells(row):
@@ -109,8 +111,7 @@ def to_markdown(result: dict) -> str:
             "### Scaling",
             machine_line(result["machine"]),
             model_line(result["model"], settings["dtype"]),
-            f"Images of {size} ({result['batch_sweep'][0]['image_tokens']} image tokens after the 1024-px cap and the "
-            "Qwen2-VL resize). Times: "
+            f"Images of {size} ({result['batch_sweep'][0]['image_tokens']} image tokens{resized}). Times: "
             f"{clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} interleaved runs "
             f"after {settings['warmup']} warm-up. Batch sweep with 8 classes:",
             markdown_table(["batch", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"], batch_rows),
