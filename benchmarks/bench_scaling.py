@@ -8,7 +8,8 @@
 Both contenders share the VLM weights and the inputs; medians of `--runs` interleaved rounds after `--warmup`.
 
     python benchmarks/bench_scaling.py                 # ~1-2 minutes on 2 CPU cores
-    python benchmarks/bench_scaling.py --device cuda --dtype bfloat16 --batch-sizes 1 8 32 128
+    python benchmarks/bench_scaling.py --preset qwen2-vl-7b --device cuda --dtype bfloat16 --image-size 500x375 \
+        --batch-sizes 1 2 4 8 16 32
 """
 
 import argparse
@@ -20,9 +21,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
-    ModelSpec,
     add_common_arguments,
     build_vlm,
+    cap_images,
     check_arguments,
     clock_note,
     count_parameters,
@@ -32,7 +33,9 @@ from bench_utils import (  # noqa: E402
     markdown_table,
     model_line,
     paired_ratio,
+    parse_image_size,
     setup,
+    size_name,
     spec_dict,
     summarize,
     synthetic_images,
@@ -48,7 +51,7 @@ FLOOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=parse_image_size, default=(224, 224), help="WIDTHxHEIGHT or SIDE")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--class-counts", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--class-sweep-batch-size", type=int, default=8)
@@ -66,7 +69,7 @@ def parse_args(argv=None):
 
 def measure(model, image_processor, batch_size, args, device, dtype, progress) -> dict:
     images = synthetic_images(batch_size, args.image_size, seed=args.seed + batch_size)
-    inputs = to_device(image_processor(images), device, dtype)
+    inputs = to_device(image_processor(cap_images(images, image_processor)[0]), device, dtype)
     floor_inputs = {key: inputs[key] for key in FLOOR_INPUTS}
     contenders = {
         "emovlm_kd": lambda: model(**inputs),
@@ -89,9 +92,11 @@ def measure(model, image_processor, batch_size, args, device, dtype, progress) -
 
 
 def to_markdown(result: dict) -> str:
-    model = dict(result["model"])
-    preset, parameters = model.pop("preset"), model.pop("parameters")
     settings = result["settings"]
+    size = settings["image_size"]
+    # results written before image sizes had a width and a height predate the cap
+    resized = "" if isinstance(size, int) else " after the 1024-px cap and the Qwen2-VL resize"
+    size = size_name((size, size) if isinstance(size, int) else size)
 
     def cells(row):
         ours, floor = row["contenders"]["emovlm_kd"], row["contenders"]["vlm_floor"]
@@ -105,8 +110,8 @@ def to_markdown(result: dict) -> str:
         [
             "### Scaling",
             machine_line(result["machine"]),
-            model_line(ModelSpec(**model), preset, parameters, settings["dtype"]),
-            f"Images of {settings['image_size']}² ({result['batch_sweep'][0]['image_tokens']} image tokens). Times: "
+            model_line(result["model"], settings["dtype"]),
+            f"Images of {size} ({result['batch_sweep'][0]['image_tokens']} image tokens{resized}). Times: "
             f"{clock_note(settings['clock'], settings['threads'])}, median of {settings['runs']} interleaved runs "
             f"after {settings['warmup']} warm-up. Batch sweep with 8 classes:",
             markdown_table(["batch", "emovlm_kd ms / image", "floor ms / image", "emovlm_kd / floor"], batch_rows),
@@ -131,12 +136,10 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype, spec, preset, tag = setup(args)
     machine = machine_info(device)
-    vlm, processor = build_vlm(spec, args.image_size, args.seed)
-    vlm = vlm.to(device=device, dtype=dtype)
+    vlm, processor = build_vlm(spec, device, dtype, args.seed)
     models = {}  # one EmoVLM-KD per label set, all around the same VLM
     for count in sorted(set(args.class_counts) | {8}):
-        model, image_processor = wrap_vlm(vlm, processor, labels_for(count), spec, args.seed)
-        models[count] = (model.to(device=device, dtype=dtype), image_processor)
+        models[count] = wrap_vlm(vlm, processor, labels_for(count), args.seed)
 
     calls = 2 * (args.warmup + args.runs) * (len(args.batch_sizes) + len(args.class_counts))
     with tqdm(total=calls, desc="scaling", unit="call") as progress:
@@ -153,7 +156,7 @@ def main(argv=None):
             "dtype": args.dtype,
             "threads": args.threads,
             "clock": args.clock,
-            "image_size": args.image_size,
+            "image_size": list(args.image_size),
             "runs": args.runs,
             "warmup": args.warmup,
             "class_sweep_batch_size": args.class_sweep_batch_size,

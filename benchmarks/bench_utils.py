@@ -1,8 +1,14 @@
-"""Shared pieces of the benchmarks: the benchmark model, synthetic inputs, interleaved timing, memory, reports.
+"""Shared pieces of the benchmarks: the benchmark model, inputs, interleaved timing, memory, reports.
 
-Every contender of a benchmark runs on the same weights: the VLM is a random-init Qwen2-VL-architecture model built
-offline by `emovlm_kd.tiny` from a fixed seed, sized by a preset (`cpu`: one batch-8 forward in ~50-500 ms on a
-2-core CPU; `gpu`: a ~0.6B-parameter model for an accelerator).
+Every contender of a benchmark runs on the same weights: a random-init Qwen2-VL-architecture VLM built offline from a
+fixed seed, sized by a preset. `cpu` and `gpu` are small models built by `emovlm_kd.tiny` (one batch-8 forward in
+~50-500 ms on a 2-core CPU; ~0.6B parameters for an accelerator); `qwen2-vl-2b` and `qwen2-vl-7b` have the published
+architecture of Qwen2-VL-2B/7B-Instruct (`emovlm_kd.architectures`), vocabulary size included, so they cost what the
+real checkpoints cost. Text is tokenised by the offline tiny tokenizer in every preset (ids below its ~500 entries;
+the model's embedding and LM head keep the preset's full vocabulary).
+
+Images go through the real Qwen2-VL processor settings (the checkpoints' min/max pixels) after the paper's cap of
+the longest side at 1024 px (`cap_longest_side`).
 """
 
 import ctypes
@@ -21,7 +27,9 @@ import torch
 from PIL import Image
 
 from emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDImageProcessor
+from emovlm_kd.architectures import ARCHITECTURES, QWEN2_VL_IMAGE_LIMITS, Qwen2VLArchitecture, build_architecture_vlm
 from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
+from image_processing_emovlm_kd import limit_longest_side
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -35,6 +43,10 @@ MANY_EMOTIONS = (
     "relief, romance, sadness, satisfaction, surprise, contentment, pride, gratitude, hope, loneliness, serenity"
 ).split(", ")
 BINARY_LABELS = ["negative", "positive"]
+# The paper's distilled head: Linear(d -> 1024) - GELU - Dropout - Linear(1024 -> C).
+HEAD_HIDDEN = 1024
+# The reference code caps the longest image side at 1024 px (LANCZOS) before the VLM processor (data_utils.py).
+PAPER_MAX_IMAGE_SIDE = 1024
 
 
 def labels_for(num_classes: int) -> list[str]:
@@ -50,7 +62,7 @@ def labels_for(num_classes: int) -> list[str]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of the random-init Qwen2-VL-architecture VLM (arguments of `emovlm_kd.tiny.build_tiny_vlm`)."""
+    """Shape of a small random-init Qwen2-VL-architecture VLM (arguments of `emovlm_kd.tiny.build_tiny_vlm`)."""
 
     hidden_size: int
     num_layers: int
@@ -58,18 +70,58 @@ class ModelSpec:
     num_kv_heads: int
     vision_dim: int
     vision_depth: int
-    head_hidden: int = 1024  # the paper's head: Linear(d -> 1024) - GELU - Dropout - Linear(1024 -> C)
+    head_hidden: int = HEAD_HIDDEN
+
+    def summary(self) -> str:
+        return (
+            f"Qwen2-VL architecture, text {self.hidden_size} x {self.num_layers} layers (GQA "
+            f"{self.num_heads}/{self.num_kv_heads} heads), vision {self.vision_dim} x {self.vision_depth} blocks"
+        )
 
 
 MODEL_PRESETS = {
     "cpu": ModelSpec(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2, vision_dim=256, vision_depth=4),
     "gpu": ModelSpec(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, vision_dim=512, vision_depth=16),
+    **ARCHITECTURES,
 }
+
+
+def is_real_scale(preset: str) -> bool:
+    """Whether a preset has a published checkpoint's architecture (as opposed to a small test model)."""
+    return isinstance(MODEL_PRESETS[preset], Qwen2VLArchitecture)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """`"500x375"` -> (500, 375); `"224"` -> (224, 224). An argparse type."""
+    import argparse
+
+    try:
+        parts = [int(part) for part in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"image size must be WIDTHxHEIGHT or SIDE (e.g. 500x375, 224), got {text!r}")
+    return parts[0], parts[1]
+
+
+def size_name(size) -> str:
+    width, height = size
+    return f"{width}²" if width == height else f"{width}×{height}"
+
+
+def size_key(size) -> str:
+    return "x".join(map(str, size))
 
 
 def add_common_arguments(parser):
     parser.add_argument(
-        "--preset", choices=sorted(MODEL_PRESETS), default=None, help="model size (default: cpu, or gpu on cuda)"
+        "--preset",
+        choices=list(MODEL_PRESETS),
+        default=None,
+        help="model: small test models (cpu, gpu) or a published architecture (qwen2-vl-2b, qwen2-vl-7b); default: "
+        "cpu, or gpu on cuda",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -96,19 +148,28 @@ def check_arguments(parser, args, image_sizes=(), counts=()) -> None:
             f"need --runs >= 1, --warmup >= 0, --threads >= 1; got {args.runs}, {args.warmup}, {args.threads}"
         )
     for option, size in image_sizes:
-        if size < 56:
-            parser.error(f"{option} must be at least 56 (Qwen2-VL's smallest image side), got {size}")
+        if min(size) < 56:
+            parser.error(f"{option} sides must be at least 56 (Qwen2-VL's smallest image side), got {size_key(size)}")
     for option, count in counts:
         if count < 1:
             parser.error(f"{option} must be at least 1, got {count}")
 
 
+def require_device(device) -> torch.device:
+    """The device, or a clear exit when CUDA is asked for and absent (before anything is built)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda was given but no CUDA GPU is available on this machine (torch.cuda.is_available() is "
+            "False); run on a GPU machine, or use --device cpu"
+        )
+    return device
+
+
 def setup(args):
     """Apply the thread count and the device-dependent defaults: `(device, dtype, spec, preset name, result tag)`."""
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was given but CUDA is not available on this machine")
+    device = require_device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     tag = args.tag or device.type
     if device.type == "cuda" and args.clock == "cpu":
@@ -116,15 +177,15 @@ def setup(args):
     return device, getattr(torch, args.dtype), MODEL_PRESETS[preset], preset, tag
 
 
-# ---------------------------------------------------------------------------------------------------- model and data
-def image_processor_size(image_size: int) -> dict:
-    """Qwen2-VL resizer bounds so a square `image_size` image keeps its size: (image_size / 28)^2 image tokens."""
-    return {"min_pixels": 56 * 56, "max_pixels": image_size * image_size}
+def build_vlm(spec, device="cpu", dtype=torch.float32, seed: int = 0):
+    """(vlm, vlm_processor) on `device` in `dtype`: the same weights for every call with the same spec and seed.
 
-
-def build_vlm(spec: ModelSpec, image_size: int, seed: int = 0):
-    """(vlm, vlm_processor): the same weights for every call with the same spec and seed."""
-    processor = build_tiny_vlm_processor(**image_processor_size(image_size))
+    The processor has the Qwen2-VL checkpoints' image limits (an image keeps its size, rounded to 28 px, up to
+    12.8 MP); the paper's 1024-px cap is applied before it (`cap_images`).
+    """
+    processor = build_tiny_vlm_processor(**QWEN2_VL_IMAGE_LIMITS)
+    if isinstance(spec, Qwen2VLArchitecture):
+        return build_architecture_vlm(spec, processor, device=device, dtype=dtype, seed=seed), processor
     vlm = build_tiny_vlm(
         processor,
         hidden_size=spec.hidden_size,
@@ -135,22 +196,24 @@ def build_vlm(spec: ModelSpec, image_size: int, seed: int = 0):
         vision_depth=spec.vision_depth,
         seed=seed,
     )
-    return vlm, processor
+    return vlm.to(device=device, dtype=dtype), processor
 
 
-def wrap_vlm(vlm, processor, labels: list[str], spec: ModelSpec, seed: int = 0):
-    """(model, image_processor): EmoVLM-KD around `vlm` with the paper's head and the default gate."""
+def wrap_vlm(vlm, processor, labels: list[str], seed: int = 0):
+    """(model, image_processor): EmoVLM-KD around `vlm` with the paper's head and the default gate (on its device,
+    in its dtype)."""
     torch.manual_seed(seed)
-    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, labels, head_hidden_sizes=[spec.head_hidden])
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, labels, head_hidden_sizes=[HEAD_HIDDEN])
+    model.to(dtype=next(vlm.parameters()).dtype)
     image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)
     return model.eval(), image_processor
 
 
-def build_model(spec: ModelSpec, image_size: int, labels: list[str], device, dtype, seed: int = 0):
+def build_model(spec, labels: list[str], device, dtype, seed: int = 0):
     """(model, image_processor, vlm_processor) on `device` in `dtype`."""
-    vlm, processor = build_vlm(spec, image_size, seed)
-    model, image_processor = wrap_vlm(vlm, processor, labels, spec, seed)
-    return model.to(device=device, dtype=dtype), image_processor, processor
+    vlm, processor = build_vlm(spec, device, dtype, seed)
+    model, image_processor = wrap_vlm(vlm, processor, labels, seed)
+    return model, image_processor, processor
 
 
 def realistic_answer_length(model) -> int:
@@ -159,10 +222,28 @@ def realistic_answer_length(model) -> int:
     return len(config.answer_token_ids[config.label2id[LONGEST_ANSWER_LABEL]])
 
 
-def synthetic_images(count: int, image_size: int, seed: int = 0) -> list[Image.Image]:
-    """Deterministic RGB noise images of `image_size` x `image_size` (content does not matter to random weights)."""
+def synthetic_images(count: int, size, seed: int = 0) -> list[Image.Image]:
+    """Deterministic RGB noise images of `size` = (width, height) or a side (content does not matter to random
+    weights)."""
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(count)]
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def cap_longest_side(image: Image.Image, max_side: int = PAPER_MAX_IMAGE_SIDE) -> Image.Image:
+    """The paper's cap (the reference's `resize_image`), as the package applies it: `limit_longest_side`."""
+    return limit_longest_side(image, max_side)
+
+
+def cap_images(images, image_processor) -> tuple[list[Image.Image], str]:
+    """The paper's 1024-px cap before this model's image processor: `(images, who applied it)`.
+
+    Until `EmoVLMKDImageProcessor` caps images itself (its `max_image_side` attribute), the benchmark applies the
+    same cap here, so that both contenders see the images the paper's pipeline sees.
+    """
+    if getattr(image_processor, "max_image_side", None):
+        return list(images), f"EmoVLMKDImageProcessor(max_image_side={image_processor.max_image_side})"
+    return [cap_longest_side(image) for image in images], f"benchmark (cap_longest_side, {PAPER_MAX_IMAGE_SIDE} px)"
 
 
 def to_device(batch, device, dtype) -> dict:
@@ -179,31 +260,40 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# ---------------------------------------------------------------------------------------------------- timing
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_interleaved(contenders: dict, runs: int, warmup: int, device="cpu", progress=None) -> dict[str, dict]:
+def time_interleaved(
+    contenders: dict, runs: int, warmup: int, device="cpu", progress=None, memory_probe=None
+) -> dict[str, dict]:
     """Wall-clock and process CPU seconds of every call of every contender: `{name: {"wall": [...], "cpu": [...]}}`.
 
     `runs` rounds follow `warmup` untimed rounds. Contenders run round-robin (the order rotating each round) instead
     of one after the other, so slow periods of a shared machine hit all of them alike and their ratios stay meaningful.
+    With a `MemoryProbe`, each timed call's peak memory growth (MiB) is also recorded, under `"peak_mib"`, measured
+    outside the clocks.
     """
     names = list(contenders)
-    times = {name: {"wall": [], "cpu": []} for name in names}
+    times = {name: {"wall": [], "cpu": [], "peak_mib": []} for name in names}
     for round_index in range(warmup + runs):
         shift = round_index % len(names)
+        timed = round_index >= warmup
         for name in names[shift:] + names[:shift]:
+            if timed and memory_probe is not None:
+                before = memory_probe.current_mib()
+                memory_probe.reset_peak()
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             contenders[name]()
             synchronize(device)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            if round_index >= warmup:
+            if timed:
                 times[name]["wall"].append(wall)
                 times[name]["cpu"].append(cpu)
+                if memory_probe is not None:
+                    times[name]["peak_mib"].append(max(memory_probe.peak_mib() - before, 0.0))
             if progress is not None:
                 progress.update(1)
     return times
@@ -232,7 +322,8 @@ class Stopwatch:
 def summarize(times: dict, images: int, clock: str) -> dict:
     """Median / min / max of both clocks; `median_s`, `images_per_s` and `ms_per_image` follow `clock`."""
     stats = {}
-    for name, values in times.items():
+    for name in ("wall", "cpu"):
+        values = times[name]
         stats[name] = {
             "median_s": statistics.median(values),
             "min_s": min(values),
@@ -265,7 +356,6 @@ def clock_note(clock: str, threads: int) -> str:
     return f"wall-clock time with {_threads(threads)}"
 
 
-# ---------------------------------------------------------------------------------------------------- memory
 _LIBC = None
 
 
@@ -325,7 +415,6 @@ class MemoryProbe:
         return _proc_status_kib("VmHWM") / 1024
 
 
-# ---------------------------------------------------------------------------------------------------- reports
 def machine_info(device) -> dict:
     cpu_model = platform.processor() or "unknown"
     try:
@@ -370,9 +459,9 @@ def write_results(result: dict, to_markdown, output_dir: Path, name: str) -> tup
     """Write `<name>.json` and `<name>.md` (from `to_markdown(result)`) into `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
-    markdown = to_markdown(result).rstrip() + "\n"
     json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")  # first: a report bug must not lose a long run
+    markdown = to_markdown(result).rstrip() + "\n"
     md_path.write_text(markdown)
     return json_path, md_path, markdown
 
@@ -401,18 +490,21 @@ def machine_line(machine: dict) -> str:
     )
 
 
-def model_line(spec: ModelSpec, preset: str, parameters: int, dtype) -> str:
+def model_line(model: dict, dtype) -> str:
+    """The model sentence of a report, from a result's `model` entry (`spec_dict` plus `parameters`)."""
+    description = model.get("description")
+    if description is None:  # results written before the descriptions were stored
+        fields = {key: value for key, value in model.items() if key in ModelSpec.__dataclass_fields__}
+        description = ModelSpec(**fields).summary()
     return (
-        f"Model ({preset} preset, random init, {parameters / 1e6:.1f}M parameters, "
-        f"{str(dtype).replace('torch.', '')}): "
-        f"Qwen2-VL architecture, text {spec.hidden_size} x {spec.num_layers} layers "
-        f"(GQA {spec.num_heads}/{spec.num_kv_heads} heads), vision {spec.vision_dim} x {spec.vision_depth} blocks, "
-        f"head {spec.hidden_size}->{spec.head_hidden}->C, concat-linear gate."
+        f"Model ({model['preset']} preset, random init, {model['parameters'] / 1e6:,.1f}M parameters, "
+        f"{str(dtype).replace('torch.', '')}): {description}; head {model['hidden_size']}->"
+        f"{model.get('head_hidden', HEAD_HIDDEN)}->C, concat-linear gate."
     )
 
 
-def spec_dict(spec: ModelSpec, preset: str) -> dict:
-    return {"preset": preset, **asdict(spec)}
+def spec_dict(spec, preset: str) -> dict:
+    return {"preset": preset, **asdict(spec), "head_hidden": HEAD_HIDDEN, "description": spec.summary()}
 
 
 def module_bytes(*modules) -> int:

@@ -1,7 +1,8 @@
 """The paper's public inference path, re-implemented on the benchmark's weights: the baseline to beat.
 
 What the reference code (github.com/sange1104/EmoVLM-KD, `train_gate.py` / `distill_model.py`) does per image:
-  1. builds the chat prompt with the image through the VLM processor;
+  1. caps the image's longest side at 1024 px (LANCZOS; `data_utils.resize_image`) and builds the chat prompt with
+     the image through the VLM processor;
   2. *generates* the answer with sampling (`do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256`),
      decodes it, finds `{'emotion': '...'}` with a regular expression and turns the label into a one-hot vector
      (all zeros when the answer names no class);
@@ -15,6 +16,7 @@ contender shares the weights.
 import copy
 
 import torch
+from bench_utils import cap_longest_side
 
 # The reference's parse (the first `{'emotion':\s*'...'}` in the text, its label must be a class), as the model's
 # `"generate"` mode applies it.
@@ -59,10 +61,11 @@ class ReferencePipeline:
         }
 
     def prepare(self, images, device=None, dtype=None) -> list[dict]:
-        """Per-image VLM inputs, built as the reference builds them (chat template + processor, batch of one)."""
+        """Per-image VLM inputs, built as the reference builds them (1024-px cap, chat template + processor, batch of
+        one)."""
         prepared = []
         for image in images:
-            inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+            inputs = self.processor(text=[self.prompt], images=[cap_longest_side(image)], return_tensors="pt")
             inputs = {
                 key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
                 for key, value in inputs.items()

@@ -24,6 +24,7 @@ LAYERS = {
     "testing": 1,
     "arguments": 1,
     "openai_chat": 1,
+    "architectures": 1,
     "checkpoints": 2,
     "training": 2,
     "cache": 2,
