@@ -132,6 +132,15 @@ def dataset(tmp_path):
     return root, images, digests
 
 
+@pytest.fixture(autouse=True)
+def hub_requests_allowed(monkeypatch):
+    """huggingface_hub refuses every request in offline mode, also to a loopback server; conftest's socket guard
+    still keeps the tests off the network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def stage_args(root, run_dir, base_url, **overrides):
     argv = [
         "--data-dir", str(root), "--run-dir", str(run_dir), "--base-url", base_url, "--model", "fake-vision",
