@@ -63,7 +63,9 @@ class RunArguments:
         default=None,
         metadata={"help": "Validation split of a --dataset (default: validation or val; else held out of train)"},
     )
-    test_split: str | None = field(default=None, metadata={"help": "Test split of a --dataset (default: test, if any)"})
+    test_split: str | None = field(
+        default=None, metadata={"help": "Test split of a --dataset (default: test, if any)"}
+    )
     val_fraction: float = field(
         default=0.1, metadata={"help": "Share of train held out (stratified) as val when there is no val/"}
     )

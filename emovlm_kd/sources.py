@@ -250,7 +250,8 @@ def source_files(location: str) -> list[Path]:
     formats = {FILE_FORMATS.get(p.suffix) for p in files}
     if not files or None in formats or len(formats) > 1:
         raise DataError(
-            f"Dataset {location!r} must name parquet or arrow files, all of one format; found {[str(p) for p in files]}"
+            f"Dataset {location!r} must name parquet or arrow files, all of one format; found "
+            f"{[str(path) for path in files]}"
         )
     return files
 

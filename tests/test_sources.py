@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from emovlm_kd.arguments import RunArguments
 from emovlm_kd.run_dir import DataError
@@ -144,7 +144,10 @@ TRAINING = {"train_split": "training"}
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({**TRAINING, "image_column": "picture"}, r"has 0 `ClassLabel` columns \[\]: name the one to use with --label-co"),
+        (
+            {**TRAINING, "image_column": "picture"},
+            r"has 0 `ClassLabel` columns \[\]: name the one to use with --label-co",
+        ),
         ({**TRAINING, "label_column": "emotion"}, r"has 2 `Image` columns \['picture', 'thumbnail'\]: name the one"),
         ({**TRAINING, "image_column": "photo", "label_column": "emotion"}, r"no column 'photo' \(--image-column\)"),
         ({**TRAINING, "image_column": "picture", "label_column": "mood"}, r"no column 'mood' \(--label-column\)"),

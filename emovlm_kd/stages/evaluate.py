@@ -98,9 +98,7 @@ def run(run_args, args: EvaluateArguments) -> dict:
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
-        raise DataError(
-            f"None of the splits {args.splits} exists in {data.root!r} (found {list(data.splits)})"
-        )
+        raise DataError(f"None of the splits {args.splits} exists in {data.root!r} (found {list(data.splits)})")
 
     features = get_features(
         accelerator,
