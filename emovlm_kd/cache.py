@@ -28,17 +28,22 @@ CACHE_DIR = "cache"
 VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
 
 
-def vlm_identity(run_dir, vlm: str) -> dict:
-    """What identifies a VLM's weights cheaply: the run's stage-1 fingerprint, a folder's file stats, or a name."""
-    if Path(vlm).resolve() == stage_output(run_dir, "instruction_tuning").resolve():
-        return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
-    if os.path.isdir(vlm):
-        files = sorted(p for p in Path(vlm).iterdir() if p.is_file())
+def model_identity(model: str) -> dict:
+    """What identifies a model's weights cheaply: a folder's file stats, or a Hub name."""
+    if os.path.isdir(model):
+        files = sorted(p for p in Path(model).iterdir() if p.is_file())
         return {
-            "folder": str(Path(vlm).resolve()),
+            "folder": str(Path(model).resolve()),
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         }
-    return {"name": vlm}
+    return {"name": model}
+
+
+def vlm_identity(run_dir, vlm: str) -> dict:
+    """What identifies a VLM's weights cheaply: the run's stage-1 fingerprint, else `model_identity`."""
+    if Path(vlm).resolve() == stage_output(run_dir, "instruction_tuning").resolve():
+        return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
+    return model_identity(vlm)
 
 
 def vlm_feature_key(spec: dict, split_hash: str) -> str:
@@ -253,6 +258,7 @@ def get_features(
 __all__ = [
     "extract_features",
     "get_features",
+    "model_identity",
     "vlm_feature_key",
     "vlm_features",
     "vlm_identity",

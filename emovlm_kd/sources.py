@@ -194,20 +194,29 @@ def has_source(run_args) -> bool:
     return bool(run_args.data_dir or run_args.dataset)
 
 
-def detect_source(name: str) -> str:
-    """What `--dataset NAME` is: `imagefolder`, `disk` (save_to_disk), `files` (parquet/arrow) or `hub`."""
-    if glob.has_magic(name):
-        return "files"
+def dataset_kind(name: str) -> str | None:
+    """`disk` for a folder written by save_to_disk, `files` for parquet/arrow files (a file, a glob, a folder holding
+    some), else None."""
     path = Path(name)
-    if path.is_file():
-        if path.suffix in FILE_FORMATS:
-            return "files"
-        raise DataError(f"Dataset file {name!r} is not a parquet or arrow file ({sorted(FILE_FORMATS)})")
+    if glob.has_magic(name) or (path.is_file() and path.suffix in FILE_FORMATS):
+        return "files"
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "disk"
         if any(p.suffix in FILE_FORMATS for p in path.rglob("*") if p.is_file()):
             return "files"
+    return None
+
+
+def detect_source(name: str) -> str:
+    """What `--dataset NAME` is: `imagefolder`, `disk` (save_to_disk), `files` (parquet/arrow) or `hub`."""
+    kind = dataset_kind(name)
+    if kind is not None:
+        return kind
+    path = Path(name)
+    if path.is_file():
+        raise DataError(f"Dataset file {name!r} is not a parquet or arrow file ({sorted(FILE_FORMATS)})")
+    if path.is_dir():
         if (path / "train").is_dir():
             return "imagefolder"
         raise DataError(
@@ -422,38 +431,39 @@ def pick_splits(available: list[str], run_args, where: str) -> dict[str, str]:
     return chosen
 
 
-def _is_image_column(feature) -> bool:
+def pick_column(features, name: str | None, option: str, kind, described: str, where: str) -> str:
+    """The column `name` (a clear error when missing), else the one feature of type `kind`."""
+    columns = list(features)
+    if name is None:
+        found = [column for column, feature in features.items() if isinstance(feature, kind)]
+        if len(found) != 1:
+            raise DataError(
+                f"Dataset {where!r} has {len(found)} {described} columns {found}: name the one to use with {option} "
+                f"(columns: {columns})"
+            )
+        return found[0]
+    if name not in features:
+        raise DataError(f"Dataset {where!r} has no column {name!r} ({option}); its columns: {columns}")
+    return name
+
+
+def pick_image_column(features, name: str | None, where: str) -> str:
+    """The image column: the one named (`Image` feature, or file paths), else the one `Image` feature."""
     from datasets import Image as ImageFeature
 
-    paths = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
-    return paths or isinstance(feature, ImageFeature)
+    column = pick_column(features, name, "--image-column", ImageFeature, "`Image`", where)
+    paths = isinstance(features[column], Value) and features[column].dtype in ("string", "large_string")
+    if not (paths or isinstance(features[column], ImageFeature)):
+        raise DataError(f"Column {column!r} of {where!r} holds {features[column]}, not images or paths")
+    return column
 
 
 def pick_columns(source: DatasetDict, chosen: dict[str, str], run_args, where: str) -> tuple[str, str]:
     """The image and label columns: the ones named, else the one `Image` and the one `ClassLabel` feature."""
-    from datasets import Image as ImageFeature
-
     features = source[chosen["train"]].features
-    columns = list(features)
-
-    def pick(name: str | None, option: str, kind, described: str) -> str:
-        if name is None:
-            found = [column for column, feature in features.items() if isinstance(feature, kind)]
-            if len(found) != 1:
-                raise DataError(
-                    f"Dataset {where!r} has {len(found)} {described} columns {found}: name the one to use with "
-                    f"{option} (columns: {columns})"
-                )
-            return found[0]
-        if name not in features:
-            raise DataError(f"Dataset {where!r} has no column {name!r} ({option}); its columns: {columns}")
-        return name
-
-    image_column = pick(run_args.image_column, "--image-column", ImageFeature, "`Image`")
-    if not _is_image_column(features[image_column]):
-        raise DataError(f"Column {image_column!r} of {where!r} holds {features[image_column]}, not images or paths")
-    label_column = pick(run_args.label_column, "--label-column", ClassLabel, "`ClassLabel`")
-    for split, name in chosen.items():
+    image_column = pick_image_column(features, run_args.image_column, where)
+    label_column = pick_column(features, run_args.label_column, "--label-column", ClassLabel, "`ClassLabel`", where)
+    for name in chosen.values():
         missing = [column for column in (image_column, label_column) if column not in source[name].features]
         if missing:
             raise DataError(
@@ -487,13 +497,16 @@ __all__ = [
     "SourceData",
     "SplitImages",
     "WEB_IMAGE_FORMATS",
+    "dataset_kind",
     "decode_image",
     "detect_source",
     "has_source",
     "label_names",
     "load_source",
     "open_source",
+    "pick_column",
     "pick_columns",
+    "pick_image_column",
     "pick_splits",
     "source_files",
     "source_hash",

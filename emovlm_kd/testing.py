@@ -70,7 +70,7 @@ def imagefolder_to_dataset(root: str | os.PathLike):
 
     root = Path(root)
     listed = {split: _list_split(root / split)[0] for split in SPLITS if (root / split).is_dir()}
-    class_names = sorted(listed["train"])
+    class_names = sorted(next(iter(listed.values())))
     features = Features({"image": Image(), "label": ClassLabel(names=class_names)})
     splits = {}
     for split, images in listed.items():
@@ -110,6 +110,27 @@ def tiny_run_all_argv(
     return argv + (["--set", *settings] if settings else [])
 
 
+def launch_two_processes(script: str | os.PathLike, argv: list[str], log: str | os.PathLike, timeout: float = 600):
+    """Run `script argv` as two CPU processes under `accelerate launch` (a subprocess; output to `log`).
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up; two CPU
+    processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true` (what `--cpu` sets), i.e.
+    `--multi_gpu` on a machine without GPUs, and Accelerate then runs them as MULTI_CPU over gloo.
+    """
+    import subprocess
+    import sys
+
+    repo_root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1", str(script), *argv]
+    with open(log, "w") as output:
+        result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"accelerate launch failed ({result.returncode}):\n{Path(log).read_text()[-5000:]}")
+
+
 def make_images() -> list[Image.Image]:
     """A few images of different sizes and modes."""
     return [
@@ -126,6 +147,7 @@ __all__ = [
     "EMOTIONS_8",
     "add_bad_images",
     "imagefolder_to_dataset",
+    "launch_two_processes",
     "make_image",
     "make_imagefolder",
     "make_images",

@@ -31,6 +31,7 @@ LAYERS = {
     "artifacts": 2,
     "model_card": 2,
     "cli": 2,
+    "predict": 2,
     "stages": 3,
 }
 
