@@ -7,6 +7,9 @@
 `load_imagefolder` lists them into a `datasets.DatasetDict` (columns `image_path`: str, `label`: `ClassLabel`),
 decoding nothing but a one-off readability check: unreadable images are listed in `ImageFolderData.bad_images`
 with the reason, logged, and left out of the splits.
+
+`ImageData` is what every stage reads, whatever the source (`emovlm_kd.sources` adds every `datasets` source): the
+image of row `i` of a split, its stored bytes and a stable key of the row.
 """
 
 import collections
