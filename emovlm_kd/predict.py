@@ -13,8 +13,8 @@ it stopped (finished shards are not recomputed), and N processes write the same 
 be read is reported and gets a row with its `error` and no prediction; the run goes on.
 
 The output loads with `datasets.load_dataset("parquet", data_files="OUTPUT_DIR/*.parquet", split="train")`, one row
-per input in input order: `index`, `input` (the file path, or `<split>[<row>]`), `label` and `score` (the fused prediction),
-`probabilities` (the fused probability of every class), `vlm_probabilities` (the VLM branch's) and
+per input in input order: `index`, `input` (the file path, or `<split>[<row>]`), `label` and `score` (the fused
+prediction), `probabilities` (the fused probability of every class), `vlm_probabilities` (the VLM branch's) and
 `head_probabilities` (the distilled head's), and `error`. `<output_dir>/predictions.json` records the model, the
 inputs and the settings (a rerun with others is refused) and, when complete, the counts and images/s.
 """

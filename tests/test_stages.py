@@ -154,7 +154,8 @@ def test_widget_examples_hold_the_exported_models_outputs(pipeline, dataset, tmp
     chosen = dataset / "test" / "positive" / "positive_001.png"
     export.run(*stage_args(export, dataset, run_copy, "--widget-image", str(chosen)))
     widget = yaml.safe_load((run_copy / "model" / "README.md").read_text().split("---")[1])["widget"]
-    assert [(entry["src"], entry["example_title"]) for entry in widget] == [("widget/positive_001.png", "positive_001")]
+    titled = [(entry["src"], entry["example_title"]) for entry in widget]
+    assert titled == [("widget/positive_001.png", "positive_001")]
     export.run(*stage_args(export, dataset, run_copy, "--widget-images", "0"))
     assert "widget" not in yaml.safe_load((run_copy / "model" / "README.md").read_text().split("---")[1])
     assert not (run_copy / "model" / "widget").exists()
