@@ -294,6 +294,9 @@ def run(run_args, args: ExportArguments) -> dict:
     head_spec = read_head_spec(run_args.run_dir)
     if head_spec["class_names"] != read_class_names(run_args.run_dir):
         raise DataError(f"The head of {run_args.run_dir!r} was trained for other classes than the run's labels.json")
+    missing = [path for path in args.widget_image if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"--widget-image file(s) not found: {missing}")
     wants_data = args.verify_images > 0 or (args.widget_images != 0 and not args.widget_image)
     data = None
     if wants_data and has_source(run_args):  # every process: loading data and features may synchronise them
