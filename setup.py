@@ -22,11 +22,10 @@ train = [
     "matplotlib",
     "pyyaml",
     "tqdm",
-    "httpx",
 ]
 qlora = ["bitsandbytes"]
 demo = ["gradio>=5"]
-tests = ["pytest", "selenium"] + train + demo
+tests = ["pytest", "selenium", "evaluate"] + train + demo
 
 setup(
     name="emovlm-kd",
@@ -42,4 +41,18 @@ setup(
     package_data={"emovlm_kd": ["repo_template/*", "repo_template/space/*", "recipes/*.yaml"]},
     install_requires=core,
     extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "all": tests},
+    entry_points={
+        "console_scripts": [
+            "emovlm-kd-train = emovlm_kd.cli:train_command",
+            "emovlm-kd-instruction-data = emovlm_kd.cli:instruction_data_command",
+            "emovlm-kd-instruction-tuning = emovlm_kd.cli:instruction_tuning_command",
+            "emovlm-kd-teacher = emovlm_kd.cli:teacher_command",
+            "emovlm-kd-distill = emovlm_kd.cli:distill_command",
+            "emovlm-kd-gate = emovlm_kd.cli:gate_command",
+            "emovlm-kd-evaluate = emovlm_kd.cli:evaluate_command",
+            "emovlm-kd-export = emovlm_kd.cli:export_command",
+            "emovlm-kd-predict = emovlm_kd.cli:predict_command",
+            "emovlm-kd-demo = emovlm_kd.cli:demo_command",
+        ]
+    },
 )

@@ -40,6 +40,32 @@ class RunArguments:
     data_dir: str | None = field(
         default=None, metadata={"help": "ImageFolder dataset: train/[val/]test/<class>/<image>"}
     )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Any `datasets` source instead of --data-dir: a Hub dataset id, a save_to_disk folder, parquet or "
+            "arrow files (a file, glob or folder), or an ImageFolder tree"
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset"})
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub dataset"}
+    )
+    image_column: str | None = field(
+        default=None, metadata={"help": "Image column of a --dataset (default: its one `Image` column)"}
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "Label column of a --dataset (default: its one `ClassLabel`; strings: sorted classes)"},
+    )
+    train_split: str = field(default="train", metadata={"help": "Training split of a --dataset"})
+    val_split: str | None = field(
+        default=None,
+        metadata={"help": "Validation split of a --dataset (default: validation or val; else held out of train)"},
+    )
+    test_split: str | None = field(
+        default=None, metadata={"help": "Test split of a --dataset (default: test, if any)"}
+    )
     val_fraction: float = field(
         default=0.1, metadata={"help": "Share of train held out (stratified) as val when there is no val/"}
     )
@@ -55,6 +81,8 @@ class RunArguments:
     def __post_init__(self):
         if not self.run_dir:
             raise ValueError("--run-dir is required: the run directory every stage reads and writes")
+        if self.data_dir and self.dataset:
+            raise ValueError(f"Pass --data-dir or --dataset, not both (got {self.data_dir!r} and {self.dataset!r})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 

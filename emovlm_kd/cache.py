@@ -9,6 +9,7 @@ on (which VLM / teacher and the run's stage fingerprint of it, prompt and answer
 model, teacher or dataset gets new files and an unchanged one reuses them across epochs, stages and re-runs.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.data import open_image_rgb
 from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
 from emovlm_kd.training import progress
 
@@ -30,15 +30,20 @@ CACHE_DIR = "cache"
 VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
 
 
+def model_identity(model: str) -> dict:
+    """What identifies a model's weights cheaply and wherever they lie: a folder's file names, sizes and sampled
+    contents, or a Hub name."""
+    if os.path.isdir(model):
+        files = sorted(p for p in Path(model).iterdir() if p.is_file())
+        return {"files": [[p.name, p.stat().st_size, _sampled_digest(p)] for p in files]}
+    return {"name": model}
+
+
 def vlm_identity(run_dir, vlm: str, instruction_tuned: bool = False) -> dict:
-    """What identifies a VLM's weights cheaply and wherever they lie: the run's stage-1 fingerprint, a folder's
-    file names, sizes and sampled contents, or a Hub name."""
+    """What identifies a VLM's weights: the run's stage-1 fingerprint, else `model_identity`."""
     if instruction_tuned:
         return {"instruction_tuned": read_complete(run_dir, "instruction_tuning")["fingerprint"]}
-    if os.path.isdir(vlm):
-        files = sorted(p for p in Path(vlm).iterdir() if p.is_file())
-        return {"files": [[p.name, p.stat().st_size, _sampled_digest(p)] for p in files]}
-    return {"name": vlm}
+    return model_identity(vlm)
 
 
 def _sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -99,15 +104,15 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, indices):
-        self.paths, self.indices = paths, indices
+    def __init__(self, image_of, indices):
+        self.image_of, self.indices = image_of, indices
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, position):
         index = self.indices[position]
-        return index, open_image_rgb(self.paths[index])
+        return index, self.image_of(index)
 
 
 class _Collate:
@@ -143,7 +148,8 @@ def vlm_features(model, inputs) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def extract_features(
     accelerator,
-    paths: list[str],
+    image_of,
+    num_images: int,
     model=None,
     image_processor=None,
     teacher=None,
@@ -152,11 +158,12 @@ def extract_features(
     num_workers: int = 0,
     desc: str = "Features",
 ) -> dict[str, torch.Tensor]:
-    """Features of every image in `paths` (in order), the work split across processes and gathered on all."""
-    with accelerator.split_between_processes(list(range(len(paths))), apply_padding=True) as shard:
+    """Features of the images `image_of(0)`, ..., `image_of(num_images - 1)` (decoded RGB images, e.g. a split of
+    the run's data), in order; the work is split across processes and gathered on all."""
+    with accelerator.split_between_processes(list(range(num_images)), apply_padding=True) as shard:
         shard = list(shard)
     loader = torch.utils.data.DataLoader(
-        _Images(paths, shard),
+        _Images(image_of, shard),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_Collate(image_processor if model is not None else None, teacher_transform if teacher else None),
@@ -180,7 +187,7 @@ def extract_features(
     index = gathered["index"][order]
     keep = torch.ones_like(index, dtype=torch.bool)
     keep[1:] = index[1:] != index[:-1]
-    if not torch.equal(index[keep], torch.arange(len(paths))):
+    if not torch.equal(index[keep], torch.arange(num_images)):
         raise RuntimeError("Feature extraction lost or duplicated images across processes")
     return {name: value[order][keep] for name, value in gathered.items() if name != "index"}
 
@@ -247,7 +254,8 @@ def get_features(
             continue
         computed = extract_features(
             accelerator,
-            data.splits[split]["image_path"],
+            functools.partial(data.image, split),
+            len(data.splits[split]),
             model=model if "vlm" in todo else None,
             image_processor=image_processor,
             teacher=teacher if "teacher" in todo else None,
@@ -268,6 +276,7 @@ def get_features(
 __all__ = [
     "extract_features",
     "get_features",
+    "model_identity",
     "vlm_feature_key",
     "vlm_features",
     "vlm_identity",

@@ -1,10 +1,21 @@
-"""Command-line entry points: `train/<stage>.py` and the `emovlm-kd-*` console commands."""
+"""Command-line entry points: `train/<stage>.py` and the `emovlm-kd-*` console commands of `setup.py`.
+
+    emovlm-kd-train                  every stage in order (`train/run_all.py`)
+    emovlm-kd-<stage>                one stage (`train/<stage>.py`): instruction-data, instruction-tuning, teacher,
+                                     distill, gate, evaluate, export
+    emovlm-kd-predict                batch prediction (`train/predict.py`, `emovlm_kd.predict`)
+    emovlm-kd-demo                   the Gradio demo app of a model (`examples/space/app.py`)
+
+Each takes `--help`. The stages live above this module (`emovlm_kd.stages`), so they are imported by name.
+"""
 
 import importlib
 import json
 import logging
+import runpy
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from emovlm_kd.arguments import parse_stage_args
 from emovlm_kd.run_dir import DataError, disk_problem
@@ -61,4 +72,58 @@ def cli_main(stage: str, argv=None) -> dict:
     return result
 
 
-__all__ = ["cli_main", "exit_with_error", "run_dir_errors", "setup_logging"]
+def stage_command(stage: str):
+    """The console command of a stage: runs `cli_main(stage)` on `sys.argv` (exit status 0 unless it fails)."""
+
+    def command():
+        cli_main(stage)
+
+    command.__name__ = command.__qualname__ = f"{stage}_command"
+    command.__doc__ = f"The `emovlm-kd-{stage.replace('_', '-')}` command: stage {stage!r} (`train/{stage}.py`)."
+    return command
+
+
+instruction_data_command = stage_command("instruction_data")
+instruction_tuning_command = stage_command("instruction_tuning")
+teacher_command = stage_command("teacher")
+distill_command = stage_command("distill")
+gate_command = stage_command("gate")
+evaluate_command = stage_command("evaluate")
+export_command = stage_command("export")
+
+
+def train_command():
+    """The `emovlm-kd-train` command: every stage in order (`train/run_all.py`)."""
+    importlib.import_module("emovlm_kd.stages.run_all").main()
+
+
+def predict_command():
+    """The `emovlm-kd-predict` command: batch prediction (`train/predict.py`)."""
+    from emovlm_kd.predict import main
+
+    main()
+
+
+def demo_command():
+    """The `emovlm-kd-demo` command: the Gradio demo app shipped in every model repo (`space/app.py`)."""
+    app = Path(__file__).resolve().parent / "repo_template" / "space" / "app.py"
+    runpy.run_path(str(app), run_name="__main__")
+
+
+__all__ = [
+    "cli_main",
+    "demo_command",
+    "distill_command",
+    "evaluate_command",
+    "exit_with_error",
+    "export_command",
+    "gate_command",
+    "instruction_data_command",
+    "instruction_tuning_command",
+    "predict_command",
+    "run_dir_errors",
+    "setup_logging",
+    "stage_command",
+    "teacher_command",
+    "train_command",
+]

@@ -7,6 +7,9 @@
 `load_imagefolder` lists them into a `datasets.DatasetDict` (columns `image_path`: str, `label`: `ClassLabel`),
 decoding nothing but a one-off readability check: unreadable images are listed in `ImageFolderData.bad_images`
 with the reason, logged, and left out of the splits.
+
+`ImageData` is what every stage reads, whatever the source (`emovlm_kd.sources` adds every `datasets` source): the
+image of row `i` of a split, its stored bytes and a stable key of the row.
 """
 
 import collections
@@ -48,9 +51,16 @@ def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
 
 
 @dataclass
-class ImageFolderData:
-    """An ImageFolder dataset: `splits` (a `DatasetDict` with `train`, `val` and maybe `test`), the class names in
-    label order, the images that could not be read (`(path, reason)`) and the non-image files that were ignored."""
+class ImageData:
+    """A run's dataset, whatever its source (an ImageFolder tree here, any `datasets` source in `emovlm_kd.sources`):
+    `splits` (a `DatasetDict` of `train`, `val` and maybe `test`, each with a `label` column), the class names in label
+    order, the images that could not be decoded (`(where, reason)`), the files that were ignored, and whether `val`
+    was held out of train.
+
+    Every stage reads the images through it, one row at a time: `image(split, i)` (decoded, RGB),
+    `image_bytes(split, i)` (as stored), `key(split, i)` (a stable name of the row, e.g. stage 0's record key) and
+    `files_hash(split)` (changes when the split's images or labels do; the feature cache's key).
+    """
 
     root: str
     splits: DatasetDict
@@ -58,6 +68,40 @@ class ImageFolderData:
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     val_from_train: bool = False
+    _columns: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def image(self, split: str, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def image_bytes(self, split: str, index: int) -> bytes:
+        raise NotImplementedError
+
+    def key(self, split: str, index: int) -> str:
+        raise NotImplementedError
+
+    def files_hash(self, split: str | None = None) -> str:
+        raise NotImplementedError
+
+    def column(self, split: str, name: str) -> list:
+        """A column of a split as a list, read once (row lookups in a `Dataset` are slow next to a list's)."""
+        if (split, name) not in self._columns:
+            self._columns[split, name] = list(self.splits[split][name])
+        return self._columns[split, name]
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{name}={len(split)}" for name, split in self.splits.items())
+        text = f"{self.root}: {len(self.class_names)} classes {self.class_names}; {sizes}"
+        if self.val_from_train:
+            text += " (val held out from train)"
+        if self.bad_images:
+            text += f"; {len(self.bad_images)} unreadable images skipped"
+        return text
+
+
+@dataclass
+class ImageFolderData(ImageData):
+    """An ImageFolder dataset: its splits have the columns `image_path` and `label`; unreadable images are reported
+    by path; a row's key is its path relative to the dataset folder (`train/awe/0001.jpg`)."""
 
     def files_hash(self, split: str | None = None) -> str:
         """Hash of the listed files (path, size, mtime), their labels and the class names: changes when data does."""
@@ -69,14 +113,17 @@ class ImageFolderData:
                 entries.append([name, os.path.relpath(path, self.root), label, stat.st_size, stat.st_mtime_ns])
         return hash_json(entries)
 
-    def summary(self) -> str:
-        sizes = ", ".join(f"{name}={len(split)}" for name, split in self.splits.items())
-        text = f"{self.root}: {len(self.class_names)} classes {self.class_names}; {sizes}"
-        if self.val_from_train:
-            text += " (val held out from train)"
-        if self.bad_images:
-            text += f"; {len(self.bad_images)} unreadable images skipped"
-        return text
+    def image_path(self, split: str, index: int) -> str:
+        return self.column(split, "image_path")[index]
+
+    def image(self, split: str, index: int) -> Image.Image:
+        return open_image_rgb(self.image_path(split, index))
+
+    def image_bytes(self, split: str, index: int) -> bytes:
+        return Path(self.image_path(split, index)).read_bytes()
+
+    def key(self, split: str, index: int) -> str:
+        return Path(os.path.relpath(self.image_path(split, index), self.root)).as_posix()
 
 
 def _list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -215,28 +262,34 @@ def load_imagefolder(
     bad_images = _find_bad_images(all_paths) if check_images else []
     bad = {path for path, _ in bad_images}
     splits = DatasetDict({split: _split_dataset(images, class_names, bad) for split, images in listed.items()})
-    for split, dataset in splits.items():
-        missing = sorted(set(range(len(class_names))) - set(dataset["label"]))
-        if missing:
-            raise DataError(
-                f"Split {split!r} of {str(root)!r} has no readable image of class(es) "
-                f"{[class_names[i] for i in missing]}"
-            )
-
-    val_from_train = "val" not in splits
-    if val_from_train:
-        if not 0 < val_fraction < 1:
-            raise DataError(f"{str(root)!r} has no val/ folder and val_fraction={val_fraction} is not in (0, 1)")
-        held_out = _stratified_holdout(splits["train"], val_fraction, seed, class_names, str(root / "train"))
-        splits["train"], splits["val"] = held_out["train"], held_out["test"]
-    splits = DatasetDict({split: splits[split] for split in SPLITS if split in splits})
+    splits, val_from_train = finish_splits(splits, class_names, val_fraction, seed, str(root), str(root / "train"))
 
     data = ImageFolderData(str(root), splits, class_names, bad_images, ignored, val_from_train)
     log_data_report(data)
     return data
 
 
-def log_data_report(data: ImageFolderData, log=None):
+def finish_splits(
+    splits: DatasetDict, class_names: list[str], val_fraction: float, seed: int, where: str, train_where: str
+) -> tuple[DatasetDict, bool]:
+    """Check that every split has every class, hold out a stratified `val_fraction` of train (seed `seed`) when there
+    is no `val` split, and order the splits train, val, test. Returns them and whether val was held out."""
+    for split, dataset in splits.items():
+        missing = sorted(set(range(len(class_names))) - set(dataset["label"]))
+        if missing:
+            raise DataError(
+                f"Split {split!r} of {where!r} has no readable image of class(es) {[class_names[i] for i in missing]}"
+            )
+    val_from_train = "val" not in splits
+    if val_from_train:
+        if not 0 < val_fraction < 1:
+            raise DataError(f"{where!r} has no val split and val_fraction={val_fraction} is not in (0, 1)")
+        held_out = _stratified_holdout(splits["train"], val_fraction, seed, class_names, train_where)
+        splits["train"], splits["val"] = held_out["train"], held_out["test"]
+    return DatasetDict({split: splits[split] for split in SPLITS if split in splits}), val_from_train
+
+
+def log_data_report(data: ImageData, log=None):
     """Log the split sizes, every unreadable image with its reason, and the ignored non-image files."""
     log = log or logger
     log.info(data.summary())
@@ -263,9 +316,11 @@ def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int) ->
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
+    "ImageData",
     "ImageFolderData",
     "check_image",
     "dataset_hash",
+    "finish_splits",
     "load_imagefolder",
     "log_data_report",
     "open_image_rgb",

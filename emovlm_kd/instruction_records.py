@@ -6,7 +6,8 @@ One JSON record per line, appended as answers arrive; the latest record of an im
      "model": "gpt-4o", "attempts": 1}
     {"image": "train/awe/0002.jpg", "label": "awe", "status": "failed", "reason": "...", "raw": "...", ...}
 
-`image` is the path relative to the dataset folder.
+`image` is the key of the image's row (`emovlm_kd.data.ImageData.key`): its path relative to the dataset folder
+for an ImageFolder tree, `<split>[<row>]` for a `datasets` source.
 """
 
 import json
@@ -47,7 +48,7 @@ def rewrite_records(path: Path, records: dict[str, dict]):
 
 
 def done_examples(path: str | os.PathLike) -> dict[str, dict]:
-    """The usable records (`status == "done"`) of an instruction-data file, by image path relative to the data root."""
+    """The usable records (`status == "done"`) of an instruction-data file, by row key."""
     return {image: record for image, record in read_records(path).items() if record.get("status") == "done"}
 
 

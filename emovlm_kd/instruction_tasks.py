@@ -25,29 +25,28 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class InstructionExample:
-    """One training example: an image, a task, and the answer (text for observation / inference, the class index
-    for classification)."""
+    """One training example: an image (its row in the training split), a task, and the answer (text for
+    observation / inference, the class index for classification)."""
 
-    image_path: str
+    row: int
     task: str
     answer: str | int
 
 
-def build_examples(
-    image_paths: list[str], labels: list[int], explanations: dict[str, dict] | None = None
-) -> list[InstructionExample]:
-    """Classification for every image; observation and inference for images with an explanation.
+def build_examples(labels: list[int], explanations: dict[int, dict] | None = None) -> list[InstructionExample]:
+    """Classification for every image (row `i` has label `labels[i]`); observation and inference for the rows with
+    an explanation.
 
-    `explanations` maps an image path to a record with non-empty `observation` and `reasoning` strings.
+    `explanations` maps a row to a record with non-empty `observation` and `reasoning` strings.
     """
     explanations = explanations or {}
     examples = []
-    for path, label in zip(image_paths, labels, strict=True):
-        record = explanations.get(path)
+    for row, label in enumerate(labels):
+        record = explanations.get(row)
         if record is not None:
-            examples.append(InstructionExample(path, "observation", record["observation"]))
-            examples.append(InstructionExample(path, "inference", record["reasoning"]))
-        examples.append(InstructionExample(path, "classification", int(label)))
+            examples.append(InstructionExample(row, "observation", record["observation"]))
+            examples.append(InstructionExample(row, "inference", record["reasoning"]))
+        examples.append(InstructionExample(row, "classification", int(label)))
     return examples
 
 
@@ -141,17 +140,18 @@ class InstructionEncoder:
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Examples encoded on the fly (images decoded in the DataLoader's workers)."""
+    """Examples encoded on the fly; `image_of(row)` decodes a row's image (in the DataLoader's workers), e.g.
+    `functools.partial(data.image, "train")` of the run's data."""
 
-    def __init__(self, examples: list[InstructionExample], encoder: InstructionEncoder):
-        self.examples, self.encoder = examples, encoder
+    def __init__(self, examples: list[InstructionExample], encoder: InstructionEncoder, image_of):
+        self.examples, self.encoder, self.image_of = examples, encoder, image_of
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
         example = self.examples[index]
-        return self.encoder.encode(example.image_path, example.task, example.answer)
+        return self.encoder.encode(self.image_of(example.row), example.task, example.answer)
 
 
 __all__ = [

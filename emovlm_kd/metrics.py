@@ -55,4 +55,42 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BRANCHES", "BRANCH_TITLES", "classification_metrics", "majority_baseline", "results_table"]
+def image_classification_evaluator():
+    """`evaluate.evaluator("image-classification")` that takes an image-classification pipeline object as it is.
+
+    evaluate 0.4.6 asks `isinstance(model_or_pipeline, transformers.TFPreTrainedModel)` before it uses a pipeline
+    object, and transformers 5 has no TensorFlow classes: the stock evaluator raises `AttributeError` for every
+    pipeline object (a repo id instead would be loaded without `trust_remote_code`). This evaluator skips that one
+    step; the rest (inputs, label mapping, metric, bootstrap) is evaluate's own. Needs `pip install evaluate`.
+
+    Example:
+
+    ```python
+    from transformers import pipeline
+    from emovlm_kd.metrics import image_classification_evaluator
+
+    classifier = pipeline("image-classification", model=repo, trust_remote_code=True)
+    image_classification_evaluator().compute(
+        model_or_pipeline=classifier, data=dataset, metric="accuracy", label_mapping=classifier.model.config.label2id
+    )
+    ```
+    """
+    from evaluate.evaluator import ImageClassificationEvaluator
+
+    class PipelineImageClassificationEvaluator(ImageClassificationEvaluator):
+        def prepare_pipeline(self, model_or_pipeline, *args, **kwargs):
+            if isinstance(model_or_pipeline, str) or model_or_pipeline is None:
+                raise ValueError("Pass a pipeline object: pipeline('image-classification', model=...)")
+            return model_or_pipeline
+
+    return PipelineImageClassificationEvaluator()
+
+
+__all__ = [
+    "BRANCHES",
+    "BRANCH_TITLES",
+    "classification_metrics",
+    "image_classification_evaluator",
+    "majority_baseline",
+    "results_table",
+]

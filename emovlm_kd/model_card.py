@@ -46,9 +46,11 @@ def build_model_card(
     training: dict,
     license: str = "apache-2.0",
     vlm_description: str | None = None,
+    widget: list[dict] | None = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` with YAML metadata (pipeline tag, library, base model, datasets, metrics, tags,
-    model-index results) and a body with usage, classes, the measured results table and the training setup."""
+    model-index results, widget examples with their precomputed outputs) and a body with usage, classes, the
+    measured results table and the training setup."""
     eval_split = None
     if results:
         eval_split = "test" if "test" in results["splits"] else next(iter(results["splits"]))
@@ -77,6 +79,7 @@ def build_model_card(
         tags=TAGS,
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results or None,
+        widget=widget or None,
     )
     sections = [
         f"# {repo_id.split('/')[-1]}",
@@ -90,6 +93,7 @@ def build_model_card(
         USAGE.format(repo_id=repo_id),
         "## Classes",
         ", ".join(f"`{name}`" for name in class_names),
+        *(["## Examples", _widget_section(widget)] if widget else []),
         "## Results",
         _results_section(results, dataset_name),
         "## Training",
@@ -110,6 +114,20 @@ def _results_section(results: dict | None, dataset_name: str | None) -> str:
     text += "\n\nThe teacher is not part of this model (it only taught the head); it is listed for comparison. "
     text += "The VLM branch and the distilled head are the two inputs of the gate, whose output is the fused model."
     return text
+
+
+def _widget_section(widget: list[dict]) -> str:
+    text = (
+        "The examples on this page are test images with their true class as the title. The Hub's inference widget "
+        "does not run custom code, so their outputs were computed by this model's image-classification pipeline "
+        "when the repo was exported, and are stored in the card's metadata:\n\n"
+    )
+    rows = [
+        f"| `{entry['src']}` | {entry['example_title']} | {entry['output'][0]['label']} "
+        f"({entry['output'][0]['score']:.2f}) |"
+        for entry in widget
+    ]
+    return text + "| image | true class | predicted |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def _training_section(training: dict) -> str:

@@ -60,16 +60,75 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
     return [empty, truncated, text]
 
 
-def tiny_run_all_argv(data_dir, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), **overrides):
-    """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher (the `quickstart` recipe).
+def imagefolder_to_dataset(root: str | os.PathLike):
+    """An ImageFolder tree as a `datasets.DatasetDict` with an `image` (`Image`) and a `label` (`ClassLabel`) column:
+    the files `emovlm_kd.data.load_imagefolder` lists, in its order, unreadable ones included. `save_to_disk` and
+    `to_parquet` embed the files' bytes."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    from emovlm_kd.data import SPLITS, _list_split
+
+    root = Path(root)
+    listed = {split: _list_split(root / split)[0] for split in SPLITS if (root / split).is_dir()}
+    class_names = sorted(next(iter(listed.values())))
+    features = Features({"image": Image(), "label": ClassLabel(names=class_names)})
+    splits = {}
+    for split, images in listed.items():
+        rows = [(path, label) for label, name in enumerate(class_names) for path in images[name]]
+        splits[split] = Dataset.from_dict(
+            {"image": [path for path, _ in rows], "label": [label for _, label in rows]}, features=features
+        )
+    return DatasetDict(splits)
+
+
+def save_dataset(dataset, output: str | os.PathLike, file_format: str) -> Path:
+    """Write a `DatasetDict` as a `save_to_disk` folder (`disk`) or as one parquet file per split (`parquet`)."""
+    output = Path(output)
+    if file_format == "disk":
+        dataset.save_to_disk(str(output))
+    elif file_format == "parquet":
+        output.mkdir(parents=True, exist_ok=True)
+        for split, rows in dataset.items():
+            rows.to_parquet(str(output / f"{split}.parquet"))
+    else:
+        raise ValueError(f"file_format must be 'disk' or 'parquet', got {file_format!r}")
+    return output
+
+
+def tiny_run_all_argv(
+    data, run_dir, stages=("teacher", "distill", "gate", "evaluate", "export"), data_option="--data-dir", **overrides
+):
+    """`train/run_all.py` arguments for an offline run with the tiny VLM and teacher (the `quickstart` recipe) on
+    `data` (an ImageFolder tree; any source with `data_option="--dataset"`).
 
     `overrides` are `{stage: {field: value}}` on top of the recipe, e.g. `distill={"epochs": 3}`.
     """
-    argv = ["--config", "quickstart", "--data-dir", str(data_dir), "--run-dir", str(run_dir), "--stages", *stages]
+    argv = ["--config", "quickstart", data_option, str(data), "--run-dir", str(run_dir), "--stages", *stages]
     settings = [
         f"{stage}.{name}={json.dumps(value)}" for stage, values in overrides.items() for name, value in values.items()
     ]
     return argv + (["--set", *settings] if settings else [])
+
+
+def launch_two_processes(script: str | os.PathLike, argv: list[str], log: str | os.PathLike, timeout: float = 600):
+    """Run `script argv` as two CPU processes under `accelerate launch` (a subprocess; output to `log`).
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up; two CPU
+    processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true` (what `--cpu` sets), i.e.
+    `--multi_gpu` on a machine without GPUs, and Accelerate then runs them as MULTI_CPU over gloo.
+    """
+    import subprocess
+    import sys
+
+    repo_root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1", str(script), *argv]
+    with open(log, "w") as output:
+        result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"accelerate launch failed ({result.returncode}):\n{Path(log).read_text()[-5000:]}")
 
 
 def make_images() -> list[Image.Image]:
@@ -87,8 +146,11 @@ __all__ = [
     "CLASS_COLOURS",
     "EMOTIONS_8",
     "add_bad_images",
+    "imagefolder_to_dataset",
+    "launch_two_processes",
     "make_image",
     "make_imagefolder",
     "make_images",
+    "save_dataset",
     "tiny_run_all_argv",
 ]

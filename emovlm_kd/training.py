@@ -16,7 +16,6 @@ import torch
 
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
-from emovlm_kd.data import load_imagefolder
 from emovlm_kd.run_dir import (
     DataError,
     clear_complete,
@@ -27,6 +26,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     write_complete,
 )
+from emovlm_kd.sources import has_source, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,12 @@ def make_accelerator(run_args, stage: str, *settings, **kwargs):
 
 
 def load_stage_data(run_args, accelerator, stage: str, class_names=None):
-    """The run's dataset (listed on the main process first), with the run's classes fixed or checked."""
-    if not run_args.data_dir:
-        raise DataError(f"Stage {stage!r} needs a dataset: pass --data-dir")
+    """The run's dataset (`--data-dir` or `--dataset`, loaded on the main process first), with the run's classes
+    fixed or checked."""
+    if not has_source(run_args):
+        raise DataError(f"Stage {stage!r} needs a dataset: pass --data-dir or --dataset")
     with accelerator.main_process_first():
-        data = load_imagefolder(
-            run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed, class_names=class_names
-        )
+        data = load_source(run_args, class_names=class_names)
         ensure_class_names(run_args.run_dir, data.class_names)
     return data
 

@@ -4,7 +4,9 @@
     python examples/finetune_with_trainer.py MODEL --data DIR --output-dir OUT --epochs 3 --learning-rate 1e-4
 
 MODEL is a model folder or Hub repo id. DIR is an ImageFolder tree (`train/<class>/*.jpg`, and `test/` or
-`validation/` for evaluation) whose class names are the model's labels. The full retraining recipe (teacher,
+`validation/` for evaluation) or any `datasets` source the training scripts take with `--dataset` (a save_to_disk
+folder, parquet/arrow files, a Hub dataset id) with one `Image` and one `ClassLabel` column, whose class names are
+the model's labels. The full retraining recipe (teacher,
 distillation from cached features, gate) is in `train/`; this shows the model is an ordinary Trainer citizen.
 """
 
@@ -31,7 +33,7 @@ from emovlm_kd.collator import ImageClassificationCollator
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="model folder or Hub repo id (default: a tiny random model)")
-    parser.add_argument("--data", help="ImageFolder directory (default: a small generated dataset)")
+    parser.add_argument("--data", help="ImageFolder tree or any datasets source (default: a small generated dataset)")
     parser.add_argument("--output-dir", help="where the fine-tuned model is saved (default: a temporary folder)")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--learning-rate", type=float, help="default: 3e-2 for the tiny model, 1e-4 for a given one")
@@ -61,12 +63,22 @@ def generated_dataset(labels: list[str], train_per_class: int = 12, test_per_cla
     return DatasetDict(train=split(train_per_class), test=split(test_per_class))
 
 
-def imagefolder_dataset(data_dir: str, label2id: dict[str, int]) -> DatasetDict:
-    """An ImageFolder tree as a DatasetDict whose label ids follow the model's `label2id`."""
-    dataset = load_dataset("imagefolder", data_dir=data_dir)
+def load_data(data: str, label2id: dict[str, int]) -> DatasetDict:
+    """An ImageFolder tree or a `datasets` source as a DatasetDict with `image` and `label` columns, whose label ids
+    follow the model's `label2id`."""
+    from emovlm_kd.sources import detect_source, open_source, pick_column, pick_image_column
+
+    kind = detect_source(data)
+    dataset = load_dataset("imagefolder", data_dir=data) if kind == "imagefolder" else open_source(kind, data)
+    features = dataset["train"].features
+    image_column = pick_image_column(features, None, data)
+    label_column = pick_column(features, None, "a ClassLabel column", ClassLabel, "`ClassLabel`", data)
+    dataset = dataset.select_columns([image_column, label_column])
+    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    dataset = dataset.rename_columns(renames)
     names = dataset["train"].features["label"].names
     if sorted(names) != sorted(label2id):
-        raise ValueError(f"The classes of {data_dir!r} {names} are not the model's labels {sorted(label2id)}")
+        raise ValueError(f"The classes of {data!r} {names} are not the model's labels {sorted(label2id)}")
     return dataset.align_labels_with_mapping(label2id, "label")
 
 
@@ -93,7 +105,7 @@ def main():
     model.set_trainable(head=True, gate=True, vlm=False)  # the VLM is frozen: only the head and gate learn
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
-    dataset = imagefolder_dataset(args.data, model.config.label2id) if args.data else generated_dataset(labels)
+    dataset = load_data(args.data, model.config.label2id) if args.data else generated_dataset(labels)
     eval_split = next((name for name in ("test", "validation") if name in dataset), "train")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

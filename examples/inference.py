@@ -5,6 +5,8 @@
 
 MODEL is a model folder or Hub repo id (e.g. one written by `train/export.py`). The model code ships with the model
 (`trust_remote_code=True`); this script needs only transformers, torch and pillow unless it builds the tiny model.
+For many images (a folder, a file list or any `datasets` source, on several GPUs, resumable), see
+`train/predict.py`.
 """
 
 import argparse

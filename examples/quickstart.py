@@ -7,6 +7,7 @@ prints per-branch accuracy and a few predictions.
 
     python examples/quickstart.py                                  # everything offline
     python examples/quickstart.py --data path/to/imagefolder        # your data (train/[val/]test/<class>/*)
+    python examples/quickstart.py --data path/to/parquet-folder     # or any `datasets` source (see --dataset)
     python examples/quickstart.py --vlm Qwen/Qwen2-VL-2B-Instruct --teacher vit_base_patch16_384  # real models
 
 With real checkpoints the paper's hyper-parameters are used (needs Hub access, and a GPU to be practical).
@@ -22,6 +23,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from huggingface_hub import ModelCard
 
 from emovlm_kd.metrics import results_table
 from emovlm_kd.run_dir import read_results
@@ -49,7 +52,12 @@ def parse_args(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", default=None, help="ImageFolder dataset; default: generate a small one")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="ImageFolder tree or any datasets source (save_to_disk folder, parquet/arrow files, Hub dataset id; "
+        "its Image and ClassLabel columns); default: generate a small dataset",
+    )
     parser.add_argument("--run-dir", default=None, help="Where the run goes; default: a new temporary folder")
     parser.add_argument("--vlm", default="tiny", help="VLM checkpoint, or 'tiny' (offline)")
     parser.add_argument("--teacher", default="tiny", help="timm model name, or 'tiny' (offline)")
@@ -57,9 +65,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_all_argv(args, data_dir: Path, run_dir: Path) -> list[str]:
+def run_all_argv(args, data: str, run_dir: Path) -> list[str]:
     """The quickstart recipe; with real checkpoints, the paper's hyper-parameters (every stage's defaults)."""
-    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--seed", str(args.seed)]
+    argv = ["--dataset", data, "--run-dir", str(run_dir), "--seed", str(args.seed)]
     if args.vlm == "tiny" and args.teacher == "tiny":
         return argv + ["--config", "quickstart"]
     stages = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
@@ -93,18 +101,19 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     started = time.time()
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="emovlm-kd-quickstart-"))
-    if args.data:
-        data_dir = Path(args.data).resolve()
+    if args.data:  # a local path resolved (the reload runs from another folder); a Hub id as it is
+        data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
     else:
-        data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
-        print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")
+        data = str(make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed))
+        print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data}")
 
-    summary = run_all.run(*run_all.plan(run_all_argv(args, data_dir, run_dir)))
+    summary = run_all.run(*run_all.plan(run_all_argv(args, data, run_dir)))
     model_dir = Path(summary["export"]["output"]) if "output" in summary.get("export", {}) else run_dir / "model"
     results = read_results(run_dir)
 
-    test_dir = data_dir / "test" if (data_dir / "test").is_dir() else data_dir / "train"
-    samples = [sorted(folder.iterdir())[0] for folder in sorted(test_dir.iterdir()) if folder.is_dir()][:4]
+    # the card's widget examples: a test image per class (at most 4 here), copied into the repo by the export
+    widget = ModelCard.load(model_dir / "README.md").data.to_dict().get("widget", [])
+    samples = [model_dir / entry["src"] for entry in widget][:4]
     reloaded = reload_in_fresh_process(model_dir, [str(path) for path in samples])
 
     print("\nAccuracy / macro-F1 per branch (from the evaluation stage):\n")

@@ -1,16 +1,12 @@
 """Stages 2-6 under `accelerate launch` with two real CPU processes equal a single-process run.
 
-`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up
-(`--mpirun_hostfile`); two CPU processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true`
-(what `--cpu` sets) - `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs - and Accelerate
-then runs them as MULTI_CPU over gloo. `--batch-size` is global (split across processes), the augmentation of each
-image is seeded per (seed, epoch, image), and the head has no dropout here, so both runs compute the same updates.
+Two CPU processes come from `accelerate launch --multi_gpu` with `ACCELERATE_USE_CPU=true` (see
+`emovlm_kd.testing.launch_two_processes`), and Accelerate runs them as MULTI_CPU over gloo. `--batch-size` is global
+(split across processes), the augmentation of each image is seeded per (seed, epoch, image), and the head has no
+dropout here, so both runs compute the same updates.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +15,9 @@ from safetensors.torch import load_file
 
 from emovlm_kd.run_dir import read_complete
 from emovlm_kd.stages import run_all
-from emovlm_kd.testing import make_imagefolder, tiny_run_all_argv
+from emovlm_kd.testing import launch_two_processes, make_imagefolder, tiny_run_all_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 STAGE_SETTINGS = {
     # 45 training images -> 5 held out, 40 train: whole batches of 8, so no process pads its last batch
     "teacher": {"epochs": 2, "eval_batch_size": 4},
@@ -31,36 +26,12 @@ STAGE_SETTINGS = {
 }
 
 
-def launch_two_processes(argv: list[str], log: Path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--monitor_interval",
-        "0.1",
-        str(REPO_ROOT / "train" / "run_all.py"),
-        *argv,
-    ]
-    with log.open("w") as output:
-        result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600)
-    assert result.returncode == 0, log.read_text()[-5000:]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class={"train": 15, "test": 4})
     runs = {"two": tmp_path / "two-processes", "one": tmp_path / "one-process"}
     argv = {name: tiny_run_all_argv(data, run, **STAGE_SETTINGS) for name, run in runs.items()}
-    launch_two_processes(argv["two"], tmp_path / "launch.log")
+    launch_two_processes(REPO_ROOT / "train" / "run_all.py", argv["two"], tmp_path / "launch.log")
     run_all.run(*run_all.plan(argv["one"]))
 
     trained = {

@@ -23,14 +23,16 @@ LAYERS = {
     "collator": 1,
     "testing": 1,
     "arguments": 1,
-    "openai_chat": 1,
     "architectures": 1,
+    "sources": 1,
+    "chat": 1,
     "checkpoints": 2,
     "training": 2,
     "cache": 2,
     "artifacts": 2,
     "model_card": 2,
     "cli": 2,
+    "predict": 2,
     "stages": 3,
 }
 

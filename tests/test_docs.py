@@ -2,6 +2,7 @@
 run."""
 
 import importlib
+import json
 import os
 import re
 import shlex
@@ -56,7 +57,13 @@ def test_the_docs_show_every_script():
 @pytest.mark.parametrize("doc, stage, argv", training_commands(), ids=lambda value: str(value)[:40])
 def test_every_training_command_in_the_docs_parses(doc, stage, argv, tmp_path):
     argv = [str(doc_recipe(tmp_path)) if arg == "fi.yaml" else arg for arg in argv]
-    if stage == "run_all":
+    if stage == "predict":  # batch prediction, not a stage
+        from transformers import HfArgumentParser
+
+        from emovlm_kd.predict import PredictArguments
+
+        assert HfArgumentParser(PredictArguments).parse_args_into_dataclasses(argv)[0].output_dir
+    elif stage == "run_all":
         _, run_args, plans = run_all.plan(argv)
         assert run_args.run_dir and plans
     else:
@@ -76,16 +83,41 @@ def test_the_recipes_in_the_docs_are_valid(tmp_path):
     assert plans["gate"].gate_type == "moe" and plans["distill"].epochs == 10
 
 
-@pytest.mark.slow
-def test_the_offline_walkthrough_runs(tmp_path):
-    """train_your_dataset.md's "Try the pipeline offline first", run as written (under a temporary `runs/`)."""
-    block = next(b for b in code_blocks(DOCS[1], "bash") if "--config quickstart" in b)
+def run_as_written(lines: list[str], tmp_path: Path):
+    """Run doc command lines in `tmp_path` (their `runs/` under it; `python` is this interpreter)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for line in commands(block):
+    for line in lines:
         line = line.replace("runs/", f"{tmp_path}/runs/").replace("train/", f"{REPO_ROOT}/train/")
         line = line.replace("examples/", f"{REPO_ROOT}/examples/")
         argv = shlex.split(line)
         argv[0] = sys.executable if argv[0] == "python" else argv[0]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
         assert result.returncode == 0, (line, result.stderr[-3000:])
+
+
+@pytest.mark.slow
+def test_the_offline_walkthrough_runs(tmp_path):
+    """train_your_dataset.md's "Try the pipeline offline first", run as written (under a temporary `runs/`)."""
+    block = next(b for b in code_blocks(DOCS[1], "bash") if "--config quickstart" in b)
+    run_as_written(commands(block), tmp_path)
     assert (tmp_path / "runs" / "toy" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_offline_dataset_commands_run(tmp_path):
+    """The README's offline equivalent of the Hub dataset command (parquet files), then batch prediction."""
+    lines = [
+        line
+        for block in code_blocks(DOCS[0], "bash")
+        for line in commands(block)
+        if line.startswith("python") and "runs/toy-" in line
+    ]
+    assert [line.split()[1] for line in lines] == ["-c", "train/run_all.py", "train/predict.py"]
+    run_as_written(lines, tmp_path)
+    results = json.loads((tmp_path / "runs" / "toy-parquet-run" / "eval" / "results.json").read_text())
+    assert results["splits"]["test"]["num_examples"] == 18
+    predictions = list((tmp_path / "runs" / "toy-predictions").glob("*.parquet"))
+    assert (
+        predictions
+        and json.loads((tmp_path / "runs" / "toy-predictions" / "predictions.json").read_text())["complete"]
+    )

@@ -132,6 +132,15 @@ def dataset(tmp_path):
     return root, images, digests
 
 
+@pytest.fixture(autouse=True)
+def hub_requests_allowed(monkeypatch):
+    """huggingface_hub refuses every request in offline mode, also to a loopback server; conftest's socket guard
+    still keeps the tests off the network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def stage_args(root, run_dir, base_url, **overrides):
     argv = [
         "--data-dir", str(root), "--run-dir", str(run_dir), "--base-url", base_url, "--model", "fake-vision",
@@ -264,3 +273,40 @@ def test_train_script_help(monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     usage = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--base-url" in usage and "--concurrency" in usage
+
+
+def test_offline_mode_is_a_clear_fatal_error(dataset, tmp_path, monkeypatch):
+    """huggingface_hub refuses every request under HF_HUB_OFFLINE, also to a local server: one clear error."""
+    from huggingface_hub import constants
+
+    root, images, digests = dataset
+    monkeypatch.setenv("TEST_CHAT_KEY", API_KEY)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with FakeChatServer(digests, {image: ["ok"] for image in images}) as server:
+        with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set: unset it for stage 0"):
+            instruction_data.run(*stage_args(root, tmp_path / "run", server.base_url))
+        assert server.requests == []
+
+
+def test_inference_providers_settings(monkeypatch):
+    from emovlm_kd.chat import ChatClient, parse_retry_after
+
+    run_args, args = parse_stage_args(
+        instruction_data, ["--run-dir", "R", "--provider", "together", "--model", "Qwen/Qwen2.5-VL-72B-Instruct"]
+    )
+    assert instruction_data.enabled(args)
+    assert instruction_data._api_key(args) is None  # huggingface_hub's own token (HF_TOKEN or the cached login)
+    monkeypatch.setenv("MY_PROVIDER_KEY", "key")
+    args.api_key_env = "MY_PROVIDER_KEY"
+    assert instruction_data._api_key(args) == "key"
+    client = ChatClient(args.model, provider=args.provider, api_key="hf_test")
+    assert (client.client.provider, client.model, client.endpoint) == (
+        "together",
+        "Qwen/Qwen2.5-VL-72B-Instruct",
+        "Inference Providers (together)",
+    )
+    with pytest.raises(ValueError, match="a base URL .* or a provider"):
+        ChatClient("m", base_url="http://127.0.0.1:9/v1", provider="together")
+    assert parse_retry_after({"Retry-After-Ms": "250"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) < 0
+    assert parse_retry_after({}) is None

@@ -19,10 +19,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from emovlm_kd.data import load_imagefolder, open_image_rgb
-from emovlm_kd.testing import make_imagefolder
 from helpers_repo_template import HANDLER, SPACE_APP, load_module
 from hostile_inputs import (
     BOMBS,
@@ -36,6 +32,10 @@ from hostile_inputs import (
     png_bomb,
     truncated,
 )
+from PIL import Image
+
+from emovlm_kd.data import load_imagefolder, open_image_rgb
+from emovlm_kd.testing import make_imagefolder
 from image_processing_emovlm_kd import (
     DEFAULT_MAX_IMAGE_PIXELS,
     EmoVLMKDImageProcessor,
@@ -152,12 +152,12 @@ def test_loader_refuses_documents_and_lists_no_postscript(fake_gs, tmp_path):
 
 
 def test_stage0_and_stage1_refuse_documents(tiny, fake_gs, tmp_path):
+    from emovlm_kd.chat import image_data_url
     from emovlm_kd.instruction_tasks import InstructionEncoder
-    from emovlm_kd.openai_chat import image_data_url
 
     path = _write(tmp_path, "photo.jpg", EPS)
     with pytest.raises(ValueError, match=r"photo.jpg.*not a raster image"):
-        image_data_url(path)
+        image_data_url(path.read_bytes(), str(path))
     encoder = InstructionEncoder(tiny[2], tiny[0].config.labels)
     with pytest.raises(ValueError, match=rf"{path}.*not a raster image"):
         encoder.encode(str(path), "classification", 0)

@@ -140,6 +140,37 @@ def test_exported_repo_loads_with_auto_classes_and_pipeline(pipeline, dataset):
     assert predictions[0][0]["label"] in CLASSES
 
 
+def test_widget_examples_hold_the_exported_models_outputs(pipeline, dataset, tmp_path):
+    from transformers import pipeline as hf_pipeline
+
+    run_dir, summary = pipeline
+    repo = run_dir / "model"
+    card = (repo / "README.md").read_text()
+    widget = yaml.safe_load(card.split("---")[1])["widget"]
+    assert [entry["example_title"] for entry in widget] == CLASSES  # one test image per class
+    assert summary["export"]["widget_images"] == [entry["src"] for entry in widget]
+    assert "computed by this model's image-classification pipeline when the repo was exported" in card
+    classifier = hf_pipeline("image-classification", model=str(repo), trust_remote_code=True)
+    for entry in widget:
+        image = repo / entry["src"]
+        assert image.read_bytes() == (dataset / "test" / entry["example_title"] / image.name).read_bytes()
+        expected = classifier(str(image), top_k=len(CLASSES))
+        assert [output["label"] for output in entry["output"]] == [output["label"] for output in expected]
+        assert [output["score"] for output in entry["output"]] == pytest.approx(
+            [output["score"] for output in expected], abs=1e-4
+        )
+
+    run_copy = copy_run(run_dir, tmp_path / "run")
+    chosen = dataset / "test" / "positive" / "positive_001.png"
+    export.run(*stage_args(export, dataset, run_copy, "--widget-image", str(chosen)))
+    widget = yaml.safe_load((run_copy / "model" / "README.md").read_text().split("---")[1])["widget"]
+    titled = [(entry["src"], entry["example_title"]) for entry in widget]
+    assert titled == [("widget/positive_001.png", "positive_001")]
+    export.run(*stage_args(export, dataset, run_copy, "--widget-images", "0"))
+    assert "widget" not in yaml.safe_load((run_copy / "model" / "README.md").read_text().split("---")[1])
+    assert not (run_copy / "model" / "widget").exists()
+
+
 def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
     run_dir = copy_run(pipeline[0], tmp_path / "run")
     with mock.patch.object(export, "HfApi") as hf_api:

@@ -16,9 +16,9 @@ from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
 from emovlm_kd.arguments import training_arguments
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
 from emovlm_kd.cache import get_features, vlm_identity
-from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json, is_complete, read_class_names, upstream_fingerprint
+from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
@@ -96,7 +96,7 @@ def fingerprint(run_args, args: DistillArguments, class_names=None) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "teacher": upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
             # the VLM by its identity, not by where it lies: a moved or copied run directory is the same run
             "spec": {k: v for k, v in feature_spec(run_args, args, class_names).items() if k != "vlm"},

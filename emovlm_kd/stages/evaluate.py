@@ -21,9 +21,9 @@ from emovlm_kd.artifacts import (
     spec_vlm,
 )
 from emovlm_kd.cache import get_features
-from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, majority_baseline
 from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, upstream_fingerprint
+from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def fingerprint(run_args, args: EvaluateArguments) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "teacher": upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
             "gate": upstream_fingerprint(run_args.run_dir, "gate", STAGE),
             "splits": args.splits,
@@ -99,9 +99,7 @@ def run(run_args, args: EvaluateArguments) -> dict:
     class_names = data.class_names
     splits = [split for split in args.splits if split in data.splits]
     if not splits:
-        raise DataError(
-            f"None of the splits {args.splits} exists in {run_args.data_dir!r} (found {list(data.splits)})"
-        )
+        raise DataError(f"None of the splits {args.splits} exists in {data.root!r} (found {list(data.splits)})")
 
     features = get_features(
         accelerator,

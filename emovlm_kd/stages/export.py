@@ -5,6 +5,11 @@ The VLM of stage 3 is wrapped with the trained head and gate; the repo holds `co
 the Inference Endpoints `handler.py` and the Gradio Space app (`space/`) when the package ships them, and a model
 card with the results of stage 5. Before saving, the assembled model's fused logits on a few images are checked
 against the cached pipeline's. `--push-to-hub REPO_ID` uploads the folder with `huggingface_hub`.
+
+The hosted widget of the Hub does not run custom code, so the card carries precomputed examples instead: a few test
+images (one per class by default, at most 8) are copied into `widget/`, and the card's `widget:` metadata gives each
+one's true class (`example_title`) and the exported model's own `[{label, score}]` for it (`output`), computed by its
+image-classification pipeline at export time.
 """
 
 import hashlib
@@ -31,6 +36,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
+from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
 from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
 
 logger = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ logger = logging.getLogger(__name__)
 STAGE = "export"
 REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "repo_template"
 ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints look for these at the repo root
+WIDGET_DIR = "widget"
+MAX_WIDGET_IMAGES = 8
 
 
 @dataclass
@@ -61,13 +69,34 @@ class ExportArguments:
     )
     license: str = field(default="apache-2.0", metadata={"help": "License of the model repo"})
     verify_images: int = field(
-        default=4, metadata={"help": "Test images to check the assembled model on (0: skip; needs --data-dir)"}
+        default=4, metadata={"help": "Test images to check the assembled model on (0: skip; needs the dataset)"}
+    )
+    widget_images: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Test images shown with the model's outputs on the Hub page (default: one per class, at most "
+            f"{MAX_WIDGET_IMAGES}; 0: none)"
+        },
+    )
+    widget_image: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Image files to show on the Hub page instead (titled by file name): --widget-image A B"},
     )
 
 
 ARGUMENTS = ExportArguments
 # Settings that change the written repo (the token and commit message do not).
-FINGERPRINT_FIELDS = ("push_to_hub", "private", "model_name", "dataset_name", "base_model", "license", "verify_images")
+FINGERPRINT_FIELDS = (
+    "push_to_hub",
+    "private",
+    "model_name",
+    "dataset_name",
+    "base_model",
+    "license",
+    "verify_images",
+    "widget_images",
+    "widget_image",
+)
 
 
 def _template_files() -> dict[str, Path]:
@@ -81,40 +110,99 @@ def _template_files() -> dict[str, Path]:
 
 def fingerprint(run_args, args: ExportArguments) -> str:
     template = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _template_files().items()}
+    widget_files = [[Path(path).name, Path(path).stat().st_size] for path in args.widget_image if Path(path).is_file()]
     return hash_json(
         {
             "stage": STAGE,
             "evaluate": upstream_fingerprint(run_args.run_dir, "evaluate", STAGE),
             "repo_template": template,
+            "widget_files": widget_files,
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
     )
 
 
-def verification_data(accelerator, run_args, head_spec: dict, count: int):
-    """(image paths, cached features) of the first `count` test (else val) images. Runs on every process."""
-    data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
-    split = "test" if "test" in data.splits else "val"
+def eval_split(data) -> str:
+    return "test" if "test" in data.splits else "val"
+
+
+def verification_data(accelerator, run_args, data, head_spec: dict, count: int):
+    """(images, cached features) of the first `count` test (else val) images. Runs on every process."""
+    split = eval_split(data)
     features = get_features(accelerator, run_args.run_dir, data, head_spec, [split], num_workers=0)[split]
-    return data.splits[split]["image_path"][:count], {name: value[:count] for name, value in features.items()}
+    images = [data.image(split, index) for index in range(min(count, len(data.splits[split])))]
+    return images, {name: value[: len(images)] for name, value in features.items()}
 
 
 @torch.no_grad()
-def verify_against_cache(run_dir, model, image_processor, paths: list[str], features: dict) -> float:
-    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `paths`."""
+def verify_against_cache(run_dir, model, image_processor, images: list, features: dict) -> float:
+    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `images`."""
     gate, gate_spec = load_gate(run_dir)
     expected = fused_logits(gate, *gate_inputs(load_head(run_dir), features, read_head_spec(run_dir), gate_spec))
-    inputs = image_processor(list(paths), return_tensors="pt").to(model.device)
+    inputs = image_processor(list(images), return_tensors="pt").to(model.device)
     actual = model(**inputs).logits.float().cpu()
     difference = float((actual - expected).abs().max())
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if difference > tolerance:
         raise RuntimeError(
             f"The assembled model's logits differ from the trained pipeline's by {difference:.3g} (> {tolerance}) "
-            f"on {len(paths)} images: the exported model would not be the one evaluated"
+            f"on {len(images)} images: the exported model would not be the one evaluated"
         )
-    logger.info(f"Assembled model matches the trained pipeline on {len(paths)} images (max |Δlogit| {difference:.2e})")
+    logger.info(
+        f"Assembled model matches the trained pipeline on {len(images)} images (max |Δlogit| {difference:.2e})"
+    )
     return difference
+
+
+@dataclass
+class WidgetImage:
+    """An example of the Hub page: the encoded image, its file name in `widget/` and its title (the true class)."""
+
+    data: bytes
+    name: str
+    title: str
+
+
+def widget_images(args: ExportArguments, data, class_names: list[str]) -> list[WidgetImage]:
+    """`--widget-image` files, else `--widget-images` test (else val) images: by default one per class, at most
+    `MAX_WIDGET_IMAGES`; the first images of each class in turn when more are asked for."""
+    if args.widget_image:
+        return [WidgetImage(Path(path).read_bytes(), Path(path).name, Path(path).stem) for path in args.widget_image]
+    count = min(len(class_names), MAX_WIDGET_IMAGES) if args.widget_images is None else args.widget_images
+    if data is None or count <= 0:
+        return []
+    split = eval_split(data)
+    by_class = {label: [] for label in range(len(class_names))}
+    for index, label in enumerate(data.column(split, "label")):
+        by_class[label].append(index)
+    chosen = []
+    for rank in range(max(len(indices) for indices in by_class.values())):
+        chosen += [(label, indices[rank]) for label, indices in by_class.items() if rank < len(indices)]
+    examples = []
+    for label, index in chosen[:count]:
+        name = Path(data.key(split, index).replace("[", "-").rstrip("]")).name
+        examples.append(
+            WidgetImage(data.image_bytes(split, index), f"{class_names[label]}/{name}", class_names[label])
+        )
+    return examples
+
+
+def write_widget(output: Path, model, image_processor, examples: list[WidgetImage]) -> list[dict]:
+    """Copy the examples into `<output>/widget/` and return the card's `widget:` entries, with the outputs of the
+    model's image-classification pipeline on the written files."""
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+
+    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=image_processor)
+    widget = []
+    for example in examples:
+        data, image_format = web_image(example.data, example.name)  # too large or not web-safe: a JPEG
+        source = Path(WIDGET_DIR) / Path(example.name).with_suffix(WEB_IMAGE_FORMATS[image_format][1])
+        (output / source).parent.mkdir(parents=True, exist_ok=True)
+        (output / source).write_bytes(data)
+        outputs = classifier(str(output / source), top_k=model.config.num_labels)
+        scores = [{"label": item["label"], "score": round(float(item["score"]), 4)} for item in outputs]
+        widget.append({"src": source.as_posix(), "example_title": example.title, "output": scores})
+    return widget
 
 
 def _tuned_base(run_dir, head_spec: dict) -> tuple[bool, str | None]:
@@ -156,8 +244,11 @@ def _training_summary(run_dir, head_spec: dict, gate_spec: dict, vlm_description
     }
 
 
-def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_processor, output: Path):
-    """The model repo: weights and remote code, processor and tokenizer, template files, model card, plots."""
+def write_repo(
+    run_args, args: ExportArguments, model, image_processor, vlm_processor, output: Path, examples=()
+) -> list[dict]:
+    """The model repo: weights and remote code, processor and tokenizer, template files, widget examples, model card,
+    plots. Returns the card's `widget:` entries."""
     head_spec = read_head_spec(run_args.run_dir)
     _, gate_spec = load_gate(run_args.run_dir)
     if output.exists():
@@ -174,8 +265,9 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
     results_file = stage_output(run_args.run_dir, "evaluate") / RESULTS_FILE
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(run_args.run_dir).resolve().name}"
-    dataset_name = args.dataset_name or (Path(run_args.data_dir).resolve().name if run_args.data_dir else None)
+    dataset_name = args.dataset_name or source_name(run_args)
     vlm_description = _vlm_description(run_args.run_dir, head_spec)
+    widget = write_widget(output, model, image_processor, list(examples))
     card = build_model_card(
         repo_id,
         head_spec["class_names"],
@@ -185,11 +277,13 @@ def write_repo(run_args, args: ExportArguments, model, image_processor, vlm_proc
         _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description),
         license=args.license,
         vlm_description=vlm_description,
+        widget=widget,
     )
     card.save(output / "README.md")
     for plot in sorted(stage_output(run_args.run_dir, "evaluate").glob("confusion_*.png")):
         shutil.copy(plot, output / plot.name)
     _normal_modes(output)
+    return widget
 
 
 def _normal_modes(folder: Path):
@@ -215,9 +309,16 @@ def run(run_args, args: ExportArguments) -> dict:
     head_spec = read_head_spec(run_args.run_dir)
     if head_spec["class_names"] != read_class_names(run_args.run_dir):
         raise DataError(f"The head of {run_args.run_dir!r} was trained for other classes than the run's labels.json")
-    verify = args.verify_images > 0 and run_args.data_dir
-    if verify:  # every process: loading data and features may synchronise them
-        paths, features = verification_data(accelerator, run_args, head_spec, args.verify_images)
+    missing = [path for path in args.widget_image if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"--widget-image file(s) not found: {missing}")
+    wants_data = args.verify_images > 0 or (args.widget_images != 0 and not args.widget_image)
+    data = None
+    if wants_data and has_source(run_args):  # every process: loading data and features may synchronise them
+        data = load_stage_data(run_args, accelerator, STAGE, class_names=head_spec["class_names"])
+    verify = args.verify_images > 0 and data is not None
+    if verify:
+        images, features = verification_data(accelerator, run_args, data, head_spec, args.verify_images)
     summary = {"stage": STAGE}
 
     def build_repo(output: Path) -> dict:
@@ -225,9 +326,11 @@ def run(run_args, args: ExportArguments) -> dict:
         model.to(accelerator.device)
         if verify:
             summary["verified_max_logit_difference"] = verify_against_cache(
-                run_args.run_dir, model, image_processor, paths, features
+                run_args.run_dir, model, image_processor, images, features
             )
-        write_repo(run_args, args, model, image_processor, vlm_processor, output)
+        examples = widget_images(args, data, head_spec["class_names"])
+        widget = write_repo(run_args, args, model, image_processor, vlm_processor, output, examples)
+        summary["widget_images"] = [entry["src"] for entry in widget]
         if args.push_to_hub:
             summary["hub_url"] = push_to_hub(args, output)
         return {key: value for key, value in summary.items() if key != "stage"}
@@ -236,4 +339,15 @@ def run(run_args, args: ExportArguments) -> dict:
     return summary
 
 
-__all__ = ["ARGUMENTS", "STAGE", "ExportArguments", "fingerprint", "push_to_hub", "run", "write_repo"]
+__all__ = [
+    "ARGUMENTS",
+    "STAGE",
+    "ExportArguments",
+    "WidgetImage",
+    "fingerprint",
+    "push_to_hub",
+    "run",
+    "widget_images",
+    "write_repo",
+    "write_widget",
+]

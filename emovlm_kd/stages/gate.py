@@ -15,9 +15,9 @@ from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfi
 from emovlm_kd.arguments import training_arguments
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
 from emovlm_kd.cache import get_features
-from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json, upstream_fingerprint
+from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
 
 STAGE = "gate"
@@ -55,7 +55,7 @@ def fingerprint(run_args, args: GateArguments) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "head": upstream_fingerprint(run_args.run_dir, "distill", STAGE),
             "gate": {k: v for k, v in gate_spec(args, []).items() if k != "class_names"},
             "seed": run_args.seed,

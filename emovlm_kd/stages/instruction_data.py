@@ -1,4 +1,7 @@
-"""Stage 0: emotion instruction data from an OpenAI-compatible chat endpoint with vision.
+"""Stage 0: emotion instruction data from a chat model with vision, through `huggingface_hub.InferenceClient`.
+
+The model is served by any OpenAI-compatible API (`--base-url`: OpenAI, vLLM, TGI, ...) or by Hugging Face Inference
+Providers (`--provider` with a Hub model id as `--model`, authenticated with an HF token); see `emovlm_kd.chat`.
 
 For every training image the endpoint is shown the image and its true label and asked, in the paper's one-shot
 style, for (1) the key visual elements (`observation`) and (2) the reasoning that leads to the emotion
@@ -14,7 +17,8 @@ Output `<run_dir>/instruction_data.jsonl`, one JSON record per line, appended (a
      "model": "gpt-4o", "attempts": 1}
     {"image": "train/awe/0002.jpg", "label": "awe", "status": "failed", "reason": "...", "raw": "...", ...}
 
-`image` is the path relative to the dataset folder. A re-run skips images whose latest record is `done` (for the
+`image` is the row's key (`emovlm_kd.data.ImageData.key`): for an ImageFolder tree, the path relative to the
+dataset folder; for a `datasets` source, `<split>[<row>]`. A re-run skips images whose latest record is `done` (for the
 same label) and asks again for the others; at the end the file is rewritten with the latest record per image, so a
 finished file holds exactly one record per image.
 """
@@ -25,13 +29,12 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from emovlm_kd.arguments import settings_dict
-from emovlm_kd.data import dataset_hash, load_imagefolder
+from emovlm_kd.chat import ChatClient, ChatRequestError, RetryPolicy, image_data_url
 from emovlm_kd.instruction_records import read_records, rewrite_records
-from emovlm_kd.openai_chat import ChatRequestError, OpenAIChatClient, RetryPolicy, image_data_url
 from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
+from emovlm_kd.sources import has_source, load_source, source_hash
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +134,24 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 @dataclass
 class InstructionDataArguments:
     base_url: str | None = field(
-        default=None, metadata={"help": f"OpenAI-compatible API base URL (default: {OPENAI_BASE_URL})"}
+        default=None,
+        metadata={"help": f"OpenAI-compatible API base URL, e.g. a vLLM or TGI server (default: {OPENAI_BASE_URL})"},
     )
-    model: str = field(default="gpt-4o", metadata={"help": "Chat model with vision"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key"})
+    provider: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face Inference Providers instead of a base URL: a provider (together, nebius, ..., or "
+            "auto) serving --model, a Hub model id"
+        },
+    )
+    model: str = field(default="gpt-4o", metadata={"help": "Chat model with vision (a Hub model id with --provider)"})
+    api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Environment variable holding the API key (default: OPENAI_API_KEY with a base URL; with "
+            "--provider, huggingface_hub's HF_TOKEN or cached login)"
+        },
+    )
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at most"})
     timeout: float = field(default=120.0, metadata={"help": "Seconds per request attempt"})
     max_retries: int = field(default=5, metadata={"help": "Retries on timeouts, 429 and 5xx"})
@@ -154,8 +171,8 @@ ARGUMENTS = InstructionDataArguments
 
 
 def enabled(args: InstructionDataArguments) -> bool:
-    """The all-stages command runs stage 0 only when an endpoint is configured (`base_url`)."""
-    return args.base_url is not None
+    """The all-stages command runs stage 0 only when an endpoint is configured (`base_url` or `provider`)."""
+    return args.base_url is not None or args.provider is not None
 
 
 def fingerprint(run_args, args: InstructionDataArguments) -> str:
@@ -163,20 +180,22 @@ def fingerprint(run_args, args: InstructionDataArguments) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "model": args.model,
             "base_url": args.base_url,
+            "provider": args.provider,
             "limit": args.limit,
             "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER],
         }
     )
 
 
-def _ask(client: OpenAIChatClient, data_root: str, image: str, label: str, class_names, max_side) -> dict:
-    """One image's record (done or failed). Fatal endpoint errors propagate."""
+def _ask(client: ChatClient, data, row: int, image: str, label: str, class_names, max_side) -> dict:
+    """The record (done or failed) of row `row` of the training split, whose key is `image`. Fatal endpoint errors
+    propagate."""
     record = {"image": image, "label": label}
     try:
-        url = image_data_url(Path(data_root) / image, max_side=max_side)
+        url = image_data_url(data.image_bytes("train", row), image, max_side=max_side)
     except (ValueError, OSError) as error:
         return {**record, "status": "failed", "reason": f"unreadable image: {error}", "attempts": 0}
     try:
@@ -223,21 +242,15 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
 
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
-    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    if args.api_key_env and not api_key:
-        raise ValueError(
-            f"The API key environment variable {args.api_key_env!r} is not set (servers without authentication "
-            f"accept any value, e.g. {args.api_key_env}=none)"
-        )
-    if not run_args.data_dir:
-        raise DataError(f"Stage {STAGE!r} needs a dataset: pass --data-dir")
-    data = load_imagefolder(run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed)
+    if args.base_url and args.provider:
+        raise ValueError("Pass --base-url (a server of your own) or --provider (Inference Providers), not both")
+    api_key = _api_key(args)
+    if not has_source(run_args):
+        raise DataError(f"Stage {STAGE!r} needs a dataset: pass --data-dir or --dataset")
+    data = load_source(run_args)
     class_names = ensure_class_names(run_args.run_dir, data.class_names)
-    train = data.splits["train"]
-    images = [
-        (Path(os.path.relpath(path, data.root)).as_posix(), class_names[label])
-        for path, label in zip(train["image_path"], train["label"], strict=True)
-    ]
+    labels = data.column("train", "label")
+    images = [(row, data.key("train", row), class_names[label]) for row, label in enumerate(labels)]
     if args.limit is not None:
         images = images[: args.limit]
 
@@ -245,7 +258,7 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     clear_complete(run_args.run_dir, STAGE)
     records = read_records(output)
-    pending = [(image, label) for image, label in images if not _is_done(records.get(image), label)]
+    pending = [(row, image, label) for row, image, label in images if not _is_done(records.get(image), label)]
     skipped = len(images) - len(pending)
     logger.info(f"Instruction data: {len(images)} training images, {skipped} already done, {len(pending)} to ask")
 
@@ -254,9 +267,8 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     request_fields = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.json_mode:
         request_fields["response_format"] = {"type": "json_object"}
-    client = OpenAIChatClient(
-        args.base_url or OPENAI_BASE_URL, api_key, args.model, args.timeout, retry, request_fields
-    )
+    base_url = None if args.provider else args.base_url or OPENAI_BASE_URL
+    client = ChatClient(args.model, base_url, args.provider, api_key, args.timeout, retry, request_fields)
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         with (
@@ -265,8 +277,8 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
             tqdm(total=len(pending), desc="Instruction data") as bar,
         ):
             futures = [
-                pool.submit(_ask, client, data.root, image, label, class_names, args.max_image_side)
-                for image, label in pending
+                pool.submit(_ask, client, data, row, image, label, class_names, args.max_image_side)
+                for row, image, label in pending
             ]
             for future in as_completed(futures):
                 record = future.result()  # a fatal endpoint error stops the run here
@@ -279,7 +291,7 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
                 bar.update(1)
                 bar.set_postfix(done=counts["done"], failed=counts["failed"])
     except ChatRequestError as error:
-        raise RuntimeError(f"The chat endpoint {client.url} refused the request: {error.reason}") from None
+        raise RuntimeError(f"The chat endpoint {client.endpoint} refused the request: {error.reason}") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         rewrite_records(output, records)  # one record per image, also after a crash or Ctrl-C
@@ -304,6 +316,20 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
         settings = settings_dict(run_args, args)
         write_complete(run_args.run_dir, STAGE, fingerprint(run_args, args), summary=summary, settings=settings)
     return summary
+
+
+def _api_key(args: InstructionDataArguments) -> str | None:
+    """The key of `--api-key-env`; with `--provider` and no `--api-key-env`, None (huggingface_hub's own token)."""
+    if args.provider and args.api_key_env is None:
+        return None
+    name = args.api_key_env or "OPENAI_API_KEY"
+    api_key = os.environ.get(name)
+    if not api_key:
+        raise ValueError(
+            f"The API key environment variable {name!r} is not set (servers without authentication accept any "
+            f"value, e.g. {name}=none)"
+        )
+    return api_key
 
 
 def _is_done(record: dict | None, label: str) -> bool:

@@ -17,6 +17,7 @@ base) and the merged VLM and its processor are saved with `save_pretrained` to `
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,10 +34,10 @@ import torch
 from emovlm_kd.arguments import training_arguments
 from emovlm_kd.cache import vlm_identity
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
-from emovlm_kd.data import dataset_hash
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
 from emovlm_kd.run_dir import fault_point, hash_json, read_json, stage_output, write_atomic
+from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def fingerprint(run_args, args: InstructionTuningArguments) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "instruction_data": instruction_digest,
             "seed": run_args.seed,
             "vlm": vlm_identity(run_args.run_dir, args.vlm),
@@ -111,18 +112,19 @@ def instruction_data_path(run_args, args: InstructionTuningArguments) -> Path:
     return Path(args.instruction_data or stage_output(run_args.run_dir, "instruction_data"))
 
 
-def load_explanations(path: Path, image_paths: list[str], labels: list[str], data_root: str):
-    """Done instruction records by absolute image path, and how many records were unusable (label changed)."""
+def load_explanations(path: Path, data, class_names: list[str]):
+    """Done instruction records by row of the training split (matched by the row's key), and how many records were
+    unusable (label changed)."""
     records = done_examples(path)
     explanations, stale = {}, 0
-    for image_path, label in zip(image_paths, labels, strict=True):
-        record = records.get(Path(os.path.relpath(image_path, data_root)).as_posix())
+    for row, label in enumerate(data.column("train", "label")):
+        record = records.get(data.key("train", row))
         if record is None:
             continue
-        if record.get("label") != label:
+        if record.get("label") != class_names[label]:
             stale += 1
             continue
-        explanations[image_path] = record
+        explanations[row] = record
     return explanations, stale
 
 
@@ -131,20 +133,18 @@ def _file_digest(path: Path) -> str | None:
 
 
 def _describe_instruction_data(run_args, args, data, class_names) -> tuple[dict, str]:
-    """The usable explanations by image path, and a sentence saying what the run trains on."""
+    """The usable explanations by training row, and a sentence saying what the run trains on."""
     path = instruction_data_path(run_args, args)
     if args.classification_only:
         return {}, "classification only (--classification-only)"
     if not path.exists():
         return {}, f"classification only: no instruction data at {str(path)!r} (run stage 0 to add it)"
-    train = data.splits["train"]
-    labels = [class_names[label] for label in train["label"]]
-    explanations, stale = load_explanations(path, list(train["image_path"]), labels, data.root)
+    explanations, stale = load_explanations(path, data, class_names)
     if stale:
         logger.warning(f"Ignored {stale} instruction record(s) whose label differs from the dataset's")
     if not explanations:
         return {}, f"classification only: {str(path)!r} has no usable record for these images"
-    return explanations, f"instruction data for {len(explanations)} of {len(train)} training images"
+    return explanations, f"instruction data for {len(explanations)} of {len(data.splits['train'])} training images"
 
 
 def _mixed_precision(requested: str | None) -> str | None:
@@ -282,11 +282,10 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     model = add_lora(vlm, args)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     encoder = InstructionEncoder(processor, data.class_names, args.max_answer_tokens)
-    train = data.splits["train"]
-    examples = build_examples(list(train["image_path"]), list(train["label"]), explanations)
+    examples = build_examples(data.column("train", "label"), explanations)
     task_counts = {task: sum(example.task == task for example in examples) for task in TASKS}
     dataloader = torch.utils.data.DataLoader(
-        InstructionDataset(examples, encoder),
+        InstructionDataset(examples, encoder, functools.partial(data.image, "train")),
         batch_size=args.batch_size,
         shuffle=True,
         collate_fn=encoder.collate,

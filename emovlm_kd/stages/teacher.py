@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from emovlm_kd.arguments import training_arguments
-from emovlm_kd.data import dataset_hash, open_image_rgb
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json
+from emovlm_kd.sources import source_hash
 from emovlm_kd.teachers import TEACHER_PRESETS, create_teacher, teacher_transforms
 from emovlm_kd.training import begin_stage, complete_stage, progress, seeded_rng, train_epochs
 
@@ -46,7 +46,7 @@ def fingerprint(run_args, args: TeacherArguments) -> str:
     return hash_json(
         {
             "stage": STAGE,
-            "data": dataset_hash(run_args.data_dir, run_args.val_fraction, run_args.seed),
+            "data": source_hash(run_args),
             "seed": run_args.seed,
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
@@ -54,18 +54,19 @@ def fingerprint(run_args, args: TeacherArguments) -> str:
 
 
 class ImageSplit(torch.utils.data.Dataset):
-    """A split's images through a transform. With `augment_seed`, sample `i` of epoch `e` draws its random
-    augmentation from a generator seeded by (seed, e, i): identical whatever the process or worker layout."""
+    """A split of the run's data (`emovlm_kd.data.ImageData`) through a transform. With `augment_seed`, sample `i`
+    of epoch `e` draws its random augmentation from a generator seeded by (seed, e, i): identical whatever the
+    process or worker layout."""
 
-    def __init__(self, split, transform, augment_seed: int | None = None):
-        self.paths, self.labels = split["image_path"], split["label"]
+    def __init__(self, data, split: str, transform, augment_seed: int | None = None):
+        self.data, self.split, self.labels = data, split, data.column(split, "label")
         self.transform, self.augment_seed, self.epoch = transform, augment_seed, 0
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, index):
-        image = open_image_rgb(self.paths[index])
+        image = self.data.image(self.split, index)
         if self.augment_seed is None:
             pixels = self.transform(image)
         else:
@@ -99,11 +100,11 @@ def run(run_args, args: TeacherArguments) -> dict:
     with accelerator.main_process_first():  # one download of pretrained weights
         model = create_teacher(args.teacher, len(class_names), args.pretrained)
     train_transform, eval_transform = teacher_transforms(model)
-    train_set = ImageSplit(data.splits["train"], train_transform, augment_seed=run_args.seed)
+    train_set = ImageSplit(data, "train", train_transform, augment_seed=run_args.seed)
     loader_kwargs = {"num_workers": run_args.num_workers, "pin_memory": torch.cuda.is_available()}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(
-        ImageSplit(data.splits["val"], eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
+        ImageSplit(data, "val", eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
