@@ -1,9 +1,10 @@
 """EmoVLM-KD end to end in a few minutes, offline, on CPU.
 
 With no arguments: builds the tiny random-init VLM and teacher, generates a small dataset whose classes differ in
-colour (a learnable visual signal), runs every training stage through the same code as `train/run_all.py`, exports
-the model folder, reloads it in a fresh process with `AutoModelForImageClassification` and the pipeline, and
-prints per-branch accuracy and a few predictions.
+colour (a learnable visual signal) with templated instruction data (an observation and a reasoning per class, in
+stage 0's format, so that stage 1 trains all three tasks), runs every training stage through the same code as
+`train/run_all.py`, exports the model folder, reloads it in a fresh process with `AutoModelForImageClassification`
+and the pipeline, and prints per-branch accuracy, a few predictions and the VLM's explanations of them.
 
     python examples/quickstart.py                                  # everything offline
     python examples/quickstart.py --data path/to/imagefolder        # your data (train/[val/]test/<class>/*)
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 
 from emovlm_kd.metrics import results_table
-from emovlm_kd.run_dir import read_results
+from emovlm_kd.run_dir import read_results, stage_output
 from emovlm_kd.stages import run_all
-from emovlm_kd.testing import make_imagefolder
+from emovlm_kd.testing import make_imagefolder, write_instruction_data
 
 # Runs in a fresh interpreter: only transformers and the model folder (remote code), as a user on the Hub would.
 RELOAD_SCRIPT = textwrap.dedent(
@@ -37,8 +38,8 @@ RELOAD_SCRIPT = textwrap.dedent(
     folder, images = sys.argv[1], json.loads(sys.argv[2])
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
     classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
-    predictions = classifier(images, batch_size=4, top_k=1)
-    print(json.dumps({"class": type(model).__name__, "predictions": [p[0] for p in predictions]}))
+    results = classifier(images, batch_size=4, top_k=1, explain=True, max_new_tokens=48)
+    print(json.dumps({"class": type(model).__name__, "results": results}))
     """
 )
 
@@ -97,7 +98,9 @@ def main(argv=None) -> dict:
         data_dir = Path(args.data).resolve()
     else:
         data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
+        instruction_data = write_instruction_data(data_dir, stage_output(run_dir, "instruction_data"))
         print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")
+        print(f"and its instruction data (an observation and a reasoning per class) in {instruction_data}")
 
     summary = run_all.run(*run_all.plan(run_all_argv(args, data_dir, run_dir)))
     model_dir = Path(summary["export"]["output"]) if "output" in summary.get("export", {}) else run_dir / "model"
@@ -110,8 +113,12 @@ def main(argv=None) -> dict:
     print("\nAccuracy / macro-F1 per branch (from the evaluation stage):\n")
     print(results_table(results))
     print(f"\nPredictions of the reloaded model ({reloaded['class']}, fresh process, pipeline):")
-    for path, prediction in zip(samples, reloaded["predictions"]):
+    for path, result in zip(samples, reloaded["results"]):
+        prediction = result["predictions"][0]
         print(f"  {path.parent.name:>12}/{path.name:<24} -> {prediction['label']} ({prediction['score']:.2f})")
+    print("\nThe VLM's explanations of them (pipeline `explain=True`: its own words, not ground truth):")
+    for path, result in zip(samples, reloaded["results"]):
+        print(f"  {path.parent.name:>12}/{path.name:<24} -> {result['explanation']!r}")
     print(f"\nDone in {time.time() - started:.0f} s. The model folder is {model_dir}")
     print(f"Load it with AutoModelForImageClassification.from_pretrained({str(model_dir)!r}, trust_remote_code=True)")
     return {"model_dir": str(model_dir), "results": results, "reloaded": reloaded}
