@@ -35,10 +35,12 @@ RELOAD_SCRIPT = textwrap.dedent(
     import json, sys
     from transformers import AutoModelForImageClassification, pipeline
 
-    folder, images = sys.argv[1], json.loads(sys.argv[2])
+    folder, images, explain = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "explain"
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
     classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
-    results = classifier(images, batch_size=4, top_k=1, explain=True, max_new_tokens=48)
+    results = classifier(images, batch_size=4, top_k=1, explain=explain, max_new_tokens=48)
+    if not explain:
+        results = [{"predictions": predictions} for predictions in results]
     print(json.dumps({"class": type(model).__name__, "results": results}))
     """
 )
@@ -75,10 +77,10 @@ def run_all_argv(args, data_dir: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def reload_in_fresh_process(model_dir: Path, images: list[str]) -> dict:
+def reload_in_fresh_process(model_dir: Path, images: list[str], explain: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images)],
+        [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images), "explain" if explain else "-"],
         capture_output=True,
         text=True,
         env=env,
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
         data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
         instruction_data = write_instruction_data(data_dir, stage_output(run_dir, "instruction_data"))
         print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")
-        print(f"and its instruction data (an observation and a reasoning per class) in {instruction_data}")
+        print(f"Wrote templated instruction data (an observation and a reasoning per class) to {instruction_data}")
 
     summary = run_all.run(*run_all.plan(run_all_argv(args, data_dir, run_dir)))
     model_dir = Path(summary["export"]["output"]) if "output" in summary.get("export", {}) else run_dir / "model"
@@ -108,7 +110,8 @@ def main(argv=None) -> dict:
 
     test_dir = data_dir / "test" if (data_dir / "test").is_dir() else data_dir / "train"
     samples = [sorted(folder.iterdir())[0] for folder in sorted(test_dir.iterdir()) if folder.is_dir()][:4]
-    reloaded = reload_in_fresh_process(model_dir, [str(path) for path in samples])
+    explained = stage_output(run_dir, "instruction_data").exists()  # stage 1 taught the VLM to explain
+    reloaded = reload_in_fresh_process(model_dir, [str(path) for path in samples], explain=explained)
 
     print("\nAccuracy / macro-F1 per branch (from the evaluation stage):\n")
     print(results_table(results))
@@ -116,9 +119,12 @@ def main(argv=None) -> dict:
     for path, result in zip(samples, reloaded["results"]):
         prediction = result["predictions"][0]
         print(f"  {path.parent.name:>12}/{path.name:<24} -> {prediction['label']} ({prediction['score']:.2f})")
-    print("\nThe VLM's explanations of them (pipeline `explain=True`: its own words, not ground truth):")
-    for path, result in zip(samples, reloaded["results"]):
-        print(f"  {path.parent.name:>12}/{path.name:<24} -> {result['explanation']!r}")
+    if explained:
+        print("\nThe VLM's explanations of them (pipeline `explain=True`: its own words, not ground truth):")
+        for path, result in zip(samples, reloaded["results"]):
+            print(f"  {path.parent.name:>12}/{path.name:<24} -> {result['explanation']!r}")
+    else:
+        print("\nNo explanations: without instruction data (stage 0) stage 1 did not teach the VLM to explain.")
     print(f"\nDone in {time.time() - started:.0f} s. The model folder is {model_dir}")
     print(f"Load it with AutoModelForImageClassification.from_pretrained({str(model_dir)!r}, trust_remote_code=True)")
     return {"model_dir": str(model_dir), "results": results, "reloaded": reloaded}
