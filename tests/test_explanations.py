@@ -130,4 +130,3 @@ def test_templated_instruction_data_has_the_records_of_stage_0(tmp_path):
     assert path.read_bytes() == first
     with pytest.raises(ValueError, match="No class folder"):
         write_instruction_data(root, tmp_path / "other.jsonl", ["cats", "dogs"])
-

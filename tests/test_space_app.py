@@ -28,6 +28,7 @@ from huggingface_hub import SpaceCard
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+EXPLANATION_TOKENS = 12  # the app's --max-new-tokens in the browser test
 GATE_TEXT = {  # what the gate view says about each gate's own weights
     "concat_linear": "Fused logit = from distilled head + from VLM branch + bias",
     "bilinear": "no per-branch split",
@@ -221,7 +222,6 @@ def test_examples_space_launcher_points_at_the_shipped_app():
     assert launcher.SPACE_APP == SPACE_APP and SPACE_APP.is_file()
 
 
-# ---------------------------------------------------------------------------------------------- the browser
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -274,7 +274,7 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
     env.pop("EMOVLM_KD_MODEL", None)
     server = subprocess.Popen(
-        [sys.executable, str(launcher), "--port", str(port)],
+        [sys.executable, str(launcher), "--port", str(port), "--max-new-tokens", str(EXPLANATION_TOKENS)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     image_path = tmp_path / "upload.png"
@@ -282,6 +282,8 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     image.save(image_path)
     labels = tiny[0].config.labels
     expected = labels[int(fused_probabilities(tiny, image).argmax())]
+    with torch.no_grad():
+        expected_explanation = tiny[0].explain(**tiny[1]([str(image_path)]), max_new_tokens=EXPLANATION_TOKENS)[0]
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -295,10 +297,15 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
         driver.find_element(By.ID, "submit").click()
         wait.until(lambda d: "fused logit" in d.find_element(By.ID, "gate-table").text)
-        texts = {
-            name: driver.find_element(By.ID, name).text.splitlines()
-            for name in ("fused", "vlm-branch", "head-branch", "gate-share", "gate-table")
-        }
+        panels = ("fused", "vlm-branch", "head-branch", "gate-share", "gate-table")
+        texts = {name: driver.find_element(By.ID, name).text.splitlines() for name in panels}
+        assert not driver.find_element(By.CSS_SELECTOR, "#explanation textarea").get_attribute("value")
+
+        driver.find_element(By.ID, "explain").click()  # generated only now
+        wait.until(lambda d: "not ground truth" in d.find_element(By.ID, "explanation-status").text)
+        explanation = driver.find_element(By.CSS_SELECTOR, "#explanation textarea").get_attribute("value")
+        explanation_status = driver.find_element(By.ID, "explanation-status").text
+        after_explain = {name: driver.find_element(By.ID, name).text.splitlines() for name in panels}
         driver.save_screenshot(str(tmp_path / "space.png"))
     finally:
         if driver is not None:
@@ -323,3 +330,12 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     assert all(label in table for label in labels)
     with Image.open(tmp_path / "space.png") as screenshot:
         assert screenshot.size[0] >= 1000
+    # the explanation: the model's own greedy text for this image, verbatim, and the classes it names
+    assert explanation == expected_explanation, (explanation, expected_explanation)
+    named = tiny[0].config.labels_named_in(explanation)
+    assert ("The text names no class." in explanation_status) == (not named), explanation_status
+    # the prediction panels and the gate table did not change (all but the table's last line, the time taken)
+    assert {name: lines for name, lines in after_explain.items() if name != "gate-table"} == {
+        name: lines for name, lines in texts.items() if name != "gate-table"
+    }
+    assert after_explain["gate-table"][:-1] == texts["gate-table"][:-1]

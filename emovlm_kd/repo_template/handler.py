@@ -210,7 +210,7 @@ class EndpointHandler:
         if not explain:
             given = sorted(set(parameters) & {"explain_task", "max_new_tokens"})
             if given:
-                raise ValueError(f"{given} only apply with \"explain\": true")
+                raise ValueError(f'{given} only apply with "explain": true')
             return None
         task = parameters.get("explain_task", "inference")
         if task not in EXPLANATION_TASKS:

@@ -42,7 +42,6 @@ HEAD, VLM = "distilled head", "VLM branch"
 EXPLANATION_TASKS = {"inference": "its reasoning towards the emotion", "observation": "the key visual elements"}
 
 
-# ---------------------------------------------------------------------------------------------- model
 def resolve_model(model: str | None = None) -> tuple[str, bool]:
     """`(model folder or repo id, is_tiny)`: the argument, `$EMOVLM_KD_MODEL`, this file's repo, or a tiny model."""
     model = model or os.environ.get(MODEL_ENV)
@@ -172,7 +171,6 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     }
 
 
-# ---------------------------------------------------------------------------------------------- presentation
 def as_label(labels: list[str], values: torch.Tensor) -> dict[str, float]:
     return {label: float(value) for label, value in zip(labels, values.tolist())}
 
@@ -234,8 +232,8 @@ def explanation_markdown(prediction: dict, labels: list[str], task: str, max_new
         check = f"⚠️ The text names {', '.join(f'**{label}**' for label in named)}; the model predicts **{predicted}**."
     return (
         f"{check} The VLM's own words ({EXPLANATION_TASKS[task]}), generated and shown verbatim: not ground truth."
-        f"\n\n_{prediction['explanation_seconds']:.1f} s on {prediction['device']}, greedy, at most {max_new_tokens} "
-        "new tokens._"
+        f"\n\n_{prediction['explanation_seconds'] * 1000:.0f} ms on {prediction['device']}, greedy, at most "
+        f"{max_new_tokens} new tokens._"
     )
 
 
