@@ -16,12 +16,13 @@ def classifier(tiny_folder):
 
 @pytest.fixture
 def language_model_calls(classifier):
-    """Counts of the language model's forward passes and of generation calls during a test."""
+    """Counts of the vision tower's and the language model's forward passes and of generation calls during a test."""
     model = classifier.model
-    calls = {"language_model": 0, "generate": 0}
-    handle = model.vlm.model.language_model.register_forward_hook(
-        lambda *args: calls.__setitem__("language_model", calls["language_model"] + 1)
-    )
+    calls = {"vision": 0, "language_model": 0, "generate": 0}
+    handles = [
+        module.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in (("vision", model.vlm.model.visual), ("language_model", model.vlm.model.language_model))
+    ]
     generate_tokens = model.generate_tokens
 
     def counted(*args, **kwargs):
@@ -30,7 +31,8 @@ def language_model_calls(classifier):
 
     model.generate_tokens = counted
     yield calls
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     del model.generate_tokens
 
 
@@ -52,9 +54,9 @@ def test_classification_without_explain_never_generates(classifier, language_mod
     image = make_images()[0]
     result = classifier(image, top_k=None)
     assert [sorted(entry) for entry in result] == [["label", "score"]] * 3
-    assert language_model_calls == {"language_model": 1, "generate": 0}  # one scoring pass, no generation
+    assert language_model_calls == {"vision": 1, "language_model": 1, "generate": 0}  # one scoring pass
     classifier(make_images(), top_k=1, batch_size=2)
-    assert language_model_calls == {"language_model": 3, "generate": 0}  # one per batch of 2 (3 images)
+    assert language_model_calls == {"vision": 3, "language_model": 3, "generate": 0}  # per batch of 2 (3 images)
 
 
 def test_explain_adds_the_text_and_leaves_the_scores_identical(classifier, language_model_calls):
@@ -62,7 +64,8 @@ def test_explain_adds_the_text_and_leaves_the_scores_identical(classifier, langu
     plain = classifier(images, top_k=None)
     assert language_model_calls["generate"] == 0
     explained = classifier(images, top_k=None, explain=True, max_new_tokens=6)
-    assert language_model_calls["generate"] == len(images)  # one generation per image (batch size 1)
+    # one generation per image (batch size 1), from the classification's vision pass
+    assert language_model_calls["generate"] == len(images) and language_model_calls["vision"] == 2 * len(images)
     model, image_processor = classifier.model, classifier.image_processor
     for image, scores, result in zip(images, plain, explained):
         assert sorted(result) == ["explanation", "explanation_labels", "predictions"]
