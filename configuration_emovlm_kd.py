@@ -15,6 +15,8 @@ GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_ga
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
 TASKS = ("observation", "inference", "classification")
+# The tasks whose answers explain an image (what `explain` is asked for by the pipeline, the Endpoint and the Space).
+EXPLANATION_TASKS = ("inference", "observation")
 # VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
 # Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
 SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -295,4 +297,4 @@ class EmoVLMKDConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["EmoVLMKDConfig", "example_labels", "label_pattern"]
+__all__ = ["EXPLANATION_TASKS", "EmoVLMKDConfig", "example_labels", "label_pattern"]

@@ -25,9 +25,13 @@ import time
 from huggingface_hub.utils import httpx  # the HTTP client transformers itself fetches images with
 from transformers.pipelines import ImageClassificationPipeline
 
+try:
+    from .configuration_emovlm_kd import EXPLANATION_TASKS
+except ImportError:  # imported from the installed package rather than from a model folder
+    from configuration_emovlm_kd import EXPLANATION_TASKS
+
 DEFAULT_URL_TIMEOUT = 10.0
 MAX_DOWNLOAD_BYTES = 32 * 2**20
-EXPLANATION_TASKS = ("inference", "observation")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
@@ -97,6 +101,10 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
             max_new_tokens (`int`, *optional*):
                 With `explain=True`: the generation budget per image (`config.max_new_tokens` by default, 256).
         """
+        explaining = kwargs.get("explain", self._forward_params.get("explain", False))
+        given = sorted({"explain_task", "max_new_tokens"} & set(kwargs))
+        if given and not explaining:
+            raise ValueError(f"{given} only apply with explain=True")
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, explain=None, explain_task=None, max_new_tokens=None, **kwargs):
@@ -152,10 +160,4 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
         }
 
 
-__all__ = [
-    "DEFAULT_URL_TIMEOUT",
-    "EXPLANATION_TASKS",
-    "EmoVLMKDImageClassificationPipeline",
-    "MAX_DOWNLOAD_BYTES",
-    "download",
-]
+__all__ = ["DEFAULT_URL_TIMEOUT", "EmoVLMKDImageClassificationPipeline", "MAX_DOWNLOAD_BYTES", "download"]

@@ -105,6 +105,8 @@ def test_an_explanation_naming_another_class_is_returned_verbatim_and_flagged(cl
         ({"explain": "yes"}, "explain must be True or False"),
         ({"explain": True, "explain_task": "classification"}, "explain_task must be one of"),
         ({"explain": True, "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": 8}, r"\['max_new_tokens'\] only apply with explain=True"),
+        ({"explain": False, "explain_task": "observation"}, r"\['explain_task'\] only apply with explain=True"),
     ],
 )
 def test_bad_explanation_arguments(classifier, kwargs, message):

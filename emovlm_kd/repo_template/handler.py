@@ -47,7 +47,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 SUPPORTED_PARAMETERS = ("top_k", "explain", "explain_task", "max_new_tokens")
-EXPLANATION_TASKS = ("inference", "observation")
+EXPLANATION_TASKS = ("inference", "observation")  # the config's; this file imports none of the model's code
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_MAX_EXPLANATION_TOKENS = 256
