@@ -38,9 +38,10 @@ RELOAD_SCRIPT = textwrap.dedent(
     folder, images, explain = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "explain"
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
     classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
-    results = classifier(images, batch_size=4, top_k=1, explain=explain, max_new_tokens=48)
-    if not explain:
-        results = [{"predictions": predictions} for predictions in results]
+    if explain:  # the scores, and the VLM's own words about each image
+        results = classifier(images, batch_size=4, top_k=1, explain=True, max_new_tokens=48)
+    else:
+        results = [{"predictions": predictions} for predictions in classifier(images, batch_size=4, top_k=1)]
     print(json.dumps({"class": type(model).__name__, "results": results}))
     """
 )
