@@ -6,6 +6,8 @@ scoring (stages 3-6), the exported image processor and the model's `explain` all
 [`EmoVLMKDConfig.chat_messages`].
 """
 
+import re
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -13,6 +15,8 @@ GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_ga
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
 TASKS = ("observation", "inference", "classification")
+# The tasks whose answers explain an image (what `explain` is asked for by the pipeline, the Endpoint and the Space).
+EXPLANATION_TASKS = ("inference", "observation")
 # VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
 # Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
 SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -70,6 +74,13 @@ def example_labels(labels: list[str]) -> list[str]:
     if "anger" in labels:
         return ["anger", next(label for label in labels if label != "anger")]
     return list(labels[:2])
+
+
+def label_pattern(label: str) -> re.Pattern:
+    """The label as a whole word, case-insensitive; `_`, `-` and spaces inside a label match one another (`very_sad`
+    matches "very sad"). The rule of stage 0's check that a generated text does not give its label away."""
+    words = [re.escape(word) for word in re.split(r"[\s_\-]+", label.strip()) if word]
+    return re.compile(r"(?<!\w)" + r"[\s_\-]+".join(words) + r"(?!\w)", re.IGNORECASE)
 
 
 class EmoVLMKDConfig(PreTrainedConfig):
@@ -238,6 +249,18 @@ class EmoVLMKDConfig(PreTrainedConfig):
             text = text.replace(placeholder, value)
         return text
 
+    def labels_named_in(self, text: str) -> list[str]:
+        """The classes that `text` names as whole words ([`label_pattern`]), in the order of their first mention.
+
+        Applied to `explain`'s texts, it lets an application flag an explanation that names no class, or one the
+        model did not predict; the text itself is never changed."""
+        mentions = []
+        for label in self.labels:
+            match = label_pattern(label).search(text)
+            if match is not None:
+                mentions.append((match.start(), label))
+        return [label for _, label in sorted(mentions)]
+
     def answer_text(self, label: str) -> str:
         return self.answer_format.replace("<label>", label)
 
@@ -274,4 +297,4 @@ class EmoVLMKDConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["EmoVLMKDConfig", "example_labels"]
+__all__ = ["EXPLANATION_TASKS", "EmoVLMKDConfig", "example_labels", "label_pattern"]

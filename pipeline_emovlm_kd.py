@@ -10,6 +10,10 @@ the processor, the training stages, the Endpoint handler and the Space all decod
 URLs (http and https only) are downloaded with a timeout of `DEFAULT_URL_TIMEOUT` seconds unless the call gives one
 (`classifier(url, timeout=30)`): a server that never answers raises `TimeoutError` instead of hanging. Downloads
 larger than `MAX_DOWNLOAD_BYTES` are refused.
+
+Explanations are opt-in: `classifier(image, explain=True)` also asks the VLM for its own reasoning about the image
+(`explain_task="observation"`: the key visual elements it sees), generated from the classification's vision pass
+(see `EmoVLMKDImageClassificationPipeline.__call__`). Without `explain=True` nothing is generated.
 """
 
 import base64
@@ -20,6 +24,11 @@ import time
 
 from huggingface_hub.utils import httpx  # the HTTP client transformers itself fetches images with
 from transformers.pipelines import ImageClassificationPipeline
+
+try:
+    from .configuration_emovlm_kd import EXPLANATION_TASKS
+except ImportError:  # imported from the installed package rather than from a model folder
+    from configuration_emovlm_kd import EXPLANATION_TASKS
 
 DEFAULT_URL_TIMEOUT = 10.0
 MAX_DOWNLOAD_BYTES = 32 * 2**20
@@ -62,7 +71,57 @@ def _decode_base64(text: str, name: str) -> bytes:
 
 
 class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
-    """`pipeline("image-classification", model=repo, trust_remote_code=True)` for EmoVLM-KD models."""
+    """`pipeline("image-classification", model=repo, trust_remote_code=True)` for EmoVLM-KD models.
+
+    Called as the stock image-classification pipeline, it returns the standard `[{"label", "score"}, ...]` per image.
+    With `explain=True`, each image's result becomes a dictionary:
+
+    ```python
+    {
+        "predictions": [{"label": "fear", "score": 0.71}, ...],  # exactly what the call without `explain` returns
+        "explanation": "The dark clouds over the empty field ...",  # the VLM's own words, verbatim
+        "explanation_labels": ["fear"],  # the classes the text names, as whole words, in order; [] when none
+    }
+    ```
+
+    An explanation is generated text, not a fact about the image: it may name no class, or a class other than the
+    predicted one. It is never rewritten; compare `explanation_labels` with `predictions` to flag disagreement.
+    """
+
+    def __call__(self, inputs=None, **kwargs):
+        r"""Classify the image(s) as [`ImageClassificationPipeline`] does (`top_k`, `function_to_apply`, `timeout`).
+
+        Args:
+            explain (`bool`, *optional*, defaults to `False`):
+                Also generate the VLM's explanation of every image (greedy; from the same vision pass as the scores,
+                which stay exactly as they are without it).
+            explain_task (`str`, *optional*, defaults to `"inference"`):
+                With `explain=True`: `"inference"`, the reasoning from the image towards the emotion, or
+                `"observation"`, the key visual elements; asked with the prompts the VLM was instruction-tuned on.
+            max_new_tokens (`int`, *optional*):
+                With `explain=True`: the generation budget per image (`config.max_new_tokens` by default, 256).
+        """
+        explaining = kwargs.get("explain", self._forward_params.get("explain", False))
+        given = sorted({"explain_task", "max_new_tokens"} & set(kwargs))
+        if given and not explaining:
+            raise ValueError(f"{given} only apply with explain=True")
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, explain=None, explain_task=None, max_new_tokens=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if explain is not None:
+            if not isinstance(explain, bool):
+                raise ValueError(f"explain must be True or False, got {explain!r}")
+            forward_params["explain"] = explain
+        if explain_task is not None:
+            if explain_task not in EXPLANATION_TASKS:
+                raise ValueError(f"explain_task must be one of {EXPLANATION_TASKS}, got {explain_task!r}")
+            forward_params["explain_task"] = explain_task
+        if max_new_tokens is not None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            forward_params["max_new_tokens"] = max_new_tokens
+        return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, image, timeout=None):
         if isinstance(image, str) and not os.path.exists(image):
@@ -74,6 +133,31 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
                 image = self.image_processor.open_image(_decode_base64(image, kind), name=f"<{kind}>")
             # anything else is taken as a path, which the image processor reports as not found
         return self.image_processor(images=image, return_tensors="pt").to(self.dtype)
+
+    def _forward(self, model_inputs, explain=False, explain_task="inference", max_new_tokens=None):
+        if not explain:
+            return self.model(**model_inputs)
+        outputs = self.model(**model_inputs, output_image_hidden_states=True)
+        texts = self.model.explain(
+            **model_inputs,
+            task=explain_task,
+            max_new_tokens=max_new_tokens,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        # a list of strings per batch, which the pipeline's batching splits into one string per image
+        return {"logits": outputs.logits, "explanation": texts}
+
+    def postprocess(self, model_outputs, **kwargs):
+        predictions = super().postprocess(model_outputs, **kwargs)
+        if "explanation" not in model_outputs:
+            return predictions
+        text = model_outputs["explanation"]
+        text = text if isinstance(text, str) else text[0]
+        return {
+            "predictions": predictions,
+            "explanation": text,
+            "explanation_labels": self.model.config.labels_named_in(text),
+        }
 
 
 __all__ = ["DEFAULT_URL_TIMEOUT", "EmoVLMKDImageClassificationPipeline", "MAX_DOWNLOAD_BYTES", "download"]

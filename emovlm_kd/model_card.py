@@ -18,6 +18,8 @@ from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
 classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
+# the same scores, plus the VLM's own reasoning about the image (generated on request: its words, not ground truth)
+classifier("photo.jpg", explain=True)  # {{"predictions": [...], "explanation": "...", "explanation_labels": [...]}}
 ```
 
 Or with the model and its image processor (which also writes the classification prompt):

@@ -7,8 +7,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from emovlm_kd.instruction_records import rewrite_records
+
 # One base colour per class: the visual signal a model can learn.
 CLASS_COLOURS = [(200, 40, 40), (40, 170, 40), (40, 60, 210), (200, 190, 40), (160, 40, 180), (40, 180, 180)]
+# What the templated instruction data says about each colour: its name and what it suggests. The sentences are short,
+# the same for every class around these words, and open with the colour, the one thing the image decides: a tiny VLM
+# learns them in a few epochs. No emotion class names (stage 0 refuses texts that name the label).
+COLOUR_EXPLANATIONS = [
+    ("red", "intense energy"),
+    ("green", "calm comfort"),
+    ("blue", "quiet tension"),
+    ("yellow", "collective action"),
+    ("purple", "uncertain shapes"),
+    ("cyan", "a quiet lake"),
+]
 
 
 def make_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> Image.Image:
@@ -45,6 +58,50 @@ def make_imagefolder(
                 suffix = "png" if index % 2 else "jpg"
                 make_image(label, rng, size).save(folder / f"{name}_{index:03d}.{suffix}")
     return root
+
+
+def templated_explanation(label: int) -> dict[str, str]:
+    """The observation and reasoning of the templated instruction data for class index `label` of a
+    `make_imagefolder` dataset: they describe the class's colour, the signal its images carry."""
+    colour, suggests = COLOUR_EXPLANATIONS[label % len(COLOUR_EXPLANATIONS)]
+    return {
+        "observation": f"{colour.capitalize()} colours fill the image, with one square.",
+        "reasoning": f"{colour.capitalize()} colours suggest {suggests}.",
+    }
+
+
+def write_instruction_data(
+    root: str | os.PathLike,
+    path: str | os.PathLike,
+    class_names=("negative", "neutral", "positive"),
+    split: str = "train",
+) -> Path:
+    """Write stage 0's instruction-data file at `path` for the `split` images of a `make_imagefolder` dataset, from
+    templates instead of an LLM (deterministic, offline): every image of class `class_names[i]` gets
+    `templated_explanation(i)`. `class_names` must be in the order given to `make_imagefolder` (it fixes the colours).
+
+    The records have stage 0's format (`emovlm_kd.instruction_records`), so stage 1 trains the observation and
+    inference tasks on them.
+    """
+    root, path = Path(root), Path(path)
+    records = {}
+    for label, name in enumerate(class_names):
+        folder = root / split / name
+        if not folder.is_dir():
+            raise ValueError(f"No class folder {str(folder)!r}: give the class names of the generated dataset")
+        for image in sorted(folder.iterdir()):
+            relative = image.relative_to(root).as_posix()
+            records[relative] = {
+                "image": relative,
+                "label": name,
+                "status": "done",
+                **templated_explanation(label),
+                "model": "template",
+                "attempts": 0,
+            }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rewrite_records(path, records)
+    return path
 
 
 def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
@@ -144,6 +201,7 @@ EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement
 
 __all__ = [
     "CLASS_COLOURS",
+    "COLOUR_EXPLANATIONS",
     "EMOTIONS_8",
     "add_bad_images",
     "imagefolder_to_dataset",
@@ -152,5 +210,7 @@ __all__ = [
     "make_imagefolder",
     "make_images",
     "save_dataset",
+    "templated_explanation",
     "tiny_run_all_argv",
+    "write_instruction_data",
 ]

@@ -1,9 +1,10 @@
 """EmoVLM-KD end to end in a few minutes, offline, on CPU.
 
 With no arguments: builds the tiny random-init VLM and teacher, generates a small dataset whose classes differ in
-colour (a learnable visual signal), runs every training stage through the same code as `train/run_all.py`, exports
-the model folder, reloads it in a fresh process with `AutoModelForImageClassification` and the pipeline, and
-prints per-branch accuracy and a few predictions.
+colour (a learnable visual signal) with templated instruction data (an observation and a reasoning per class, in
+stage 0's format, so that stage 1 trains all three tasks), runs every training stage through the same code as
+`train/run_all.py`, exports the model folder, reloads it in a fresh process with `AutoModelForImageClassification`
+and the pipeline, and prints per-branch accuracy, a few predictions and the VLM's explanations of them.
 
     python examples/quickstart.py                                  # everything offline
     python examples/quickstart.py --data path/to/imagefolder        # your data (train/[val/]test/<class>/*)
@@ -27,9 +28,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from emovlm_kd.metrics import results_table
-from emovlm_kd.run_dir import read_results
+from emovlm_kd.run_dir import read_results, stage_output
 from emovlm_kd.stages import run_all
-from emovlm_kd.testing import make_imagefolder
+from emovlm_kd.testing import make_imagefolder, write_instruction_data
 
 # Runs in a fresh interpreter: only transformers and the model folder (remote code), as a user on the Hub would.
 RELOAD_SCRIPT = textwrap.dedent(
@@ -37,11 +38,14 @@ RELOAD_SCRIPT = textwrap.dedent(
     import json, sys
     from transformers import AutoModelForImageClassification, pipeline
 
-    folder, images = sys.argv[1], json.loads(sys.argv[2])
+    folder, images, explain = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "explain"
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
     classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
-    predictions = classifier(images, batch_size=4, top_k=1)
-    print(json.dumps({"class": type(model).__name__, "predictions": [p[0] for p in predictions]}))
+    if explain:  # the scores, and the VLM's own words about each image
+        results = classifier(images, batch_size=4, top_k=1, explain=True, max_new_tokens=48)
+    else:
+        results = [{"predictions": predictions} for predictions in classifier(images, batch_size=4, top_k=1)]
+    print(json.dumps({"class": type(model).__name__, "results": results}))
     """
 )
 
@@ -82,10 +86,10 @@ def run_all_argv(args, data: str, run_dir: Path) -> list[str]:
     ]
 
 
-def reload_in_fresh_process(model_dir: Path, images: list[str]) -> dict:
+def reload_in_fresh_process(model_dir: Path, images: list[str], explain: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images)],
+        [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), json.dumps(images), "explain" if explain else "-"],
         capture_output=True,
         text=True,
         env=env,
@@ -104,8 +108,11 @@ def main(argv=None) -> dict:
     if args.data:  # a local path resolved (the reload runs from another folder); a Hub id as it is
         data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
     else:
-        data = str(make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed))
-        print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data}")
+        data_dir = make_imagefolder(run_dir / "data", per_class={"train": 24, "test": 12}, seed=args.seed)
+        instruction_data = write_instruction_data(data_dir, stage_output(run_dir, "instruction_data"))
+        data = str(data_dir)
+        print(f"Generated a 3-class colour dataset (24 train / 12 test images per class) in {data_dir}")
+        print(f"Wrote templated instruction data (an observation and a reasoning per class) to {instruction_data}")
 
     summary = run_all.run(*run_all.plan(run_all_argv(args, data, run_dir)))
     model_dir = Path(summary["export"]["output"]) if "output" in summary.get("export", {}) else run_dir / "model"
@@ -114,13 +121,21 @@ def main(argv=None) -> dict:
     # the card's widget examples: a test image per class (at most 4 here), copied into the repo by the export
     widget = ModelCard.load(model_dir / "README.md").data.to_dict().get("widget", [])
     samples = [model_dir / entry["src"] for entry in widget][:4]
-    reloaded = reload_in_fresh_process(model_dir, [str(path) for path in samples])
+    explained = stage_output(run_dir, "instruction_data").exists()  # stage 1 taught the VLM to explain
+    reloaded = reload_in_fresh_process(model_dir, [str(path) for path in samples], explain=explained)
 
     print("\nAccuracy / macro-F1 per branch (from the evaluation stage):\n")
     print(results_table(results))
     print(f"\nPredictions of the reloaded model ({reloaded['class']}, fresh process, pipeline):")
-    for path, prediction in zip(samples, reloaded["predictions"]):
+    for path, result in zip(samples, reloaded["results"]):
+        prediction = result["predictions"][0]
         print(f"  {path.parent.name:>12}/{path.name:<24} -> {prediction['label']} ({prediction['score']:.2f})")
+    if explained:
+        print("\nThe VLM's explanations of them (pipeline `explain=True`: its own words, not ground truth):")
+        for path, result in zip(samples, reloaded["results"]):
+            print(f"  {path.parent.name:>12}/{path.name:<24} -> {result['explanation']!r}")
+    else:
+        print("\nNo explanations: without instruction data (stage 0) stage 1 did not teach the VLM to explain.")
     print(f"\nDone in {time.time() - started:.0f} s. The model folder is {model_dir}")
     print(f"Load it with AutoModelForImageClassification.from_pretrained({str(model_dir)!r}, trust_remote_code=True)")
     return {"model_dir": str(model_dir), "results": results, "reloaded": reloaded}

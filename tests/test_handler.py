@@ -144,11 +144,87 @@ GOOD = base64.b64encode(image_bytes(Image.new("RGB", (20, 20)), "PNG")).decode()
         ({"inputs": GOOD, "parameters": {"top_k": True}}, r"'top_k' must be a positive integer"),
         ({"inputs": GOOD, "parameters": {"topk": 2}}, r"Unknown parameter\(s\) \['topk'\]"),
         ({"inputs": GOOD, "parameters": [1]}, r"'parameters' must be an object"),
+        ({"inputs": GOOD, "parameters": {"explain": "yes"}}, r"'explain' must be true or false, got 'yes'"),
+        ({"inputs": GOOD, "parameters": {"explain_task": "observation"}}, r"\['explain_task'\] only apply with"),
+        ({"inputs": GOOD, "parameters": {"explain": True, "explain_task": "why"}}, r"'explain_task' must be one of"),
+        ({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 0}}, r"'max_new_tokens' must be a posi"),
+        ({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 257}}, r"limit of 256 tokens per expl"),
     ],
 )
 def test_bad_input_errors_name_the_problem(handler, data, message):
     with pytest.raises(ValueError, match=message):
         handler(data)
+
+
+def _spy_on_explain(monkeypatch, handler, generate: bool = True) -> list[dict]:
+    """The task and budget of every `explain` call of the handler's model (which, unless `generate`, returns a fixed
+    text per image instead of generating)."""
+    calls, explain = [], handler.model.explain
+
+    def spy(**kwargs):
+        calls.append({name: value for name, value in kwargs.items() if name in ("task", "max_new_tokens")})
+        return explain(**kwargs) if generate else ["A text."] * len(kwargs["image_grid_thw"])
+
+    monkeypatch.setattr(handler.model, "explain", spy)
+    return calls
+
+
+def test_explanations_are_opt_in_and_leave_the_predictions_identical(handler, tiny, monkeypatch):
+    model, image_processor, _ = tiny
+    raws = [image_bytes(image, image_format) for image, image_format in list(SAMPLES.values())[:2]]
+    encoded = [base64.b64encode(raw).decode() for raw in raws]
+    calls = _spy_on_explain(monkeypatch, handler)
+    plain = handler({"inputs": encoded, "parameters": {"top_k": 2}})
+    assert calls == []  # nothing is generated without "explain": true
+    explained = handler({"inputs": encoded, "parameters": {"top_k": 2, "explain": True, "max_new_tokens": 6}})
+    assert calls == [{"task": "inference", "max_new_tokens": 6}]  # one batch, one generation
+    # what the model itself generates for the same batch of prepared images
+    prepared = [image_processor.prepare_image(raw) for raw in raws]
+    with torch.no_grad():
+        expected = model.explain(**image_processor(prepared), max_new_tokens=6)
+    for result, scores, text in zip(explained, plain, expected):
+        assert sorted(result) == ["explanation", "explanation_labels", "predictions"]
+        assert result["predictions"] == scores
+        assert result["explanation"] == text
+        assert result["explanation_labels"] == model.config.labels_named_in(text)
+
+    request = {"inputs": raws[0], "parameters": {"explain": True, "explain_task": "observation", "max_new_tokens": 3}}
+    single = handler(request)
+    assert calls[-1] == {"task": "observation", "max_new_tokens": 3}
+    assert isinstance(single, dict) and single["predictions"] == handler({"inputs": raws[0]})
+    json.dumps(single)  # a JSON response
+
+
+def test_explanation_token_cap(tiny_folder, monkeypatch):
+    module = load_module(HANDLER, "handler_with_token_cap")
+    monkeypatch.setenv("EMOVLM_KD_MAX_EXPLANATION_TOKENS", "5")
+    capped = module.EndpointHandler(str(tiny_folder))
+    assert capped.max_explanation_tokens == 5
+    calls = _spy_on_explain(monkeypatch, capped, generate=False)
+    capped({"inputs": GOOD, "parameters": {"explain": True}})
+    assert calls == [{"task": "inference", "max_new_tokens": 5}]  # the config's 256, capped
+    with pytest.raises(ValueError, match=r"'max_new_tokens' is 6, more than the limit of 5 .*EXPLANATION_TOKENS"):
+        capped({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 6}})
+    capped.max_explanation_tokens = 0  # no limit
+    capped({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 300}})
+    capped({"inputs": GOOD, "parameters": {"explain": True}})
+    assert calls[-2:] == [{"task": "inference", "max_new_tokens": 300}, {"task": "inference", "max_new_tokens": 256}]
+    monkeypatch.setenv("EMOVLM_KD_MAX_EXPLANATION_TOKENS", "many")
+    with pytest.raises(ValueError, match="MAX_EXPLANATION_TOKENS must be an integer"):
+        module.EndpointHandler(str(tiny_folder))
+
+
+def test_an_explanation_naming_another_class_is_returned_verbatim(handler, monkeypatch):
+    predicted = handler({"inputs": GOOD, "parameters": {"top_k": 1}})[0]["label"]
+    other = next(label for label in handler.labels if label != predicted)
+    text = f"It is {other}, clearly; not {predicted.capitalize()}."
+    monkeypatch.setattr(handler.model, "explain", lambda **kwargs: [text])
+    result = handler({"inputs": GOOD, "parameters": {"top_k": 1, "explain": True}})
+    assert result == {
+        "predictions": [{"label": predicted, "score": result["predictions"][0]["score"]}],
+        "explanation": text,
+        "explanation_labels": [other, predicted],
+    }
 
 
 FRESH_HANDLER_SCRIPT = BLOCK_PROJECT_MODULES + textwrap.dedent(
@@ -174,6 +250,7 @@ FRESH_HANDLER_SCRIPT = BLOCK_PROJECT_MODULES + textwrap.dedent(
         "base64_png": handler({"inputs": base64.b64encode(png).decode()}),
         "raw_jpeg_top2": handler({"inputs": jpeg, "parameters": {"top_k": 2}}),
         "batch": handler({"inputs": [base64.b64encode(png).decode(), jpeg]}),
+        "explained": handler({"inputs": png, "parameters": {"explain": True, "max_new_tokens": 4}}),
     }
     try:
         handler({"inputs": b"not an image"})
@@ -205,3 +282,4 @@ def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder
     for fresh, here in zip(out["base64_png"], handler({"inputs": png})):
         assert fresh["label"] == here["label"] and abs(fresh["score"] - here["score"]) < 1e-5
     assert "Could not read image inputs" in out["error"]
+    assert out["explained"]["predictions"] == out["base64_png"] and isinstance(out["explained"]["explanation"], str)

@@ -28,6 +28,7 @@ from huggingface_hub import SpaceCard
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+EXPLANATION_TOKENS = 12  # the app's --max-new-tokens in the browser test
 GATE_TEXT = {  # what the gate view says about each gate's own weights
     "concat_linear": "Fused logit = from distilled head + from VLM branch + bias",
     "bilinear": "no per-branch split",
@@ -103,12 +104,68 @@ def test_predictor_shows_every_branch(app, predictor, tiny):
     assert f"| **{winner}** |" in table and all(f"| {label} |" in table or label == winner for label in labels)
 
 
+def test_predictor_explains_from_the_same_vision_pass(app, predictor, tiny, monkeypatch):
+    model, image_processor, _ = tiny
+    monkeypatch.setattr(predictor, "max_new_tokens", 6)
+    image = Image.new("RGB", (120, 90), (40, 60, 200))
+    calls = []
+    handle = predictor.model.vlm.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        plain, explained = predictor(image), predictor(image, explain_task="observation")
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one vision pass each: the explanation reuses the classification's
+    for key in ("fused", "vlm", "head", "logits"):
+        assert torch.equal(plain[key], explained[key]), key
+    assert "explanation" not in plain
+    with torch.no_grad():
+        expected = model.explain(**image_processor([image]), task="observation", max_new_tokens=6)[0]
+    assert explained["explanation"] == expected
+    assert explained["explanation_labels"] == model.config.labels_named_in(expected)
+    assert explained["explanation_seconds"] > 0
+
+
+def test_explanation_markdown_flags_disagreement(app):
+    labels = ["negative", "neutral", "positive"]
+    prediction = {"fused": torch.tensor([0.1, 0.7, 0.2]), "explanation_seconds": 0.25, "device": "CPU"}
+    cases = {
+        (): "The text names no class.",
+        ("neutral",): "The text names **neutral**, the predicted class.",
+        ("positive", "neutral"): "⚠️ The text names **positive**, **neutral**; the model predicts **neutral**.",
+    }
+    for named, expected in cases.items():
+        text = app.explanation_markdown({**prediction, "explanation_labels": list(named)}, labels, "inference", 64)
+        assert text.startswith(expected) and "not ground truth" in text and "at most 64 new tokens" in text, text
+
+
+def test_explain_button_shows_progress_then_the_text_and_the_same_panels(app, predictor, tmp_path, monkeypatch):
+    monkeypatch.setattr(predictor, "max_new_tokens", 6)
+    demo = app.build_demo(predictor, "tiny")
+    handlers = {function.api_name: function.fn for function in demo.fns.values()}
+    image_path = tmp_path / "image.png"
+    Image.new("RGB", (100, 70), (200, 40, 40)).save(image_path)
+    classified = handlers["classify"](str(image_path))
+    assert classified[-2:] == ("", "")  # a new classification clears an earlier explanation
+    steps = list(handlers["explain"](str(image_path), "inference"))
+    assert len(steps) == 2
+    progress, final = steps
+    assert all(isinstance(update, type(app.gr.skip())) for update in progress[:5]), progress  # panels untouched
+    assert progress[5] == "" and "Generating its reasoning" in progress[6]
+    # the scores, the gate's share and its table are the same (all but the table's last line: the time taken)
+    assert final[:4] == classified[:4] and final[4].rsplit("\n\n", 1)[0] == classified[4].rsplit("\n\n", 1)[0]
+    assert final[5] == predictor(str(image_path), explain_task="inference")["explanation"]
+    assert "not ground truth" in final[6]
+    with pytest.raises(app.gr.Error, match="Upload an image first"):
+        next(handlers["explain"](None, "inference"))
+
+
 def test_demo_passes_uploads_to_the_model_processor_undecoded(app, predictor):
     # Gradio's default image_mode="RGB" would drop transparency before the processor could composite it onto white,
     # and type="pil" would let Gradio decode the upload with every PIL plugin: the processor gets the file instead.
     demo = app.build_demo(predictor, "tiny")
     components = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"image", "submit", "fused", "vlm-branch", "head-branch", "gate-share", "gate-table"} <= set(components)
+    assert {"explain", "explain-task", "explanation", "explanation-status"} <= set(components)
     assert components["image"].image_mode is None and components["image"].type == "filepath"
 
 
@@ -165,7 +222,6 @@ def test_examples_space_launcher_points_at_the_shipped_app():
     assert launcher.SPACE_APP == SPACE_APP and SPACE_APP.is_file()
 
 
-# ---------------------------------------------------------------------------------------------- the browser
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -218,7 +274,7 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
     env.pop("EMOVLM_KD_MODEL", None)
     server = subprocess.Popen(
-        [sys.executable, str(launcher), "--port", str(port)],
+        [sys.executable, str(launcher), "--port", str(port), "--max-new-tokens", str(EXPLANATION_TOKENS)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     image_path = tmp_path / "upload.png"
@@ -226,6 +282,8 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     image.save(image_path)
     labels = tiny[0].config.labels
     expected = labels[int(fused_probabilities(tiny, image).argmax())]
+    with torch.no_grad():
+        expected_explanation = tiny[0].explain(**tiny[1]([str(image_path)]), max_new_tokens=EXPLANATION_TOKENS)[0]
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -239,10 +297,15 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
         driver.find_element(By.ID, "submit").click()
         wait.until(lambda d: "fused logit" in d.find_element(By.ID, "gate-table").text)
-        texts = {
-            name: driver.find_element(By.ID, name).text.splitlines()
-            for name in ("fused", "vlm-branch", "head-branch", "gate-share", "gate-table")
-        }
+        panels = ("fused", "vlm-branch", "head-branch", "gate-share", "gate-table")
+        texts = {name: driver.find_element(By.ID, name).text.splitlines() for name in panels}
+        assert not driver.find_element(By.CSS_SELECTOR, "#explanation textarea").get_attribute("value")
+
+        driver.find_element(By.ID, "explain").click()  # generated only now
+        wait.until(lambda d: "not ground truth" in d.find_element(By.ID, "explanation-status").text)
+        explanation = driver.find_element(By.CSS_SELECTOR, "#explanation textarea").get_attribute("value")
+        explanation_status = driver.find_element(By.ID, "explanation-status").text
+        after_explain = {name: driver.find_element(By.ID, name).text.splitlines() for name in panels}
         driver.save_screenshot(str(tmp_path / "space.png"))
     finally:
         if driver is not None:
@@ -267,3 +330,12 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     assert all(label in table for label in labels)
     with Image.open(tmp_path / "space.png") as screenshot:
         assert screenshot.size[0] >= 1000
+    # the explanation: the model's own greedy text for this image, verbatim, and the classes it names
+    assert explanation == expected_explanation, (explanation, expected_explanation)
+    named = tiny[0].config.labels_named_in(explanation)
+    assert ("The text names no class." in explanation_status) == (not named), explanation_status
+    # the prediction panels and the gate table did not change (all but the table's last line, the time taken)
+    assert {name: lines for name, lines in after_explain.items() if name != "gate-table"} == {
+        name: lines for name, lines in texts.items() if name != "gate-table"
+    }
+    assert after_explain["gate-table"][:-1] == texts["gate-table"][:-1]

@@ -14,12 +14,25 @@ endpoint never fetches anything. `top_k` defaults to every class.
 Response: `[{"label": "awe", "score": 0.61}, ...]` sorted by decreasing score; a list of such lists for a list of
 images. Bad input raises `ValueError` naming the offending item.
 
+Explanations (opt-in): `"parameters": {"explain": true}` also generates the VLM's own reasoning about each image,
+from the classification's vision pass; `"explain_task": "observation"` asks for the key visual elements instead, and
+`"max_new_tokens"` sets the generation budget per image. Each image's result then becomes::
+
+    {"predictions": [{"label": "awe", "score": 0.61}, ...], "explanation": "...", "explanation_labels": ["awe"]}
+
+`predictions` is exactly the response without `explain`; `explanation` is the generated text, verbatim (the model's
+own words, not ground truth); `explanation_labels` lists the classes the text names as whole words (in order; `[]`
+when none), so a client can flag an explanation that disagrees with the scores.
+
 Limits (constructor arguments, or environment variables of the endpoint; 0 disables one):
   * `max_images_per_request` (`$EMOVLM_KD_MAX_IMAGES_PER_REQUEST`, default 64);
   * `max_request_bytes` (`$EMOVLM_KD_MAX_REQUEST_BYTES`, default 32 MiB of image data; base64 text counts for the
     bytes it encodes);
   * `max_image_pixels` (`$EMOVLM_KD_MAX_IMAGE_PIXELS`, default the image processor's, 40 megapixels), read from each
-    image's header before anything is decoded.
+    image's header before anything is decoded;
+  * `max_explanation_tokens` (`$EMOVLM_KD_MAX_EXPLANATION_TOKENS`, default 256): the most tokens generated for one
+    image's explanation; a request asking for more is refused, and a request that does not say gets
+    `min(config.max_new_tokens, max_explanation_tokens)`.
 Images are decoded only in the formats the image processor accepts (raster formats: JPEG, PNG, GIF, WebP, BMP,
 TIFF, PPM; never PostScript or PDF, which PIL would hand to Ghostscript), one at a time as each chunk of
 `max_batch_size` images is classified, so a request costs at most one full-size decoded image at a time.
@@ -33,9 +46,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-SUPPORTED_PARAMETERS = ("top_k",)
+SUPPORTED_PARAMETERS = ("top_k", "explain", "explain_task", "max_new_tokens")
+EXPLANATION_TASKS = ("inference", "observation")  # the config's; this file imports none of the model's code
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+DEFAULT_MAX_EXPLANATION_TOKENS = 256
 
 
 class EndpointHandler:
@@ -50,6 +65,8 @@ class EndpointHandler:
             else 32 MiB.
         max_image_pixels (`int`, *optional*): defaults to `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image
             processor's `max_image_pixels`.
+        max_explanation_tokens (`int`, *optional*): tokens generated per image explanation at most; defaults to
+            `$EMOVLM_KD_MAX_EXPLANATION_TOKENS`, else 256.
     """
 
     def __init__(
@@ -60,6 +77,7 @@ class EndpointHandler:
         max_images_per_request: int | None = None,
         max_request_bytes: int | None = None,
         max_image_pixels: int | None = None,
+        max_explanation_tokens: int | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageClassification.from_pretrained(path or ".", trust_remote_code=True, dtype="auto")
@@ -82,11 +100,14 @@ class EndpointHandler:
             max_images_per_request, "EMOVLM_KD_MAX_IMAGES_PER_REQUEST", DEFAULT_MAX_IMAGES_PER_REQUEST
         )
         self.max_request_bytes = _limit(max_request_bytes, "EMOVLM_KD_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
+        self.max_explanation_tokens = _limit(
+            max_explanation_tokens, "EMOVLM_KD_MAX_EXPLANATION_TOKENS", DEFAULT_MAX_EXPLANATION_TOKENS
+        )
 
     def __call__(self, data: dict) -> list:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError(f"The request must be a JSON object with an 'inputs' field, got {_preview(data)}")
-        top_k = self._top_k(data.get("parameters"))
+        top_k, explanation = self._parameters(data.get("parameters"))
         inputs = data["inputs"]
         batched = isinstance(inputs, (list, tuple))
         items = list(inputs) if batched else [inputs]
@@ -106,7 +127,18 @@ class EndpointHandler:
             )
         # Every image's format and size are checked from its header before any image is decoded.
         images = [self.read_image(item, name) for item, name in zip(items, names)]
-        results = [self._ranked(row, top_k) for row in self.predict_proba(images, names)]
+        probabilities, texts = self.predict(images, names, explanation)
+        if texts is None:
+            results = [self._ranked(row, top_k) for row in probabilities]
+        else:
+            results = [
+                {
+                    "predictions": self._ranked(row, top_k),
+                    "explanation": text,
+                    "explanation_labels": self.model.config.labels_named_in(text),
+                }
+                for row, text in zip(probabilities, texts)
+            ]
         return results if batched else results[0]
 
     def read_image(self, item, name: str = "inputs") -> Image.Image | bytes:
@@ -132,23 +164,35 @@ class EndpointHandler:
             self.image_processor.check_image_header(raw, name)
         return raw
 
-    @torch.inference_mode()
     def predict_proba(self, images: list, names: list[str] | None = None) -> torch.Tensor:
+        """Fused class probabilities `(len(images), num_labels)` (see `predict`)."""
+        return self.predict(images, names)[0]
+
+    @torch.inference_mode()
+    def predict(self, images: list, names: list[str] | None = None, explanation: dict | None = None):
         """Fused class probabilities `(len(images), num_labels)`, in chunks of `max_batch_size` images; each image
-        (PIL image, bytes or path) is decoded and prepared only when its chunk runs, one at a time."""
+        (PIL image, bytes or path) is decoded and prepared only when its chunk runs, one at a time.
+
+        Returns `(probabilities, texts)`: `texts` is None, or with `explanation` (`{"task": ..., "max_new_tokens":
+        ...}`, keyword arguments of the model's `explain`) the VLM's explanation of every image, generated from the
+        classification's vision pass.
+        """
         names = names or [f"images[{index}]" for index in range(len(images))]
-        chunks = []
+        chunks, texts = [], None if explanation is None else []
         for start in range(0, len(images), self.max_batch_size):
             chunk = zip(images[start : start + self.max_batch_size], names[start : start + self.max_batch_size])
             prepared = [self.image_processor.prepare_image(image, name) for image, name in chunk]
-            inputs = self.image_processor(prepared, return_tensors="pt")
-            logits = self.model(**inputs.to(self.device)).logits
-            chunks.append(logits.float().softmax(dim=-1).cpu())
-        return torch.cat(chunks)
+            inputs = self.image_processor(prepared, return_tensors="pt").to(self.device)
+            outputs = self.model(**inputs, output_image_hidden_states=explanation is not None)
+            chunks.append(outputs.logits.float().softmax(dim=-1).cpu())
+            if explanation is not None:
+                texts += self.model.explain(**inputs, image_hidden_states=outputs.image_hidden_states, **explanation)
+        return torch.cat(chunks), texts
 
-    def _top_k(self, parameters) -> int:
+    def _parameters(self, parameters) -> tuple[int, dict | None]:
+        """`top_k`, and the explanation settings (`None`: no explanation) of a request's parameters."""
         if parameters is None:
-            return len(self.labels)
+            return len(self.labels), None
         if not isinstance(parameters, dict):
             raise ValueError(f"'parameters' must be an object like {{\"top_k\": 3}}, got {_preview(parameters)}")
         unknown = sorted(set(parameters) - set(SUPPORTED_PARAMETERS))
@@ -157,7 +201,31 @@ class EndpointHandler:
         top_k = parameters.get("top_k", len(self.labels))
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"'top_k' must be a positive integer, got {top_k!r}")
-        return min(top_k, len(self.labels))
+        return min(top_k, len(self.labels)), self._explanation(parameters)
+
+    def _explanation(self, parameters: dict) -> dict | None:
+        explain = parameters.get("explain", False)
+        if not isinstance(explain, bool):
+            raise ValueError(f"'explain' must be true or false, got {explain!r}")
+        if not explain:
+            given = sorted(set(parameters) & {"explain_task", "max_new_tokens"})
+            if given:
+                raise ValueError(f'{given} only apply with "explain": true')
+            return None
+        task = parameters.get("explain_task", "inference")
+        if task not in EXPLANATION_TASKS:
+            raise ValueError(f"'explain_task' must be one of {list(EXPLANATION_TASKS)}, got {task!r}")
+        cap = self.max_explanation_tokens
+        default = self.model.config.max_new_tokens
+        max_new_tokens = parameters.get("max_new_tokens", min(default, cap) if cap else default)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"'max_new_tokens' must be a positive integer, got {max_new_tokens!r}")
+        if cap and max_new_tokens > cap:
+            raise ValueError(
+                f"'max_new_tokens' is {max_new_tokens}, more than the limit of {cap} tokens per explanation: ask for "
+                "fewer (or raise the handler's max_explanation_tokens, $EMOVLM_KD_MAX_EXPLANATION_TOKENS)"
+            )
+        return {"task": task, "max_new_tokens": max_new_tokens}
 
     def _ranked(self, probabilities: torch.Tensor, top_k: int) -> list[dict]:
         scores, indices = probabilities.topk(top_k)

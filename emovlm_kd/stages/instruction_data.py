@@ -30,6 +30,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+from configuration_emovlm_kd import label_pattern
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.chat import ChatClient, ChatRequestError, RetryPolicy, image_data_url
 from emovlm_kd.instruction_records import read_records, rewrite_records
@@ -85,12 +86,6 @@ def build_messages(image_url: str, label: str, class_names: list[str]) -> list[d
             "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": image_url}}],
         },
     ]
-
-
-def label_pattern(label: str) -> re.Pattern:
-    """The label as a whole word, case-insensitive; `_`, `-` and spaces inside a label match one another."""
-    words = [re.escape(word) for word in re.split(r"[\s_\-]+", label.strip()) if word]
-    return re.compile(r"(?<!\w)" + r"[\s_\-]+".join(words) + r"(?!\w)", re.IGNORECASE)
 
 
 def _json_object(content: str):

@@ -2,9 +2,11 @@
 """Gradio demo of an EmoVLM-KD emotion classifier (a Hugging Face Space app, shipped in every exported model repo).
 
 Upload an image: the app shows the fused prediction, the VLM branch and the distilled head side by side, and how
-the gate combined them (each branch's contribution to the fused logits).
+the gate combined them (each branch's contribution to the fused logits). "Explain" also asks the VLM for its own
+reasoning about the image (or the key visual elements it sees), generated only when asked: the model's words, shown
+verbatim, with the classes they name so that disagreement with the scores stands out.
 
-    python app.py [MODEL] [--host 0.0.0.0] [--port 7860]
+    python app.py [MODEL] [--host 0.0.0.0] [--port 7860] [--max-new-tokens 256]
 
 MODEL is a model folder or Hub repo id. Without it: `$EMOVLM_KD_MODEL`, then the model repo this file sits in
 (next to `config.json` or one folder below it), then - when the `emovlm_kd` package is installed - a tiny random
@@ -37,9 +39,9 @@ MODEL_ENV = "EMOVLM_KD_MODEL"
 MAX_IMAGE_PIXELS_ENV = "EMOVLM_KD_MAX_IMAGE_PIXELS"
 TINY_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 HEAD, VLM = "distilled head", "VLM branch"
+EXPLANATION_TASKS = {"inference": "its reasoning towards the emotion", "observation": "the key visual elements"}
 
 
-# ---------------------------------------------------------------------------------------------- model
 def resolve_model(model: str | None = None) -> tuple[str, bool]:
     """`(model folder or repo id, is_tiny)`: the argument, `$EMOVLM_KD_MODEL`, this file's repo, or a tiny model."""
     model = model or os.environ.get(MODEL_ENV)
@@ -68,10 +70,16 @@ class EmotionPredictor:
     """The model, its image processor and a `__call__(image)` returning every branch's output for one image.
 
     `max_image_pixels` (default `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image processor's own) bounds the images
-    accepted; 0 lifts the limit.
+    accepted; 0 lifts the limit. `max_new_tokens` (default the model config's) bounds an explanation.
     """
 
-    def __init__(self, model: str, device: str | None = None, max_image_pixels: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        max_image_pixels: int | None = None,
+        max_new_tokens: int | None = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageClassification.from_pretrained(model, trust_remote_code=True, dtype="auto")
         self.model.to(self.device).eval()
@@ -83,15 +91,21 @@ class EmotionPredictor:
             self.image_processor.max_image_pixels = max_image_pixels
         self.config = self.model.config
         self.labels = [self.config.id2label[index] for index in range(self.config.num_labels)]
+        self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
 
     @torch.inference_mode()
-    def __call__(self, image) -> dict:
+    def __call__(self, image, explain_task: str | None = None) -> dict:
         """Class probabilities of the fused output and of each branch, the gate's view, and the time taken, for an
-        image file path or PIL image (a `ValueError` naming the file when it is refused)."""
+        image file path or PIL image (a `ValueError` naming the file when it is refused).
+
+        With `explain_task` (`"inference"` or `"observation"`), also the VLM's explanation (`explanation`, verbatim),
+        the classes it names (`explanation_labels`) and its generation time, from the same vision pass: the scores
+        are the same as without it.
+        """
         start = time.perf_counter()
         image = self.image_processor.prepare_image(image)
         inputs = self.image_processor([image], return_tensors="pt").to(self.device)
-        out = self.model(**inputs)
+        out = self.model(**inputs, output_image_hidden_states=explain_task is not None)
         seconds = time.perf_counter() - start
         head_logits, vlm_scores = out.head_logits[0].float(), out.vlm_scores[0].float()
         gate_weights = None if out.gate_weights is None else out.gate_weights[0].float()
@@ -100,7 +114,7 @@ class EmotionPredictor:
             vlm_probs = out.vlm_log_likelihoods[0].float().softmax(-1)
         else:
             vlm_probs = vlm_scores
-        return {
+        prediction = {
             "fused": out.logits[0].float().softmax(-1),
             "vlm": vlm_probs,
             "head": head_logits.softmax(-1),
@@ -110,6 +124,20 @@ class EmotionPredictor:
             "seconds": seconds,
             "device": self.device.type.upper(),
         }
+        if explain_task is not None:
+            start = time.perf_counter()
+            text = self.model.explain(
+                **inputs,
+                task=explain_task,
+                max_new_tokens=self.max_new_tokens,
+                image_hidden_states=out.image_hidden_states,
+            )[0]
+            prediction.update(
+                explanation=text,
+                explanation_labels=self.config.labels_named_in(text),
+                explanation_seconds=time.perf_counter() - start,
+            )
+        return prediction
 
 
 def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict | None:
@@ -143,7 +171,6 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     }
 
 
-# ---------------------------------------------------------------------------------------------- presentation
 def as_label(labels: list[str], values: torch.Tensor) -> dict[str, float]:
     return {label: float(value) for label, value in zip(labels, values.tolist())}
 
@@ -194,6 +221,22 @@ def gate_markdown(prediction: dict, labels: list[str], gate_type: str) -> str:
     return "\n\n".join(lines)
 
 
+def explanation_markdown(prediction: dict, labels: list[str], task: str, max_new_tokens: int) -> str:
+    """What to read the explanation as: the classes it names against the prediction, and what it cost."""
+    predicted, named = labels[int(prediction["fused"].argmax())], prediction["explanation_labels"]
+    if not named:
+        check = "The text names no class."
+    elif named == [predicted]:
+        check = f"The text names **{predicted}**, the predicted class."
+    else:
+        check = f"⚠️ The text names {', '.join(f'**{label}**' for label in named)}; the model predicts **{predicted}**."
+    return (
+        f"{check} The VLM's own words ({EXPLANATION_TASKS[task]}), generated and shown verbatim: not ground truth."
+        f"\n\n_{prediction['explanation_seconds'] * 1000:.0f} ms on {prediction['device']}, greedy, at most "
+        f"{max_new_tokens} new tokens._"
+    )
+
+
 def make_example_images(folder: str | os.PathLike) -> list[str]:
     """A few procedurally drawn scenes (no files to ship, nothing to download)."""
     folder = Path(folder)
@@ -231,13 +274,15 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
     labels, config = predictor.labels, predictor.config
     num_labels = len(labels)
 
-    def classify(image):
+    def predict(image, explain_task=None) -> dict:
         if image is None:
             raise gr.Error("Upload an image first.")
         try:
-            prediction = predictor(image)
+            return predictor(image, explain_task=explain_task)
         except ValueError as error:  # refused or unreadable upload: say why in the page
             raise gr.Error(str(error)) from None
+
+    def panels(prediction: dict) -> tuple:
         return (
             as_label(labels, prediction["fused"]),
             as_label(labels, prediction["vlm"]),
@@ -245,6 +290,18 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
             gate_summary(prediction, labels),
             gate_markdown(prediction, labels, config.gate_type),
         )
+
+    def classify(image):
+        return *panels(predict(image)), "", ""  # an explanation of an earlier image would mislead: cleared
+
+    def explain(image, task):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        # the progress state, while the VLM generates (the panels keep what they show)
+        yield *[gr.skip()] * 5, "", f"_Generating {EXPLANATION_TASKS[task]} with the VLM ..._"
+        prediction = predict(image, explain_task=task)
+        status = explanation_markdown(prediction, labels, task, predictor.max_new_tokens)
+        yield *panels(prediction), prediction["explanation"], status
 
     vlm_family = config.vlm_config.model_type  # (its _name_or_path is a path on the training machine)
     notice = (
@@ -276,8 +333,22 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
             vlm = gr.Label(num_top_classes=num_labels, label=VLM, elem_id="vlm-branch")
             head = gr.Label(num_top_classes=num_labels, label=HEAD, elem_id="head-branch")
             share = gr.Label(label="Share of the predicted class's fused logit", elem_id="gate-share")
-        explanation = gr.Markdown(elem_id="gate-table")
-        submit.click(classify, inputs=image, outputs=[fused, vlm, head, share, explanation], api_name="classify")
+        with gr.Row():
+            task = gr.Radio(
+                [("Reasoning (inference)", "inference"), ("Key visual elements (observation)", "observation")],
+                value="inference",
+                label="What the VLM explains",
+                elem_id="explain-task",
+            )
+            explain_button = gr.Button("Explain", elem_id="explain")
+        explanation = gr.Textbox(
+            label="The VLM's explanation (generated, verbatim)", interactive=False, lines=3, elem_id="explanation"
+        )
+        explanation_status = gr.Markdown(elem_id="explanation-status")
+        gate_table = gr.Markdown(elem_id="gate-table")
+        outputs = [fused, vlm, head, share, gate_table, explanation, explanation_status]
+        submit.click(classify, inputs=image, outputs=outputs, api_name="classify")
+        explain_button.click(explain, inputs=[image, task], outputs=outputs, api_name="explain")
     return demo
 
 
@@ -294,6 +365,9 @@ def parse_args(argv=None):
         help=f"largest image accepted, in pixels; 0: no limit (default: ${MAX_IMAGE_PIXELS_ENV}, else the model's)",
     )
     parser.add_argument("--max-upload-mb", type=float, default=32, help="largest upload accepted (default: 32 MB)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="longest explanation, in tokens (default: the model's, 256)"
+    )
     return parser.parse_args(argv)
 
 
@@ -301,7 +375,9 @@ def main(argv=None):
     args = parse_args(argv)
     model, tiny = resolve_model(args.model)
     print(f"Loading {model}{' (tiny random model)' if tiny else ''}", flush=True)
-    predictor = EmotionPredictor(model, device=args.device, max_image_pixels=args.max_image_pixels)
+    predictor = EmotionPredictor(
+        model, device=args.device, max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens
+    )
     example_folder = Path(tempfile.gettempdir()) / "emovlm-kd-space-examples"
     examples = make_example_images(example_folder)
     demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny)
