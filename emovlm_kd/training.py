@@ -57,15 +57,47 @@ def make_accelerator(run_args, stage: str, *settings, **kwargs):
 
 
 def load_stage_data(run_args, accelerator, stage: str, class_names=None):
-    """The run's dataset (listed on the main process first), with the run's classes fixed or checked."""
+    """The run's dataset (listed on the main process first), with the run's classes fixed or checked (those of
+    `--dataset-preset`, in its order, when one is given)."""
     if not run_args.data_dir:
         raise DataError(f"Stage {stage!r} needs a dataset: pass --data-dir")
+    class_names = preset_class_names(run_args, class_names)
     with accelerator.main_process_first():
-        data = load_imagefolder(
-            run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed, class_names=class_names
-        )
+        try:
+            data = load_imagefolder(
+                run_args.data_dir, val_fraction=run_args.val_fraction, seed=run_args.seed, class_names=class_names
+            )
+        except DataError as error:
+            if run_args.dataset_preset:
+                raise DataError(f"--dataset-preset {run_args.dataset_preset}: {error}") from None
+            raise
+        check_preset_split(run_args, data)
         ensure_class_names(run_args.run_dir, data.class_names)
     return data
+
+
+def preset_class_names(run_args, class_names=None) -> list[str] | None:
+    """The classes to load the run's data with: `--dataset-preset`'s (in the reference's order), else
+    `class_names`; a clear error when both are given and differ."""
+    preset = run_args.preset
+    if preset is None:
+        return class_names
+    if class_names is not None and list(class_names) != list(preset.class_names):
+        raise DataError(
+            f"--dataset-preset {run_args.dataset_preset} has the classes {list(preset.class_names)}, but this run's "
+            f"earlier stages were trained on {list(class_names)}"
+        )
+    return list(preset.class_names)
+
+
+def check_preset_split(run_args, data):
+    """The presets of datasets the reference reads with their own val/ folder (FI, Flickr, Instagram) need one."""
+    preset = run_args.preset
+    if preset is not None and preset.val_folder and data.val_from_train:
+        raise DataError(
+            f"--dataset-preset {run_args.dataset_preset}: the reference validates on the dataset's own val/ split, "
+            f"and {str(run_args.data_dir)!r} has no val/ folder"
+        )
 
 
 def progress(accelerator, iterable=None, **kwargs):
@@ -75,6 +107,11 @@ def progress(accelerator, iterable=None, **kwargs):
     return tqdm(iterable, disable=not accelerator.is_local_main_process, dynamic_ncols=True, **kwargs)
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed derived from several integers (e.g. the run's seed, an epoch, an image index)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 @contextmanager
 def seeded_rng(*keys: int):
     """Run a block with Python's and torch's CPU RNG seeded from `keys` (restored afterwards).
@@ -82,7 +119,7 @@ def seeded_rng(*keys: int):
     Used for per-sample augmentation, so an image gets the same crop in a given epoch whatever the process count,
     worker count or resumption point.
     """
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    seed = derived_seed(*keys)
     python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
@@ -271,9 +308,11 @@ __all__ = [
     "begin_stage",
     "close_trackers",
     "complete_stage",
+    "derived_seed",
     "end_processes",
     "finish_stage",
     "load_stage_data",
+    "preset_class_names",
     "main_process_lock",
     "make_accelerator",
     "progress",

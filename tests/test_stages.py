@@ -276,7 +276,7 @@ def test_every_stage_defaults_to_the_papers_settings():
     defaults = {module.STAGE: module.ARGUMENTS() for module in (teacher, distill, gate)}
     paper = {
         "teacher": {
-            "teacher": "vit_base_patch16_384",
+            "teacher": "vit_base_patch16_384.orig_in21k_ft_in1k",  # google/vit-base-patch16-384's weights
             "learning_rate": 3e-5,
             "weight_decay": 1e-5,
             "batch_size": 10,
@@ -289,11 +289,19 @@ def test_every_stage_defaults_to_the_papers_settings():
             "learning_rate": 1e-5,
             "weight_decay": 1e-4,
             "epochs": 5,
+            "batch_size": 1,  # one image per update, as published
             "head_hidden_sizes": [1024],
             "head_dropout": 0.1,
             "vlm": "Qwen/Qwen2-VL-7B-Instruct",
         },
-        "gate": {"gate_type": "concat_linear", "learning_rate": 1e-4, "weight_decay": 1e-4, "epochs": 10},
+        "gate": {
+            "gate_type": "concat_linear",
+            "learning_rate": 1e-4,
+            "weight_decay": 1e-4,
+            "epochs": 10,
+            "batch_size": 1,
+            "resample_vlm_answers": False,
+        },
     }
     for stage, values in paper.items():
         assert {key: getattr(defaults[stage], key) for key in values} == values, stage
