@@ -100,6 +100,29 @@ def check_preset_split(run_args, data):
         )
 
 
+def cached_data_loader(accelerator, dataset, batch_size: int):
+    """A shuffled, prepared DataLoader over cached tensors (stages 3 and 4). The global batch is split across
+    processes when it divides evenly; otherwise (one image per update, the published setting, on several processes)
+    every process goes through every batch in the same order, so that with the gradients averaged over processes
+    the updates are exactly those of one process (cheap on cached tensors)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    if batch_size % accelerator.num_processes == 0:
+        return accelerator.prepare(loader)
+    return prepare_data_loader(
+        loader,
+        accelerator.device,
+        num_processes=1,
+        process_index=0,
+        split_batches=True,
+        put_on_device=True,
+        rng_types=accelerator.rng_types.copy(),
+        use_seedable_sampler=True,
+        data_seed=accelerator.dataloader_config.data_seed,
+    )
+
+
 def progress(accelerator, iterable=None, **kwargs):
     """A tqdm bar on the local main process only."""
     from tqdm.auto import tqdm
@@ -306,6 +329,7 @@ def end_processes():
 __all__ = [
     "StageRun",
     "begin_stage",
+    "cached_data_loader",
     "close_trackers",
     "complete_stage",
     "derived_seed",

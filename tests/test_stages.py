@@ -185,7 +185,7 @@ def test_cached_vlm_gate_input_matches_the_model():
 @pytest.mark.parametrize("gate_type", ["bilinear", "moe", "dynamic_weighting", "cross_gating"])
 def test_every_gate_variant_trains(pipeline, dataset, tmp_path, gate_type):
     run_copy = copy_run(pipeline[0], tmp_path / "run")
-    summary = gate.run(*stage_args(gate, dataset, run_copy, "--gate-type", gate_type, "--epochs", "40"))
+    summary = gate.run(*stage_args(gate, dataset, run_copy, "--gate-type", gate_type))
     trained, config = load_gate(run_copy)
     assert config["gate_type"] == gate_type and type(trained) is GATES[gate_type]
     assert summary["val_metrics"]["accuracy"] > 0.5

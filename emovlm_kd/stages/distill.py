@@ -29,7 +29,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
-from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -166,13 +166,10 @@ def run(run_args, args: DistillArguments) -> dict:
 
     seed_training(stage_run)
     head = EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
-        batch_size=args.batch_size,
-        shuffle=True,
-    )
     optimizer = torch.optim.Adam(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    head, optimizer, loader = accelerator.prepare(head, optimizer, loader)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    train_set = torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"])
+    loader = cached_data_loader(accelerator, train_set, args.batch_size)
 
     def kd_loss(model, batch) -> torch.Tensor:
         embeds, teacher_logits, labels = batch
