@@ -100,6 +100,14 @@ def check_preset_split(run_args, data):
         )
 
 
+def adam(parameters, args, device):
+    """The paper's optimiser of stages 2-4, `torch.optim.Adam` with `args.learning_rate` and `args.weight_decay`
+    (L2, added to the gradient), fused on CPU and CUDA: with one image per update the optimizer step is most of the
+    cost, and the fused step of a 1024-wide head is ~10x faster than the default one on a CPU."""
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.Adam(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
+
+
 def cached_data_loader(accelerator, dataset, batch_size: int):
     """A shuffled, prepared DataLoader over cached tensors (stages 3 and 4). The global batch is split across
     processes when it divides evenly; otherwise (one image per update, the published setting, on several processes)
@@ -328,6 +336,7 @@ def end_processes():
 
 __all__ = [
     "StageRun",
+    "adam",
     "begin_stage",
     "cached_data_loader",
     "close_trackers",

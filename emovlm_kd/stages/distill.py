@@ -29,7 +29,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
-from emovlm_kd.training import begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import adam, begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -166,7 +166,7 @@ def run(run_args, args: DistillArguments) -> dict:
 
     seed_training(stage_run)
     head = EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout)
-    optimizer = torch.optim.Adam(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adam(head.parameters(), args, accelerator.device)
     head, optimizer = accelerator.prepare(head, optimizer)
     train_set = torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"])
     loader = cached_data_loader(accelerator, train_set, args.batch_size)

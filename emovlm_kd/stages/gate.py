@@ -21,7 +21,7 @@ from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
-from emovlm_kd.training import begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import adam, begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
 
 STAGE = "gate"
 
@@ -104,7 +104,7 @@ def run(run_args, args: GateArguments) -> dict:
 
     seed_training(stage_run)
     gate = build_gate(spec, len(data.class_names))
-    optimizer = torch.optim.Adam(gate.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adam(gate.parameters(), args, accelerator.device)
     gate, optimizer = accelerator.prepare(gate, optimizer)
     train_set = torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"])
     loader = cached_data_loader(accelerator, train_set, args.batch_size)

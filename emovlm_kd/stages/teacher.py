@@ -17,7 +17,7 @@ from emovlm_kd.data import dataset_hash, open_image_rgb
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json
 from emovlm_kd.teachers import DEFAULT_TEACHER, TEACHER_PRESETS, create_teacher, teacher_transforms
-from emovlm_kd.training import begin_stage, complete_stage, progress, seeded_rng, train_epochs
+from emovlm_kd.training import adam, begin_stage, complete_stage, progress, seeded_rng, train_epochs
 
 STAGE = "teacher"
 
@@ -108,7 +108,7 @@ def run(run_args, args: TeacherArguments) -> dict:
     val_loader = torch.utils.data.DataLoader(
         ImageSplit(data.splits["val"], eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adam(model.parameters(), args, accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     def validate() -> dict:
