@@ -29,7 +29,15 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
-from emovlm_kd.training import adam, begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import (
+    adam,
+    begin_stage,
+    cached_data_loader,
+    complete_stage,
+    one_thread_on_cpu,
+    seed_training,
+    train_epochs,
+)
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -181,7 +189,8 @@ def run(run_args, args: DistillArguments) -> dict:
         logits = head_logits(accelerator.unwrap_model(head), val["image_embeds"])
         return classification_metrics(val["labels"], logits.argmax(-1), class_names)
 
-    metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
+    with one_thread_on_cpu(accelerator):
+        metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
     if stopped:
         return stopped
     output = complete_stage(

@@ -21,7 +21,15 @@ from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.data import dataset_hash
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
-from emovlm_kd.training import adam, begin_stage, cached_data_loader, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import (
+    adam,
+    begin_stage,
+    cached_data_loader,
+    complete_stage,
+    one_thread_on_cpu,
+    seed_training,
+    train_epochs,
+)
 
 STAGE = "gate"
 
@@ -133,9 +141,10 @@ def run(run_args, args: GateArguments) -> dict:
             answers = sampled["train"]["vlm_generated"]
         train_set.tensors = (train_set.tensors[0], answers, train_set.tensors[2])
 
-    metrics, stopped = train_epochs(
-        stage_run, gate, loader, optimizer, cross_entropy_loss, validate, on_epoch_start=draw_vlm_answers
-    )
+    with one_thread_on_cpu(accelerator):
+        metrics, stopped = train_epochs(
+            stage_run, gate, loader, optimizer, cross_entropy_loss, validate, on_epoch_start=draw_vlm_answers
+        )
     if stopped:
         return stopped
     output = complete_stage(
