@@ -86,7 +86,7 @@ class RunArguments:
     dataset_preset: Literal[tuple(DATASET_PRESETS)] | None = field(
         default=None,
         metadata={
-            "help": "A dataset of the paper: fixes its classes and their order (the prompt lists them so) as the "
+            "help": "A dataset of the paper: fixes its classes and their order (also in the prompt) as the "
             "reference has them, and its split (val/ for fi, flickr, instagram; else 10 %% of train held out, "
             "stratified by class, with --seed). A folder with other classes is an error"
         },

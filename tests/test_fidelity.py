@@ -332,6 +332,7 @@ def test_custom_prompt_and_sampled_generation_from_stage_1_to_the_exported_model
     assert summary["export"]["verified_max_logit_difference"] < 1e-3
     card = (model_dir / "README.md").read_text()
     assert "**Recipe**: `quickstart`" in card and "sampled (temperature 0.8, top-p 1.0" in card
+    assert "a fresh sample every epoch of gate training" in card
     assert "loss on the whole sequence" in card
     assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["run"]["recipe_name"] == "quickstart"
 

@@ -28,7 +28,6 @@ from emovlm_kd.run_dir import (
     DataError,
     current_umask,
     hash_json,
-    is_complete,
     read_class_names,
     read_complete,
     stage_output,
@@ -173,18 +172,20 @@ RECIPE_DESCRIPTIONS = {
 
 def recipe_description(run_dir, run_args) -> str:
     """Which recipe trained the model: the one every stage recorded in its COMPLETE.json, or each stage's."""
-    recipes = {stage: (read_complete(run_dir, stage) or {}).get("settings", {}).get("recipe_name") for stage in STAGES}
-    recipes = {stage: recipe for stage, recipe in recipes.items() if is_complete(run_dir, stage)}
+    records = {stage: read_complete(run_dir, stage) for stage in STAGES if stage != STAGE}
+    recipes = {stage: record.get("settings", {}).get("recipe_name") for stage, record in records.items() if record}
     recipes[STAGE] = run_args.recipe_name
     names = set(recipes.values())
     if len(names) == 1:
         name = names.pop()
+        if name is None:
+            return RECIPE_DESCRIPTIONS[None]
         return f"`{name}` ({RECIPE_DESCRIPTIONS[name]})" if name in RECIPE_DESCRIPTIONS else f"`{name}`"
     per_stage = ", ".join(f"{stage}: `{recipe or 'defaults'}`" for stage, recipe in recipes.items())
     return f"different per stage ({per_stage})"
 
 
-def _vlm_branch_description(model_config: dict, gate_spec: dict) -> str:
+def _vlm_branch_description(model_config: dict, gate_spec: dict, resampled: bool) -> str:
     if model_config["vlm_branch_mode"] == "score":
         what = "probabilities" if gate_spec["vlm_branch_input"] == "probs" else "one-hot best class"
         return f"exact likelihood of every class's answer; the gate sees its {what}"
@@ -193,16 +194,16 @@ def _vlm_branch_description(model_config: dict, gate_spec: dict) -> str:
         if model_config.get("generate_do_sample")
         else "greedy"
     )
-    resampled = " (a fresh sample every epoch of gate training)" if gate_spec.get("resample_vlm_answers") else ""
     return (
         f"generated answer ({decoding}, up to {model_config['max_new_tokens']} tokens) parsed into a one-hot vector "
-        f"for the gate{resampled}"
+        f"for the gate" + (" (a fresh sample every epoch of gate training)" if resampled else "")
     )
 
 
 def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
     teacher = read_complete(run_dir, "teacher") or {}
     tuning = (read_complete(run_dir, "instruction_tuning") or {}).get("settings")
+    gate_settings = (read_complete(run_dir, "gate") or {}).get("settings", {})
     model_config = head_spec["model_config"]
     return {
         "Recipe": recipe_description(run_dir, run_args),
@@ -217,7 +218,9 @@ def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_d
         "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
         f"T={model_config['kd_temperature']}",
         "Gate": f"`{gate_spec['gate_type']}` on the VLM branch",
-        "VLM branch": _vlm_branch_description(model_config, gate_spec),
+        "VLM branch": _vlm_branch_description(
+            model_config, gate_spec, gate_settings.get("resample_vlm_answers", False)
+        ),
     }
 
 
