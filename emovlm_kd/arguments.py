@@ -15,7 +15,12 @@ A recipe (a YAML or JSON file, or the name of one shipped in `emovlm_kd/recipes/
     distill:              # one section per stage
       epochs: 10
 
-Precedence: the dataclass defaults, then the recipe, then the command line.
+Precedence: the dataclass defaults, then the recipe, then the command line. The recipe's name is recorded in
+`RunArguments.recipe_name` (and so in every stage's COMPLETE.json and the exported model card). Shipped recipes:
+`quickstart` (the offline tiny models) and `paper` (every behaviour of the reference implementation at once).
+
+What the VLM is shown (its prompts and the image size cap) is one setting for every stage that uses it
+([`VLMInputArguments`], defaults from `EmoVLMKDConfig`): stage 1 trains on it and stage 3 scores with it.
 """
 
 import dataclasses
@@ -26,8 +31,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from configuration_emovlm_kd import EmoVLMKDConfig
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 RECIPE_SECTIONS = ("run", "all", "stages")
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """A dataset of the paper as the reference implementation reads it: its classes in the order its prompt lists
+    them, and whether it has a `val/` folder (FI, Flickr, Instagram) or holds out a stratified 10 % of train."""
+
+    class_names: tuple[str, ...]
+    val_folder: bool
+
+
+MIKELS_EMOTIONS = ("amusement", "excitement", "sadness", "fear", "contentment", "anger", "disgust", "awe")
+# The reference's class lists (`data_utils.get_final_task_message`) and splits (`data_utils.load_img_dataset`). It has
+# no prompt of its own for Abstract and ArtPhoto: those presets use the eight Mikels categories as FI lists them.
+DATASET_PRESETS = {
+    "fi": DatasetPreset(MIKELS_EMOTIONS, val_folder=True),
+    "emoset": DatasetPreset(MIKELS_EMOTIONS, val_folder=False),
+    "emotion6": DatasetPreset(("anger", "disgust", "fear", "joy", "sadness", "surprise"), val_folder=False),
+    "flickr": DatasetPreset(("positive", "negative"), val_folder=True),
+    "instagram": DatasetPreset(("positive", "negative"), val_folder=True),
+    "abstract": DatasetPreset(MIKELS_EMOTIONS, val_folder=False),
+    "artphoto": DatasetPreset(MIKELS_EMOTIONS, val_folder=False),
+}
+PRESET_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -77,6 +109,17 @@ class RunArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Defaults to the `accelerate config` / launch setting"}
     )
+    dataset_preset: Literal[tuple(DATASET_PRESETS)] | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset of the paper: fixes its classes and their order (also in the prompt) as the "
+            "reference has them, and its split (val/ for fi, flickr, instagram; else 10 %% of train held out, "
+            "stratified by class, with --seed). A folder with other classes is an error"
+        },
+    )
+    recipe_name: str | None = field(
+        default=None, metadata={"help": "Name of the recipe the run follows (set by --config; in the model card)"}
+    )
 
     def __post_init__(self):
         if not self.run_dir:
@@ -85,6 +128,67 @@ class RunArguments:
             raise ValueError(f"Pass --data-dir or --dataset, not both (got {self.data_dir!r} and {self.dataset!r})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dataset_preset and self.val_fraction != PRESET_VAL_FRACTION:
+            raise ValueError(
+                f"--dataset-preset {self.dataset_preset} holds out {PRESET_VAL_FRACTION:.0%} of train as the "
+                f"reference does; drop --val-fraction {self.val_fraction} or the preset"
+            )
+
+    @property
+    def preset(self) -> DatasetPreset | None:
+        return DATASET_PRESETS[self.dataset_preset] if self.dataset_preset else None
+
+
+PROMPT_FIELDS = (
+    "system_message",
+    "observation_prompt",
+    "inference_prompt",
+    "classification_prompt",
+    "classification_example_labels",
+    "answer_format",
+)
+VLM_INPUT_FIELDS = (*PROMPT_FIELDS, "max_image_side")
+
+
+@dataclass
+class VLMInputArguments:
+    """What the VLM is shown: the chat prompts (`EmoVLMKDConfig` fields, the reference's by default) and the image
+    size cap. One setting for every stage that has it: stage 1 trains the VLM on these prompts and images, stage 3
+    scores (and caches features) with them, and the exported config and image processor keep them."""
+
+    system_message: str = field(
+        default=EmoVLMKDConfig.system_message, metadata={"help": "System turn of every chat ('': none)"}
+    )
+    observation_prompt: str = field(
+        default=EmoVLMKDConfig.observation_prompt, metadata={"help": "Observation task's user turn (stage 1)"}
+    )
+    inference_prompt: str = field(
+        default=EmoVLMKDConfig.inference_prompt, metadata={"help": "Inference task's user turn (stage 1)"}
+    )
+    classification_prompt: str = field(
+        default=EmoVLMKDConfig.classification_prompt,
+        metadata={"help": "Classification turn: <num_labels>, <label_list>, <example_label_1|2> are filled in"},
+    )
+    classification_example_labels: list[str] | None = field(
+        default=None, metadata={"help": "The two classes of the prompt's example answers (default: the reference's)"}
+    )
+    answer_format: str = field(
+        default=EmoVLMKDConfig.answer_format, metadata={"help": "The scored answer; <label> is replaced by a class"}
+    )
+    max_image_side: int = field(
+        default=DEFAULT_MAX_IMAGE_SIDE,
+        metadata={
+            "help": "Images are shrunk (LANCZOS) to this longest side for the VLM, as the reference does; 0: none"
+        },
+    )
+
+    def prompt_settings(self) -> dict:
+        """The prompt fields as `EmoVLMKDConfig` keyword arguments."""
+        return {name: getattr(self, name) for name in PROMPT_FIELDS}
+
+    def vlm_input_settings(self) -> dict:
+        """Every field: what a VLM trained or scored with these settings was shown."""
+        return {name: getattr(self, name) for name in VLM_INPUT_FIELDS}
 
 
 @dataclass
@@ -171,11 +275,12 @@ def load_recipe(name_or_path: str) -> dict:
     from emovlm_kd.run_dir import STAGES
 
     path = Path(name_or_path)
-    if not path.is_file() and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
+    shipped = not path.is_file() and (RECIPES_DIR / f"{name_or_path}.yaml").is_file()
+    if shipped:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise ValueError(f"Recipe {name_or_path!r} is neither a file nor a shipped recipe ({shipped})")
+        available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(f"Recipe {name_or_path!r} is neither a file nor a shipped recipe ({available})")
     text = path.read_text()
     recipe = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     recipe = recipe or {}
@@ -187,6 +292,8 @@ def load_recipe(name_or_path: str) -> dict:
             f"Recipe {str(path)!r} has unknown section(s) {unknown}; known: {[*RECIPE_SECTIONS, *STAGES]}"
         )
     recipe["run"] = coerce_values(RunArguments, recipe.get("run") or {}, f"{path.name}: run")
+    # a written run_config.yaml keeps the name of the recipe it resolved
+    recipe["run"].setdefault("recipe_name", name_or_path if shipped else path.stem)
     return recipe
 
 
@@ -269,9 +376,14 @@ def _coerce(kind, value):
 
 __all__ = [
     "CheckpointArguments",
+    "DATASET_PRESETS",
+    "DatasetPreset",
+    "PROMPT_FIELDS",
     "RECIPES_DIR",
     "REDACTED",
     "RunArguments",
+    "VLMInputArguments",
+    "VLM_INPUT_FIELDS",
     "coerce_values",
     "field_names",
     "load_recipe",

@@ -112,15 +112,20 @@ def gate_inputs(head, features: dict, head_spec: dict, gate_spec: dict) -> tuple
     return head_logits(head, features["image_embeds"]), vlm_scores
 
 
-def assemble_model(run_dir):
-    """The final model: the run's VLM with the trained head and gate. `(model, image_processor, vlm_processor)`."""
+def assemble_model(run_dir, dtype=None):
+    """The final model: the run's VLM with the trained head and gate. `(model, image_processor, vlm_processor)`.
+    `dtype`: the VLM's (default: the one stage 3 used)."""
     from emovlm_kd.vlm import build_emovlm_kd
 
     spec = read_head_spec(run_dir)
     _, gate_spec = load_gate(run_dir)
     config = {**spec["model_config"], **{key: gate_spec[key] for key in GATE_CONFIG_FIELDS}}
     model, image_processor, vlm_processor = build_emovlm_kd(
-        spec_vlm(run_dir, spec), spec["class_names"], dtype=spec.get("vlm_dtype", "auto"), **config
+        spec_vlm(run_dir, spec),
+        spec["class_names"],
+        dtype=dtype or spec.get("vlm_dtype", "auto"),
+        max_image_side=spec.get("max_image_side"),
+        **config,
     )
     dtype = model.head.mlp[0].weight.dtype
     for module, stage, weights in ((model.head, "distill", HEAD_WEIGHTS), (model.gate, "gate", GATE_WEIGHTS)):

@@ -5,8 +5,11 @@ Everything upstream of the head and the gate is frozen, so per image and split w
     every class answer (the VLM branch; plus the generated one-hot answer in `generate` mode), and
   * from the teacher: its logits (eval transform).
 Files are `<run_dir>/cache/{vlm,teacher}-<split>-<key>.safetensors`; the key hashes everything the features depend
-on (which VLM / teacher and the run's stage fingerprint of it, prompt and answers, the split's files), so a changed
-model, teacher or dataset gets new files and an unchanged one reuses them across epochs, stages and re-runs.
+on (which VLM / teacher and the run's stage fingerprint of it, prompts, answers and image cap, generation settings,
+the split's files), so a changed model, teacher or dataset gets new files and an unchanged one reuses them across
+epochs, stages and re-runs. Sampled answers (`generate` mode with `generate_do_sample`) are drawn from generators
+seeded by the run's seed, the sample's number and the batch: sample 0 is the one every stage uses; the gate can draw
+a fresh sample per epoch (`get_features(..., sample=epoch)`), as the reference does.
 """
 
 import functools
@@ -21,13 +24,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
-from emovlm_kd.training import progress
+from emovlm_kd.training import derived_seed, progress
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
-# Model config fields the VLM features depend on (the rest only concerns the head and the gate).
-VLM_FEATURE_FIELDS = ("classification_prompt", "answer_format", "vlm_branch_mode", "max_new_tokens")
+# Model config fields the VLM features depend on (the rest only concerns the head and the gate; the observation and
+# inference prompts only stage 1 and `explain`).
+VLM_FEATURE_FIELDS = (
+    "system_message",
+    "classification_prompt",
+    "classification_example_labels",
+    "answer_format",
+    "vlm_branch_mode",
+    "max_new_tokens",
+    "generate_do_sample",
+    "generate_temperature",
+    "generate_top_p",
+)
 
 
 def model_identity(model: str) -> dict:
@@ -56,13 +70,21 @@ def _sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def vlm_feature_key(spec: dict, split_hash: str) -> str:
+def samples_answers(spec: dict) -> bool:
+    """Whether the VLM features of a head spec hold sampled (random) generated answers."""
+    config = spec["model_config"]
+    return config.get("vlm_branch_mode") == "generate" and bool(config.get("generate_do_sample"))
+
+
+def vlm_feature_key(spec: dict, split_hash: str, sample: int = 0) -> str:
     return hash_json(
         {
             "vlm": spec["vlm_identity"],
             "dtype": spec.get("vlm_dtype"),
             "classes": spec["class_names"],
             "config": {k: spec["model_config"].get(k) for k in VLM_FEATURE_FIELDS},
+            "max_image_side": spec.get("max_image_side"),
+            "sample": [spec.get("generation_seed"), sample] if samples_answers(spec) else None,
             "split": split_hash,
         }
     )
@@ -132,8 +154,9 @@ class _Collate:
 
 
 @torch.no_grad()
-def vlm_features(model, inputs) -> dict[str, torch.Tensor]:
-    """One vision pass: pooled image embeddings and the class-answer log-likelihoods (+ generated one-hot)."""
+def vlm_features(model, inputs, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One vision pass: pooled image embeddings and the class-answer log-likelihoods (+ generated one-hot, sampled
+    from `generator` when the config samples)."""
     image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
     branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     features = {
@@ -141,7 +164,7 @@ def vlm_features(model, inputs) -> dict[str, torch.Tensor]:
         "vlm_log_likelihoods": model.score_answers(*branch, image_embeds).float(),
     }
     if model.config.vlm_branch_mode == "generate":
-        features["vlm_generated"] = model.generate_answers(*branch, image_embeds)[0].float()
+        features["vlm_generated"] = model.generate_answers(*branch, image_embeds, generator=generator)[0].float()
     return features
 
 
@@ -157,9 +180,11 @@ def extract_features(
     batch_size: int = 8,
     num_workers: int = 0,
     desc: str = "Features",
+    seed_keys: tuple[int, ...] = (0,),
 ) -> dict[str, torch.Tensor]:
     """Features of the images `image_of(0)`, ..., `image_of(num_images - 1)` (decoded RGB images, e.g. a split of
-    the run's data), in order; the work is split across processes and gathered on all."""
+    the run's data), in order; the work is split across processes and gathered on all. Sampled answers of a batch
+    come from a generator seeded by `seed_keys` and the batch's first image."""
     with accelerator.split_between_processes(list(range(num_images)), apply_padding=True) as shard:
         shard = list(shard)
     loader = torch.utils.data.DataLoader(
@@ -173,7 +198,9 @@ def extract_features(
         computed = {}
         if model is not None:
             inputs = batch["vlm_inputs"].to(accelerator.device)
-            computed.update(vlm_features(model, inputs))
+            generator = torch.Generator(accelerator.device)
+            generator.manual_seed(derived_seed(*seed_keys, batch["index"][0]))
+            computed.update(vlm_features(model, inputs, generator))
         if teacher is not None:
             computed["teacher_logits"] = teacher(batch["teacher_pixels"].to(accelerator.device)).float()
         outputs["index"].append(batch["index"])
@@ -201,17 +228,19 @@ def get_features(
     teacher_fingerprint: str | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
+    sample: int = 0,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}` from the cache,
     computing (one VLM pass and one teacher pass per image) and caching what is missing.
 
     `spec` describes the VLM features (stage 3's head spec); `teacher_fingerprint` is the run's stage-2 fingerprint,
-    when teacher logits are wanted. Models are loaded only when something is missing.
+    when teacher logits are wanted; `sample` numbers the draw of sampled answers (0: the one every stage uses).
+    Models are loaded only when something is missing.
     """
     features, missing = {}, []
     for split in splits:
         split_hash = data.files_hash(split)
-        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_hash))}
+        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_hash, sample))}
         if teacher_fingerprint is not None:
             files["teacher"] = cache_file(
                 run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_hash)
@@ -239,6 +268,7 @@ def get_features(
                 spec_vlm(run_dir, spec),
                 spec["class_names"],
                 dtype=spec.get("vlm_dtype", "auto"),
+                max_image_side=spec.get("max_image_side"),
                 **spec["model_config"],
             )
         model.to(accelerator.device).eval()
@@ -263,6 +293,7 @@ def get_features(
             batch_size=batch_size,
             num_workers=num_workers,
             desc=f"Caching {'+'.join(sorted(todo))} features of {split}",
+            seed_keys=(spec.get("generation_seed") or 0, sample),
         )
         features[split].update(computed)
         if accelerator.is_main_process:
@@ -277,6 +308,7 @@ __all__ = [
     "extract_features",
     "get_features",
     "model_identity",
+    "samples_answers",
     "vlm_feature_key",
     "vlm_features",
     "vlm_identity",

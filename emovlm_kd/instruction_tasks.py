@@ -8,8 +8,10 @@ Per training image:
 The chats are `EmoVLMKDConfig.chat_messages(task)` (the reference's system message and task prompts, text before
 the image), the same that the exported model scores and explains with, and the classification answers are
 `tokenize_answers`' (answer tokens + end-of-turn), so instruction tuning raises precisely the likelihoods the VLM
-branch measures. Every answer ends with the end-of-turn token and only answer tokens carry labels (the prompt,
-image placeholders and padding are -100).
+branch measures. Every answer ends with the end-of-turn token. By default only answer tokens carry labels (the
+prompt, image placeholders and padding are -100); `loss_on="all"` puts the whole sequence in the loss as the
+reference does (its `collate_fn` in train_vlm.py), every token but the padding and the image tokens (placeholders,
+vision start and end).
 """
 
 from dataclasses import dataclass
@@ -21,6 +23,9 @@ from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, prepare_image
 from modeling_emovlm_kd import tokenize_answers
 
 IGNORE_INDEX = -100
+LOSS_ON = ("answer", "all")
+# Tokens never in the loss, also with `loss_on="all"`: the image placeholders and the vision markers around them.
+IMAGE_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class InstructionEncoder:
             end-of-turn token).
         max_image_side: images are capped to this longest side as the exported image processor does (its
             `max_image_side`): training sees what inference sees.
+        loss_on: `"answer"` (labels on answer tokens only) or `"all"` (the whole sequence but padding and image
+            tokens, as the reference computes its loss).
         prompt_settings: `EmoVLMKDConfig` prompt fields (`system_message`, `classification_prompt`,
             `answer_format`, ...) to train on instead of the reference's; give the model the same ones.
     """
@@ -79,8 +86,11 @@ class InstructionEncoder:
         class_names: list[str],
         max_answer_tokens: int = 512,
         max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+        loss_on: str = "answer",
         **prompt_settings,
     ):
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_image_side = max_image_side
@@ -92,6 +102,10 @@ class InstructionEncoder:
         self.classification_answer_ids = tokenize_answers(self.tokenizer, self.config)
         self.end_token_id = end_of_turn_id(self.tokenizer)
         self.max_answer_tokens = max_answer_tokens
+        self.loss_on = loss_on
+        image_tokens = [self.tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS]
+        known = [token for token in image_tokens if token is not None and token != self.tokenizer.unk_token_id]
+        self.image_token_ids = torch.tensor(sorted({*known, processor.image_token_id}))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 
@@ -112,10 +126,14 @@ class InstructionEncoder:
         prompt = self.processor(images=[image], text=[self.prompt_text(task)], return_tensors="pt")
         answer_ids = torch.tensor(self.answer_ids(task, answer), dtype=torch.long)
         prompt_ids = prompt["input_ids"][0]
+        if self.loss_on == "all":
+            prompt_labels = prompt_ids.masked_fill(torch.isin(prompt_ids, self.image_token_ids), IGNORE_INDEX)
+        else:
+            prompt_labels = torch.full_like(prompt_ids, IGNORE_INDEX)
         return {
             "input_ids": torch.cat([prompt_ids, answer_ids]),
             "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"][0], torch.zeros_like(answer_ids)]),
-            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+            "labels": torch.cat([prompt_labels, answer_ids]),
             "pixel_values": prompt["pixel_values"],
             "image_grid_thw": prompt["image_grid_thw"],
         }
@@ -156,6 +174,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_ON",
     "TASKS",
     "InstructionDataset",
     "InstructionEncoder",

@@ -49,6 +49,7 @@ def build_model_card(
     license: str = "apache-2.0",
     vlm_description: str | None = None,
     widget: list[dict] | None = None,
+    vlm_branch_mode: str = "score",
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` with YAML metadata (pipeline tag, library, base model, datasets, metrics, tags,
     model-index results, widget examples with their precomputed outputs) and a body with usage, classes, the
@@ -89,8 +90,12 @@ def build_model_card(
         "[arXiv 2505.07164](https://arxiv.org/abs/2505.07164)): a frozen instruction-tuned vision-language model "
         f"(`{base_model or vlm_description or 'see config.json'}`), a small head distilled from a conventional "
         "vision model onto the VLM's own image embeddings, and a gate fusing both predictions. The image goes "
-        "through the visual encoder once; the VLM branch is the exact likelihood of each class's answer (no "
-        "sampling).",
+        "through the visual encoder once; "
+        + (
+            "the VLM branch is the exact likelihood of each class's answer (no sampling)."
+            if vlm_branch_mode == "score"
+            else "the VLM branch is a generated answer parsed into a one-hot vector, as in the paper's code."
+        ),
         "## Usage",
         USAGE.format(repo_id=repo_id),
         "## Classes",

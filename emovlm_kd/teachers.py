@@ -1,5 +1,9 @@
 """The distillation teacher: any `timm` classifier, its data transforms, and loading a trained one from a run."""
 
+# The reference's teacher: `google/vit-base-patch16-384`, the original ViT-B/16 at 384 px (ImageNet-21k, fine-tuned
+# on ImageNet-1k). timm's untagged `vit_base_patch16_384` is another checkpoint (AugReg); this tag is those weights.
+DEFAULT_TEACHER = "vit_base_patch16_384.orig_in21k_ft_in1k"
+
 # Named presets: (timm model name, create_model kwargs). `tiny` is a 2-block ViT at 32 px for offline tests.
 TEACHER_PRESETS = {
     "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}),
@@ -33,12 +37,24 @@ def load_teacher(teacher_dir):
 
 
 def teacher_transforms(model):
-    """(train, eval) transforms from the model's timm data config: RandomResizedCrop + flip; resize + centre crop."""
-    from timm.data import create_transform, resolve_input_data_config
+    """(train, eval) transforms as the reference's (`data_utils.ImageDataset`), at the model's input size and with
+    its normalisation (timm's data config; mean = std = 0.5 for the default teacher, as the reference's feature
+    extractor has them): train RandomResizedCrop + horizontal flip, eval Resize (shorter side) + CenterCrop, both
+    bilinear."""
+    from timm.data import resolve_input_data_config
+    from torchvision import transforms
 
     config = resolve_input_data_config(model)  # the model's actual input size (also for presets' img_size)
-    train = create_transform(**config, is_training=True, hflip=0.5, color_jitter=None)
-    return train, create_transform(**config, is_training=False)
+    size = tuple(config["input_size"][1:])
+    bilinear = transforms.InterpolationMode.BILINEAR
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
+    train = transforms.Compose(
+        [transforms.RandomResizedCrop(size, interpolation=bilinear), transforms.RandomHorizontalFlip(), *to_tensor]
+    )
+    evaluation = transforms.Compose(
+        [transforms.Resize(min(size), interpolation=bilinear), transforms.CenterCrop(size), *to_tensor]
+    )
+    return train, evaluation
 
 
-__all__ = ["TEACHER_PRESETS", "create_teacher", "load_teacher", "teacher_transforms"]
+__all__ = ["DEFAULT_TEACHER", "TEACHER_PRESETS", "create_teacher", "load_teacher", "teacher_transforms"]

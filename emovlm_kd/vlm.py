@@ -27,15 +27,19 @@ def load_vlm_and_processor(name_or_path: str, dtype="auto", seed: int = 0, **mod
     return vlm, processor
 
 
-def build_emovlm_kd(vlm: str, class_names: list[str], seed: int = 0, dtype="auto", **config_kwargs):
+def build_emovlm_kd(
+    vlm: str, class_names: list[str], seed: int = 0, dtype="auto", max_image_side: int | None = None, **config_kwargs
+):
     """Load a VLM (`"tiny"`, a Hub name or a folder) and wrap it with a fresh head and gate for `class_names`:
-    `(model, image_processor, vlm_processor)`. `config_kwargs` are `EmoVLMKDConfig` fields."""
+    `(model, image_processor, vlm_processor)`. `config_kwargs` are `EmoVLMKDConfig` fields; `max_image_side` is the
+    image processor's cap on the longest side (None: its default, 0: no cap)."""
     from image_processing_emovlm_kd import EmoVLMKDImageProcessor
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     vlm_model, vlm_processor = load_vlm_and_processor(vlm, dtype=dtype, seed=seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm_model, vlm_processor, list(class_names), **config_kwargs)
-    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config)
+    image_settings = {} if max_image_side is None else {"max_image_side": max_image_side}
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(vlm_processor, model.config, **image_settings)
     return model.eval(), image_processor, vlm_processor
 
 

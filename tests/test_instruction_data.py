@@ -64,7 +64,7 @@ class FakeChatServer:
             script = self.plan[image]
             behaviour = script[min(seen, len(script) - 1)]
             self.requests.append((image, behaviour, time.monotonic()))
-        if f'"{label}"' not in text or any(name not in text for name in CLASSES):
+        if f"==Emotion Information==\n{label}\n==" not in text or ", ".join(CLASSES) not in text:
             self.errors.append(f"prompt for {image} does not give its label and the classes: {text!r}")
         return image, label, behaviour
 

@@ -226,7 +226,7 @@ def test_cached_vlm_gate_input_matches_the_model():
 @pytest.mark.parametrize("gate_type", ["bilinear", "moe", "dynamic_weighting", "cross_gating"])
 def test_every_gate_variant_trains(pipeline, dataset, tmp_path, gate_type):
     run_copy = copy_run(pipeline[0], tmp_path / "run")
-    summary = gate.run(*stage_args(gate, dataset, run_copy, "--gate-type", gate_type, "--epochs", "40"))
+    summary = gate.run(*stage_args(gate, dataset, run_copy, "--gate-type", gate_type))
     trained, config = load_gate(run_copy)
     assert config["gate_type"] == gate_type and type(trained) is GATES[gate_type]
     assert summary["val_metrics"]["accuracy"] > 0.5
@@ -317,7 +317,7 @@ def test_every_stage_defaults_to_the_papers_settings():
     defaults = {module.STAGE: module.ARGUMENTS() for module in (teacher, distill, gate)}
     paper = {
         "teacher": {
-            "teacher": "vit_base_patch16_384",
+            "teacher": "vit_base_patch16_384.orig_in21k_ft_in1k",  # google/vit-base-patch16-384's weights
             "learning_rate": 3e-5,
             "weight_decay": 1e-5,
             "batch_size": 10,
@@ -330,11 +330,19 @@ def test_every_stage_defaults_to_the_papers_settings():
             "learning_rate": 1e-5,
             "weight_decay": 1e-4,
             "epochs": 5,
+            "batch_size": 1,  # one image per update, as published
             "head_hidden_sizes": [1024],
             "head_dropout": 0.1,
             "vlm": "Qwen/Qwen2-VL-7B-Instruct",
         },
-        "gate": {"gate_type": "concat_linear", "learning_rate": 1e-4, "weight_decay": 1e-4, "epochs": 10},
+        "gate": {
+            "gate_type": "concat_linear",
+            "learning_rate": 1e-4,
+            "weight_decay": 1e-4,
+            "epochs": 10,
+            "batch_size": 1,
+            "resample_vlm_answers": False,
+        },
     }
     for stage, values in paper.items():
         assert {key: getattr(defaults[stage], key) for key in values} == values, stage

@@ -3,8 +3,10 @@
 The VLM's pooled image embeddings and class-answer log-likelihoods (one vision pass per image) and the teacher's
 logits are computed once per image and cached (`emovlm_kd.cache`); the head then trains on the cache with the
 paper's loss `alpha * KL(teacher_T || head_T) * T^2 + (1 - alpha) * CE` (alpha 0.5, T 2; Adam lr 1e-5, weight decay
-1e-4, 5 epochs). The VLM is the run's instruction-tuned `vlm/` when stage 1 completed, else `--vlm`.
-Writes `<run_dir>/head/` (`head.safetensors`, `head_spec.json` with what stages 4-6 need to rebuild the model).
+1e-4, 5 epochs, one image per update as published). The VLM is the run's instruction-tuned `vlm/` when stage 1
+completed, else `--vlm`; a tuned VLM is scored with the prompts and image cap it was tuned on (`VLMInputArguments`),
+and other settings are refused. Writes `<run_dir>/head/` (`head.safetensors`, `head_spec.json` with what stages 4-6
+need to rebuild the model).
 """
 
 from dataclasses import dataclass, field
@@ -13,13 +15,29 @@ from typing import Literal
 import torch
 
 from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
-from emovlm_kd.arguments import training_arguments
+from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMInputArguments, training_arguments
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, is_complete, read_class_names, upstream_fingerprint
+from emovlm_kd.run_dir import (
+    DataError,
+    hash_json,
+    is_complete,
+    read_class_names,
+    read_complete,
+    stage_output,
+    upstream_fingerprint,
+)
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import (
+    adam,
+    begin_stage,
+    cached_data_loader,
+    complete_stage,
+    one_thread_on_cpu,
+    seed_training,
+    train_epochs,
+)
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -27,7 +45,8 @@ STAGE = "distill"
 
 @dataclass
 class DistillArguments(
-    training_arguments("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=32)
+    VLMInputArguments,
+    training_arguments("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=1),
 ):
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct",
@@ -39,18 +58,21 @@ class DistillArguments(
     vlm_dtype: str = field(
         default="auto", metadata={"help": "dtype to load the VLM in (auto, bfloat16, float32, ...)"}
     )
-    classification_prompt: str = field(
-        default=EmoVLMKDConfig.classification_prompt,
-        metadata={"help": "Classification turn: <num_labels>, <label_list>, <example_label_1|2> are filled in"},
-    )
-    answer_format: str = field(
-        default=EmoVLMKDConfig.answer_format, metadata={"help": "<label> is replaced by a class"}
-    )
     vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
         default=EmoVLMKDConfig.vlm_branch_mode, metadata={"help": "Exact answer scoring, or the paper's generation"}
     )
     max_new_tokens: int = field(
         default=EmoVLMKDConfig.max_new_tokens, metadata={"help": "Generation budget of the 'generate' mode"}
+    )
+    generate_do_sample: bool = field(
+        default=EmoVLMKDConfig.generate_do_sample,
+        metadata={"help": "'generate' mode: sample (the reference's, seeded by --seed) instead of greedy decoding"},
+    )
+    generate_temperature: float = field(
+        default=EmoVLMKDConfig.generate_temperature, metadata={"help": "Sampling temperature (the reference's)"}
+    )
+    generate_top_p: float = field(
+        default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
     )
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward while caching features"})
     head_hidden_sizes: list[int] = field(
@@ -78,11 +100,15 @@ def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> di
         "vlm_identity": vlm_identity(run_args.run_dir, args.vlm, tuned),
         "vlm_dtype": args.vlm_dtype,
         "class_names": list(class_names),
+        "max_image_side": args.max_image_side,
+        "generation_seed": run_args.seed,  # of sampled answers in the 'generate' mode
         "model_config": {
-            "classification_prompt": args.classification_prompt,
-            "answer_format": args.answer_format,
+            **args.prompt_settings(),
             "vlm_branch_mode": args.vlm_branch_mode,
             "max_new_tokens": args.max_new_tokens,
+            "generate_do_sample": args.generate_do_sample,
+            "generate_temperature": args.generate_temperature,
+            "generate_top_p": args.generate_top_p,
             "head_hidden_sizes": list(args.head_hidden_sizes),
             "head_dropout": args.head_dropout,
             "kd_alpha": args.kd_alpha,
@@ -106,7 +132,29 @@ def fingerprint(run_args, args: DistillArguments, class_names=None) -> str:
     )
 
 
+def check_tuned_vlm_inputs(run_args, args: DistillArguments):
+    """A `DataError` when the run's instruction-tuned VLM was tuned on other prompts or images than these settings
+    would score with (both come from the same `VLMInputArguments`; set them for every stage with a bare
+    `--set KEY=VALUE` of `run_all`)."""
+    record = read_complete(run_args.run_dir, "instruction_tuning")
+    if record is None:
+        return
+    tuned = record.get("settings", {})
+    defaults = VLMInputArguments()
+    differing = [name for name in VLM_INPUT_FIELDS if tuned.get(name, getattr(defaults, name)) != getattr(args, name)]
+    if differing:
+        details = "; ".join(
+            f"{name}: tuned on {tuned.get(name)!r}, here {getattr(args, name)!r}" for name in differing
+        )
+        raise DataError(
+            f"The run's instruction-tuned VLM ({str(stage_output(run_args.run_dir, 'instruction_tuning'))!r}) was "
+            f"trained on other VLM inputs than stage {STAGE!r} would score with ({details}). Give both stages the "
+            "same settings (`run_all --set NAME=VALUE` sets every stage that has NAME), or run stage 1 again"
+        )
+
+
 def run(run_args, args: DistillArguments) -> dict:
+    check_tuned_vlm_inputs(run_args, args)
     stage_run = begin_stage(run_args, args, STAGE, fingerprint)
     accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
@@ -126,13 +174,10 @@ def run(run_args, args: DistillArguments) -> dict:
 
     seed_training(stage_run)
     head = EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
-        batch_size=args.batch_size,
-        shuffle=True,
-    )
-    optimizer = torch.optim.Adam(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    head, optimizer, loader = accelerator.prepare(head, optimizer, loader)
+    optimizer = adam(head.parameters(), args, accelerator.device)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    train_set = torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"])
+    loader = cached_data_loader(accelerator, train_set, args.batch_size)
 
     def kd_loss(model, batch) -> torch.Tensor:
         embeds, teacher_logits, labels = batch
@@ -144,7 +189,8 @@ def run(run_args, args: DistillArguments) -> dict:
         logits = head_logits(accelerator.unwrap_model(head), val["image_embeds"])
         return classification_metrics(val["labels"], logits.argmax(-1), class_names)
 
-    metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
+    with one_thread_on_cpu(accelerator):
+        metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
     if stopped:
         return stopped
     output = complete_stage(
@@ -163,4 +209,4 @@ def run(run_args, args: DistillArguments) -> dict:
     }
 
 
-__all__ = ["ARGUMENTS", "STAGE", "DistillArguments", "feature_spec", "fingerprint", "run"]
+__all__ = ["ARGUMENTS", "STAGE", "DistillArguments", "check_tuned_vlm_inputs", "feature_spec", "fingerprint", "run"]

@@ -3,8 +3,10 @@
 The VLM of stage 3 is wrapped with the trained head and gate; the repo holds `config.json` (with `auto_map`),
 `model.safetensors`, the remote-code files, the image processor (which writes the prompt) and the VLM's tokenizer,
 the Inference Endpoints `handler.py` and the Gradio Space app (`space/`) when the package ships them, and a model
-card with the results of stage 5. Before saving, the assembled model's fused logits on a few images are checked
-against the cached pipeline's. `--push-to-hub REPO_ID` uploads the folder with `huggingface_hub`.
+card with the results of stage 5 and the recipe the run followed. Before saving, the assembled model's fused logits
+on a few images are checked against the cached pipeline's (with sampled VLM answers, which differ by design from
+draw to draw: its head logits, and its gate on its own VLM answers). `--push-to-hub REPO_ID` uploads the folder with
+`huggingface_hub`.
 
 The hosted widget of the Hub does not run custom code, so the card carries precomputed examples instead: a few test
 images (one per class by default, at most 8) are copied into `widget/`, and the card's `widget:` metadata gives each
@@ -24,10 +26,11 @@ import torch
 from huggingface_hub import HfApi
 
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
-from emovlm_kd.cache import get_features
+from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.model_card import build_model_card
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
+    STAGES,
     DataError,
     current_umask,
     hash_json,
@@ -68,6 +71,9 @@ class ExportArguments:
         default=None, metadata={"help": "Base VLM for the card (default: the VLM the run used)"}
     )
     license: str = field(default="apache-2.0", metadata={"help": "License of the model repo"})
+    vlm_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the exported VLM (default: the one stage 3 used)"}
+    )
     verify_images: int = field(
         default=4, metadata={"help": "Test images to check the assembled model on (0: skip; needs the dataset)"}
     )
@@ -96,6 +102,7 @@ FINGERPRINT_FIELDS = (
     "verify_images",
     "widget_images",
     "widget_image",
+    "vlm_dtype",
 )
 
 
@@ -136,12 +143,22 @@ def verification_data(accelerator, run_args, data, head_spec: dict, count: int):
 
 @torch.no_grad()
 def verify_against_cache(run_dir, model, image_processor, images: list, features: dict) -> float:
-    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `images`."""
+    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `images` (with
+    sampled VLM answers: between its head logits and the cached ones, and between its fused logits and the trained
+    gate applied to the cached head logits and the model's own VLM answers)."""
     gate, gate_spec = load_gate(run_dir)
-    expected = fused_logits(gate, *gate_inputs(load_head(run_dir), features, read_head_spec(run_dir), gate_spec))
+    head_spec = read_head_spec(run_dir)
+    head_output, vlm_scores = gate_inputs(load_head(run_dir), features, head_spec, gate_spec)
     inputs = image_processor(list(images), return_tensors="pt").to(model.device)
-    actual = model(**inputs).logits.float().cpu()
-    difference = float((actual - expected).abs().max())
+    outputs = model(**inputs)
+    if samples_answers(head_spec):
+        vlm_scores = outputs.vlm_scores.float().cpu()
+        head_difference = (outputs.head_logits.float().cpu() - head_output).abs().max()
+    else:
+        head_difference = torch.zeros(())
+    expected = fused_logits(gate, head_output, vlm_scores)
+    actual = outputs.logits.float().cpu()
+    difference = max(float((actual - expected).abs().max()), float(head_difference))
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if difference > tolerance:
         raise RuntimeError(
@@ -231,16 +248,64 @@ def _vlm_description(run_dir, head_spec: dict) -> str:
     return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
 
 
-def _training_summary(run_dir, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
+RECIPE_DESCRIPTIONS = {
+    None: "the package's defaults (the paper's hyper-parameters, with this package's documented improvements)",
+    "paper": "every behaviour of the paper's reference implementation",
+    "quickstart": "the offline quickstart's tiny random-init models",
+}
+
+
+def recipe_description(run_dir, run_args) -> str:
+    """Which recipe trained the model: the one every stage recorded in its COMPLETE.json, or each stage's."""
+    records = {stage: read_complete(run_dir, stage) for stage in STAGES if stage != STAGE}
+    recipes = {stage: record.get("settings", {}).get("recipe_name") for stage, record in records.items() if record}
+    recipes[STAGE] = run_args.recipe_name
+    names = set(recipes.values())
+    if len(names) == 1:
+        name = names.pop()
+        if name is None:
+            return RECIPE_DESCRIPTIONS[None]
+        return f"`{name}` ({RECIPE_DESCRIPTIONS[name]})" if name in RECIPE_DESCRIPTIONS else f"`{name}`"
+    per_stage = ", ".join(f"{stage}: `{recipe or 'defaults'}`" for stage, recipe in recipes.items())
+    return f"different per stage ({per_stage})"
+
+
+def _vlm_branch_description(model_config: dict, gate_spec: dict, resampled: bool) -> str:
+    if model_config["vlm_branch_mode"] == "score":
+        what = "probabilities" if gate_spec["vlm_branch_input"] == "probs" else "one-hot best class"
+        return f"exact likelihood of every class's answer; the gate sees its {what}"
+    decoding = (
+        f"sampled (temperature {model_config.get('generate_temperature')}, top-p {model_config.get('generate_top_p')})"
+        if model_config.get("generate_do_sample")
+        else "greedy"
+    )
+    return (
+        f"generated answer ({decoding}, up to {model_config['max_new_tokens']} tokens) parsed into a one-hot vector "
+        f"for the gate" + (" (a fresh sample every epoch of gate training)" if resampled else "")
+    )
+
+
+def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
     teacher = read_complete(run_dir, "teacher") or {}
+    tuning = (read_complete(run_dir, "instruction_tuning") or {}).get("settings")
+    gate_settings = (read_complete(run_dir, "gate") or {}).get("settings", {})
     model_config = head_spec["model_config"]
     return {
+        "Recipe": recipe_description(run_dir, run_args),
         "VLM": f"{vlm_description} (frozen in stages 3-6)",
+        "Instruction tuning": (
+            f"LoRA, loss on {'the whole sequence' if tuning.get('loss_on') == 'all' else 'answer tokens'}"
+            + (", 4-bit NF4 base (QLoRA)" if tuning.get("load_in_4bit") else "")
+            if tuning
+            else None
+        ),
         "Teacher": f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" if teacher else None,
         "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
         f"T={model_config['kd_temperature']}",
-        "Gate": f"`{gate_spec['gate_type']}` on the VLM's {gate_spec['vlm_branch_input']}",
-        "VLM branch": f"{model_config['vlm_branch_mode']} mode",
+        "Gate": f"`{gate_spec['gate_type']}` on the VLM branch",
+        "VLM branch": _vlm_branch_description(
+            model_config, gate_spec, gate_settings.get("resample_vlm_answers", False)
+        ),
     }
 
 
@@ -274,10 +339,11 @@ def write_repo(
         results,
         base_model,
         dataset_name,
-        _training_summary(run_args.run_dir, head_spec, gate_spec, vlm_description),
+        _training_summary(run_args.run_dir, run_args, head_spec, gate_spec, vlm_description),
         license=args.license,
         vlm_description=vlm_description,
         widget=widget,
+        vlm_branch_mode=head_spec["model_config"]["vlm_branch_mode"],
     )
     card.save(output / "README.md")
     for plot in sorted(stage_output(run_args.run_dir, "evaluate").glob("confusion_*.png")):
@@ -322,7 +388,7 @@ def run(run_args, args: ExportArguments) -> dict:
     summary = {"stage": STAGE}
 
     def build_repo(output: Path) -> dict:
-        model, image_processor, vlm_processor = assemble_model(run_args.run_dir)
+        model, image_processor, vlm_processor = assemble_model(run_args.run_dir, args.vlm_dtype)
         model.to(accelerator.device)
         if verify:
             summary["verified_max_logit_difference"] = verify_against_cache(

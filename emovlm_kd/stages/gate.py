@@ -1,8 +1,11 @@
 """Stage 4: train the gate fusing the distilled head's logits and the VLM branch's prediction.
 
 Both inputs come from the feature cache of stage 3 (the frozen head is applied to the cached image embeddings);
-the gate trains with cross-entropy (paper: `concat_linear`, Adam lr 1e-4, weight decay 1e-4, 10 epochs). All five
-variants are selectable with `--gate-type`. Writes `<run_dir>/gate/` (`gate.safetensors`, `gate_spec.json`).
+the gate trains with cross-entropy (paper: `concat_linear`, Adam lr 1e-4, weight decay 1e-4, 10 epochs, one image
+per update). All five variants are selectable with `--gate-type`. With stage 3 in the `generate` mode with sampling,
+`--resample-vlm-answers` draws a fresh sampled answer per training image every epoch, as the reference does (each
+epoch's sample cached); by default every epoch sees the cached one. Writes `<run_dir>/gate/` (`gate.safetensors`,
+`gate_spec.json`).
 """
 
 from dataclasses import dataclass, field
@@ -14,18 +17,26 @@ import torch.nn.functional as F
 from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfig
 from emovlm_kd.arguments import training_arguments
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
-from emovlm_kd.cache import get_features
+from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.metrics import classification_metrics
-from emovlm_kd.run_dir import hash_json, upstream_fingerprint
+from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, complete_stage, seed_training, train_epochs
+from emovlm_kd.training import (
+    adam,
+    begin_stage,
+    cached_data_loader,
+    complete_stage,
+    one_thread_on_cpu,
+    seed_training,
+    train_epochs,
+)
 
 STAGE = "gate"
 
 
 @dataclass
 class GateArguments(
-    training_arguments("GateTraining", learning_rate=1e-4, weight_decay=1e-4, epochs=10, batch_size=32)
+    training_arguments("GateTraining", learning_rate=1e-4, weight_decay=1e-4, epochs=10, batch_size=1)
 ):
     gate_type: Literal[GATE_TYPES] = field(
         default=EmoVLMKDConfig.gate_type, metadata={"help": "Gate variant (the paper's best: concat_linear)"}
@@ -35,11 +46,18 @@ class GateArguments(
         default=EmoVLMKDConfig.vlm_branch_input,
         metadata={"help": "What the gate sees of the VLM: its class probabilities, or a one-hot answer (the paper's)"},
     )
+    resample_vlm_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 3 in 'generate' mode with sampling: a fresh sampled VLM answer per image every epoch, as "
+            "the reference does (the VLM runs on every training image every epoch); default: the cached one"
+        },
+    )
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward if features are not cached"})
 
 
 ARGUMENTS = GateArguments
-FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size")
+FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size", "resample_vlm_answers")
 
 
 def gate_spec(args: GateArguments, class_names: list[str]) -> dict:
@@ -71,6 +89,11 @@ def cross_entropy_loss(gate, batch) -> torch.Tensor:
 
 def run(run_args, args: GateArguments) -> dict:
     head_spec = read_head_spec(run_args.run_dir)
+    if args.resample_vlm_answers and not samples_answers(head_spec):
+        raise DataError(
+            "--resample-vlm-answers needs sampled VLM answers: stage 3 with --vlm-branch-mode generate and "
+            "--generate-do-sample"
+        )
     stage_run = begin_stage(run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"])
     accelerator, data = stage_run.accelerator, stage_run.data
     spec = gate_spec(args, data.class_names)
@@ -89,19 +112,39 @@ def run(run_args, args: GateArguments) -> dict:
 
     seed_training(stage_run)
     gate = build_gate(spec, len(data.class_names))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"]),
-        batch_size=args.batch_size,
-        shuffle=True,
-    )
-    optimizer = torch.optim.Adam(gate.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    gate, optimizer, loader = accelerator.prepare(gate, optimizer, loader)
+    optimizer = adam(gate.parameters(), args, accelerator.device)
+    gate, optimizer = accelerator.prepare(gate, optimizer)
+    train_set = torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"])
+    loader = cached_data_loader(accelerator, train_set, args.batch_size)
 
     def validate() -> dict:
         logits = fused_logits(accelerator.unwrap_model(gate), *val_inputs)
         return classification_metrics(features["val"]["labels"], logits.argmax(-1), data.class_names)
 
-    metrics, stopped = train_epochs(stage_run, gate, loader, optimizer, cross_entropy_loss, validate)
+    def draw_vlm_answers(epoch: int):
+        """The reference's gate training: the VLM answers every training image again each epoch (sample `epoch`;
+        epoch 0 is the cached sample every other stage uses)."""
+        if not args.resample_vlm_answers:
+            return
+        answers = features["train"]["vlm_generated"]
+        if epoch > 0:
+            sampled = get_features(
+                accelerator,
+                run_args.run_dir,
+                data,
+                head_spec,
+                ["train"],
+                batch_size=args.feature_batch_size,
+                num_workers=run_args.num_workers,
+                sample=epoch,
+            )
+            answers = sampled["train"]["vlm_generated"]
+        train_set.tensors = (train_set.tensors[0], answers, train_set.tensors[2])
+
+    with one_thread_on_cpu(accelerator):
+        metrics, stopped = train_epochs(
+            stage_run, gate, loader, optimizer, cross_entropy_loss, validate, on_epoch_start=draw_vlm_answers
+        )
     if stopped:
         return stopped
     output = complete_stage(

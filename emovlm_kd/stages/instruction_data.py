@@ -3,13 +3,14 @@
 The model is served by any OpenAI-compatible API (`--base-url`: OpenAI, vLLM, TGI, ...) or by Hugging Face Inference
 Providers (`--provider` with a Hub model id as `--model`, authenticated with an HF token); see `emovlm_kd.chat`.
 
-For every training image the endpoint is shown the image and its true label and asked, in the paper's one-shot
-style, for (1) the key visual elements (`observation`) and (2) the reasoning that leads to the emotion
-(`reasoning`), without naming the label. Answers must be a JSON object with both fields as non-empty strings, and
-neither may contain the label as a whole word (case-insensitive; `sad` does not count against `sadness`): an answer
-that names the label would teach the VLM to write the label into its explanations, which the paper avoids. Such
-answers, like malformed ones, are recorded as failures (with the reason and the raw answer) and asked again on the
-next run.
+For every training image the endpoint is shown the image and its true label and asked with the reference's template
+(`prompt_template.txt` of the paper's code: the classes, the true label, one example) for (1) the key visual
+elements (`observation`) and (2) the reasoning that leads to the emotion (`reasoning`), without naming the label.
+Unlike the reference's free text, answers must be a JSON object with both fields as non-empty strings, and neither
+may contain the label as a whole word (case-insensitive; `sad` does not count against `sadness`): an answer that
+names the label would teach the VLM to write the label into its explanations, which the paper's prompt forbids.
+Such answers, like malformed ones, are recorded as failures (with the reason and the raw answer) and asked again on
+the next run.
 
 Output `<run_dir>/instruction_data.jsonl`, one JSON record per line, appended (and flushed) as answers arrive:
 
@@ -36,37 +37,51 @@ from emovlm_kd.chat import ChatClient, ChatRequestError, RetryPolicy, image_data
 from emovlm_kd.instruction_records import read_records, rewrite_records
 from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
 from emovlm_kd.sources import has_source, load_source, source_hash
+from emovlm_kd.training import preset_class_names
 
 logger = logging.getLogger(__name__)
 
 STAGE = "instruction_data"
 
+# The reference's request (`generate_instruction.py`, `prompt_template.txt`): its system prompt, its template with
+# the run's classes and the true label, and its one-shot example, asked for as JSON (the improvement: answers that
+# parse reliably and are checked not to name the label).
 SYSTEM_PROMPT = (
-    "You are an expert in visual emotion analysis. You always answer with one JSON object and nothing else."
+    "You are an expert in analyzing emotions expressed in images. You always answer with one JSON object and "
+    "nothing else."
 )
 
-# One-shot: the example shows the register and length wanted, for an image of a different scene.
 EXAMPLE_ANSWER = {
     "observation": (
-        "A crowd of silhouetted figures raises long tools against a dark, stormy sky. Strong backlight turns the "
-        "people into black shapes, the tools' sharp outlines stand out, and the figures move in step across the frame."
+        "The dark sky serves as a dramatic background, emphasizing people holding tools. Objects resembling "
+        "agricultural tools appear threatening, creating tension. The synchronized movement of the crowd and strong "
+        "silhouette effects contribute to a striking atmosphere. The high contrast highlights the shapes of the tools "
+        "as primary visual elements."
     ),
     "reasoning": (
-        "The raised tools read as weapons and the looming sky adds menace; the synchronised crowd suggests a shared, "
-        "charged purpose, and the hard contrast leaves no room for calm, so the scene builds tension and a sense of "
-        "threat in the viewer."
+        "The crowd holding various tools suggests intense energy and the excitement of collective action. The "
+        "silhouette contrasting with the dark sky evokes tension, potentially eliciting anxiety or fear. The "
+        "threatening shapes of the tools and the collective behavior may hint at anger or hostility. The overall "
+        "scene's organized yet uncertain atmosphere limits the possibility of comfort. There are no elements that "
+        "evoke laughter or awe directly; the primary mood is one of focused energy and intensity."
     ),
 }
 
 INSTRUCTION_PROMPT = (
-    'This image is labelled with the emotion "{label}". The possible emotions are: {classes}.\n'
-    "Explain what in the image evokes this emotion, in two parts:\n"
-    "1. observation: the key visual elements of the image (objects, people, expressions, colours, lighting, "
-    "composition, atmosphere) that shape the emotion it evokes.\n"
-    "2. reasoning: the reasoning that leads from those elements to the emotion the image evokes.\n"
-    'Never write the word "{label}" or name the emotion: describe and reason so that a reader could infer it.\n'
-    'Answer with a JSON object with the string fields "observation" and "reasoning", like this example for '
-    "another image:\n{example}"
+    "Write about the key elements of an image and the reasoning process behind inferring emotions based on the "
+    "image and emotional information.\n\n"
+    "The emotional information corresponds to the emotion category that best matches the image among the following "
+    "{num_classes} categories:\n\n"
+    "{classes}\n\n"
+    "Base your response on the elements of the image that could lead to inferring this emotional information.\n\n"
+    "Do not include the correct emotion category in your response. Instead, describe the key elements of the image "
+    "and the reasoning process that could lead to the emotional inference.\n\n"
+    "==Emotion Information==\n"
+    "{label}\n"
+    "==\n\n"
+    'Please follow this format in your response: a JSON object whose string field "observation" holds 1. the key '
+    'elements and whose string field "reasoning" holds 2. the reasoning, like this example for another image:\n'
+    "{example}"
 )
 
 
@@ -77,7 +92,10 @@ class MalformedAnswer(ValueError):
 def build_messages(image_url: str, label: str, class_names: list[str]) -> list[dict]:
     """The chat messages for one image (OpenAI vision format: a text part and an `image_url` part)."""
     prompt = INSTRUCTION_PROMPT.format(
-        label=label, classes=", ".join(class_names), example=json.dumps(EXAMPLE_ANSWER, ensure_ascii=False)
+        num_classes=len(class_names),
+        classes=", ".join(class_names),
+        label=label,
+        example=json.dumps(EXAMPLE_ANSWER, ensure_ascii=False, indent=2),
     )
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
@@ -242,7 +260,7 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     api_key = _api_key(args)
     if not has_source(run_args):
         raise DataError(f"Stage {STAGE!r} needs a dataset: pass --data-dir or --dataset")
-    data = load_source(run_args)
+    data = load_source(run_args, class_names=preset_class_names(run_args))
     class_names = ensure_class_names(run_args.run_dir, data.class_names)
     labels = data.column("train", "label")
     images = [(row, data.key("train", row), class_names[label]) for row, label in enumerate(labels)]

@@ -2,9 +2,11 @@
 
 LoRA (`peft`) on the language model's attention projections only (q, k, v, o; the vision tower, embeddings and LM
 head stay as they are), the paper's hyper-parameters by default (r=8, alpha=8, dropout 0.05; lr 1e-4, 5 epochs,
-constant schedule with 3% warm-up, max grad norm 0.3). The loss covers answer tokens only. Without instruction data
-(no `instruction_data.jsonl`, or `--classification-only`) the classification task trains alone, and the log and
-summary say so.
+constant schedule with 3% warm-up, max grad norm 0.3). The loss covers answer tokens only (`--loss-on all`: the
+whole sequence but padding and image tokens, as the reference). The prompts and the image size cap are the shared
+`VLMInputArguments` (the reference's by default): what stage 3 scores with must be what the VLM was tuned on.
+Without instruction data (no `instruction_data.jsonl`, or `--classification-only`) the classification task trains
+alone, and the log and summary say so.
 
 Accelerate runs it on any setup (`accelerate launch`, multi-GPU, mixed precision: bf16 by default on GPUs that have
 it, as in the paper); `--batch-size` is the global batch, right-padded. `--load-in-4bit` loads the base in 4-bit NF4
@@ -28,14 +30,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from emovlm_kd.arguments import training_arguments
+from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMInputArguments, training_arguments
 from emovlm_kd.cache import vlm_identity
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
 from emovlm_kd.instruction_records import done_examples
-from emovlm_kd.instruction_tasks import TASKS, InstructionDataset, InstructionEncoder, build_examples
+from emovlm_kd.instruction_tasks import LOSS_ON, TASKS, InstructionDataset, InstructionEncoder, build_examples
 from emovlm_kd.run_dir import fault_point, hash_json, read_json, stage_output, write_atomic
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
@@ -51,9 +54,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 @dataclass
 class InstructionTuningArguments(
+    VLMInputArguments,
     training_arguments(
         "InstructionTraining", learning_rate=1e-4, weight_decay=0.0, epochs=5, batch_size=1, optimizer="AdamW"
-    )
+    ),
 ):
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
@@ -70,6 +74,10 @@ class InstructionTuningArguments(
     warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share, then constant"})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm"})
     max_answer_tokens: int = field(default=512, metadata={"help": "Longer explanations are cut"})
+    loss_on: Literal[LOSS_ON] = field(
+        default="answer",
+        metadata={"help": "Tokens in the loss: the answer's, or all but padding and image tokens (the reference's)"},
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
 
@@ -89,7 +97,9 @@ FINGERPRINT_FIELDS = (
     "warmup_ratio",
     "max_grad_norm",
     "max_answer_tokens",
+    "loss_on",
     "load_in_4bit",
+    *VLM_INPUT_FIELDS,
 )
 
 
@@ -265,10 +275,18 @@ def _read_training_log(run_dir, epochs_done: int) -> dict:
     return log or {"epoch_losses": [None] * epochs_done, "global_step": None}
 
 
-def run(run_args, args: InstructionTuningArguments) -> dict:
-    """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
+def warmup_schedule(optimizer, args: InstructionTuningArguments, updates_per_epoch: int):
+    """`(scheduler, warm-up length)`: a constant learning rate after a linear warm-up over `warmup_ratio` of all
+    optimizer updates. Prepared by an Accelerator with `split_batches=True`, the scheduler steps once per update
+    whatever the number of processes, so the warm-up is the same number of updates on 1 or N processes."""
     from transformers import get_constant_schedule_with_warmup
 
+    warmup_steps = math.ceil(args.warmup_ratio * updates_per_epoch * args.epochs)
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps), warmup_steps
+
+
+def run(run_args, args: InstructionTuningArguments) -> dict:
+    """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
     _check_4bit(args)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
     stage_run = begin_stage(
@@ -281,7 +299,14 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     vlm, processor = load_base_vlm(args, run_args.seed, accelerator.local_process_index)
     model = add_lora(vlm, args)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    encoder = InstructionEncoder(processor, data.class_names, args.max_answer_tokens)
+    encoder = InstructionEncoder(
+        processor,
+        data.class_names,
+        args.max_answer_tokens,
+        max_image_side=args.max_image_side,
+        loss_on=args.loss_on,
+        **args.prompt_settings(),
+    )
     examples = build_examples(data.column("train", "label"), explanations)
     task_counts = {task: sum(example.task == task for example in examples) for task in TASKS}
     dataloader = torch.utils.data.DataLoader(
@@ -293,9 +318,7 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     )
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    warmup_steps = math.ceil(args.warmup_ratio * updates_per_epoch * args.epochs)
-    # A prepared scheduler steps once per process per update.
-    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps * accelerator.num_processes)
+    scheduler, warmup_steps = warmup_schedule(optimizer, args, updates_per_epoch)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     _adapter_checkpoint_hooks(accelerator)
 
@@ -374,4 +397,13 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     return summary
 
 
-__all__ = ["ARGUMENTS", "STAGE", "InstructionTuningArguments", "add_lora", "export_merged", "fingerprint", "run"]
+__all__ = [
+    "ARGUMENTS",
+    "STAGE",
+    "InstructionTuningArguments",
+    "add_lora",
+    "export_merged",
+    "fingerprint",
+    "run",
+    "warmup_schedule",
+]

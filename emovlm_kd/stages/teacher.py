@@ -1,9 +1,10 @@
 """Stage 2: fine-tune a conventional vision model (any `timm` model) on the labels: the distillation teacher.
 
-Paper defaults: ViT-B/16 at 384 px (`vit_base_patch16_384`, ImageNet-pretrained), Adam lr 3e-5, weight decay 1e-5,
-batch 10, 10 epochs; RandomResizedCrop + horizontal flip for training, resize + centre crop (timm's data config of
-the model) for evaluation. Writes `<run_dir>/teacher/` (`model.safetensors` + timm's `config.json`, loadable with
-`timm.create_model("local-dir:<run_dir>/teacher", pretrained=True)`).
+Paper defaults: ViT-B/16 at 384 px with the reference's weights (`vit_base_patch16_384.orig_in21k_ft_in1k`, what
+`google/vit-base-patch16-384` holds), Adam lr 3e-5, weight decay 1e-5, batch 10, 10 epochs; the reference's
+transforms: RandomResizedCrop + horizontal flip for training, resize + centre crop for evaluation, bilinear, the
+model's normalisation (mean = std = 0.5). Writes `<run_dir>/teacher/` (`model.safetensors` + timm's `config.json`,
+loadable with `timm.create_model("local-dir:<run_dir>/teacher", pretrained=True)`).
 """
 
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from emovlm_kd.arguments import training_arguments
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json
 from emovlm_kd.sources import source_hash
-from emovlm_kd.teachers import TEACHER_PRESETS, create_teacher, teacher_transforms
-from emovlm_kd.training import begin_stage, complete_stage, progress, seeded_rng, train_epochs
+from emovlm_kd.teachers import DEFAULT_TEACHER, TEACHER_PRESETS, create_teacher, teacher_transforms
+from emovlm_kd.training import adam, begin_stage, complete_stage, progress, seeded_rng, train_epochs
 
 STAGE = "teacher"
 
@@ -26,7 +27,7 @@ class TeacherArguments(
     training_arguments("TeacherTraining", learning_rate=3e-5, weight_decay=1e-5, epochs=10, batch_size=10)
 ):
     teacher: str = field(
-        default="vit_base_patch16_384", metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
+        default=DEFAULT_TEACHER, metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
     )
     pretrained: bool = field(
         default=True,
@@ -40,6 +41,7 @@ class TeacherArguments(
 ARGUMENTS = TeacherArguments
 # Settings the trained teacher depends on (not the checkpointing or evaluation batch).
 FINGERPRINT_FIELDS = ("teacher", "pretrained", "learning_rate", "weight_decay", "batch_size", "epochs")
+TRANSFORMS = "reference"  # a new name when `teacher_transforms` changes: teachers trained otherwise are stale
 
 
 def fingerprint(run_args, args: TeacherArguments) -> str:
@@ -48,6 +50,7 @@ def fingerprint(run_args, args: TeacherArguments) -> str:
             "stage": STAGE,
             "data": source_hash(run_args),
             "seed": run_args.seed,
+            "transforms": TRANSFORMS,
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
     )
@@ -106,7 +109,7 @@ def run(run_args, args: TeacherArguments) -> dict:
     val_loader = torch.utils.data.DataLoader(
         ImageSplit(data, "val", eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adam(model.parameters(), args, accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     def validate() -> dict:
