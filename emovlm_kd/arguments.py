@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from configuration_emovlm_kd import EmoVLMKDConfig
+from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
 from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -189,6 +189,29 @@ class VLMInputArguments:
     def vlm_input_settings(self) -> dict:
         """Every field: what a VLM trained or scored with these settings was shown."""
         return {name: getattr(self, name) for name in VLM_INPUT_FIELDS}
+
+
+@dataclass
+class VLMBranchArguments:
+    """How the VLM branch answers (`EmoVLMKDConfig` fields): exactly scored answers (this package's default), or
+    generation parsed into a one-hot answer, greedy or sampled as the reference does."""
+
+    vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
+        default=EmoVLMKDConfig.vlm_branch_mode, metadata={"help": "Exact answer scoring, or the paper's generation"}
+    )
+    max_new_tokens: int = field(
+        default=EmoVLMKDConfig.max_new_tokens, metadata={"help": "Generation budget of the 'generate' mode"}
+    )
+    generate_do_sample: bool = field(
+        default=EmoVLMKDConfig.generate_do_sample,
+        metadata={"help": "'generate' mode: sample (the reference's, seeded by --seed) instead of greedy decoding"},
+    )
+    generate_temperature: float = field(
+        default=EmoVLMKDConfig.generate_temperature, metadata={"help": "Sampling temperature (the reference's)"}
+    )
+    generate_top_p: float = field(
+        default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
+    )
 
 
 @dataclass
@@ -382,6 +405,7 @@ __all__ = [
     "RECIPES_DIR",
     "REDACTED",
     "RunArguments",
+    "VLMBranchArguments",
     "VLMInputArguments",
     "VLM_INPUT_FIELDS",
     "coerce_values",

@@ -101,6 +101,20 @@ def _is_connection_error(error: Exception) -> bool:
     return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
 
 
+@dataclass
+class ChatRequestArguments:
+    """How requests go out: concurrency, the time an attempt may take and the retries (`RetryPolicy`)."""
+
+    concurrency: int = field(default=8, metadata={"help": "Requests in flight at most"})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds per request attempt"})
+    max_retries: int = field(default=5, metadata={"help": "Retries on timeouts, connection errors, 429 and 5xx"})
+    backoff_base: float = field(default=1.0, metadata={"help": "First retry waits about this many seconds"})
+    backoff_max: float = field(default=60.0, metadata={"help": "Longest backoff between retries (s)"})
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_base, backoff_max=self.backoff_max)
+
+
 class ChatClient:
     """Chat completions with retries, safe to share between threads.
 
@@ -199,6 +213,7 @@ class ChatClient:
 
 
 __all__ = [
+    "ChatRequestArguments",
     "ChatClient",
     "ChatRequestError",
     "ChatResult",

@@ -282,6 +282,32 @@ def train_epochs(
     return metrics, None
 
 
+def train_on_cached_tensors(
+    stage_run: StageRun, build_module, train_set, compute_loss, validate, on_epoch_start=None
+) -> tuple[torch.nn.Module, dict, dict | None]:
+    """Stages 3 and 4: train a small module on cached tensors. Every RNG is reseeded, then `build_module()` makes the
+    module, Adam (the paper's) its optimiser, and the epoch loop runs over `train_set` (a `TensorDataset`, shuffled)
+    with one CPU thread; `validate(module)` gets the unwrapped module. Returns (the unwrapped module, the last
+    epoch's metrics, the stop summary or None) as `train_epochs` does."""
+    seed_training(stage_run)
+    accelerator = stage_run.accelerator
+    module = build_module()
+    optimizer = adam(module.parameters(), stage_run.args, accelerator.device)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    loader = cached_data_loader(accelerator, train_set, stage_run.args.batch_size)
+    with one_thread_on_cpu(accelerator):
+        metrics, stopped = train_epochs(
+            stage_run,
+            module,
+            loader,
+            optimizer,
+            compute_loss,
+            lambda: validate(accelerator.unwrap_model(module)),
+            on_epoch_start=on_epoch_start,
+        )
+    return accelerator.unwrap_model(module), metrics, stopped
+
+
 def complete_stage(stage_run: StageRun, save_outputs=None, **record) -> Path:
     """The end of a stage: `save_outputs(output folder)` and then COMPLETE.json (fingerprint, settings, process
     count, `record` and what `save_outputs` returned, if a dict) on the main process; then the epoch checkpoints go
@@ -373,5 +399,6 @@ __all__ = [
     "seeded_rng",
     "start_stage",
     "train_epochs",
+    "train_on_cached_tensors",
     "train_one_epoch",
 ]

@@ -10,12 +10,11 @@ need to rebuild the model).
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
-from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMInputArguments, training_arguments
+from configuration_emovlm_kd import EmoVLMKDConfig
+from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMBranchArguments, VLMInputArguments, training_arguments
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.metrics import classification_metrics
@@ -29,15 +28,7 @@ from emovlm_kd.run_dir import (
     upstream_fingerprint,
 )
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import (
-    adam,
-    begin_stage,
-    cached_data_loader,
-    complete_stage,
-    one_thread_on_cpu,
-    seed_training,
-    train_epochs,
-)
+from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -46,6 +37,7 @@ STAGE = "distill"
 @dataclass
 class DistillArguments(
     VLMInputArguments,
+    VLMBranchArguments,
     training_arguments("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=1),
 ):
     vlm: str = field(
@@ -57,22 +49,6 @@ class DistillArguments(
     )
     vlm_dtype: str = field(
         default="auto", metadata={"help": "dtype to load the VLM in (auto, bfloat16, float32, ...)"}
-    )
-    vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
-        default=EmoVLMKDConfig.vlm_branch_mode, metadata={"help": "Exact answer scoring, or the paper's generation"}
-    )
-    max_new_tokens: int = field(
-        default=EmoVLMKDConfig.max_new_tokens, metadata={"help": "Generation budget of the 'generate' mode"}
-    )
-    generate_do_sample: bool = field(
-        default=EmoVLMKDConfig.generate_do_sample,
-        metadata={"help": "'generate' mode: sample (the reference's, seeded by --seed) instead of greedy decoding"},
-    )
-    generate_temperature: float = field(
-        default=EmoVLMKDConfig.generate_temperature, metadata={"help": "Sampling temperature (the reference's)"}
-    )
-    generate_top_p: float = field(
-        default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
     )
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward while caching features"})
     head_hidden_sizes: list[int] = field(
@@ -172,30 +148,27 @@ def run(run_args, args: DistillArguments) -> dict:
     train, val = features["train"], features["val"]
     in_features = train["image_embeds"].shape[-1]
 
-    seed_training(stage_run)
-    head = EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout)
-    optimizer = adam(head.parameters(), args, accelerator.device)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    train_set = torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"])
-    loader = cached_data_loader(accelerator, train_set, args.batch_size)
-
     def kd_loss(model, batch) -> torch.Tensor:
         embeds, teacher_logits, labels = batch
         return distillation_loss(
             model(embeds), teacher_logits, labels, temperature=args.kd_temperature, alpha=args.kd_alpha
         )
 
-    def validate() -> dict:
-        logits = head_logits(accelerator.unwrap_model(head), val["image_embeds"])
-        return classification_metrics(val["labels"], logits.argmax(-1), class_names)
+    def validate(head) -> dict:
+        return classification_metrics(val["labels"], head_logits(head, val["image_embeds"]).argmax(-1), class_names)
 
-    with one_thread_on_cpu(accelerator):
-        metrics, stopped = train_epochs(stage_run, head, loader, optimizer, kd_loss, validate)
+    head, metrics, stopped = train_on_cached_tensors(
+        stage_run,
+        lambda: EmoVLMKDHead(in_features, args.head_hidden_sizes, len(class_names), args.head_dropout),
+        torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
+        kd_loss,
+        validate,
+    )
     if stopped:
         return stopped
     output = complete_stage(
         stage_run,
-        lambda output: save_head(output, accelerator.unwrap_model(head), {**spec, "in_features": in_features}),
+        lambda output: save_head(output, head, {**spec, "in_features": in_features}),
         val_metrics=metrics,
         vlm=spec_vlm(run_args.run_dir, spec),
         unreadable_images=data.bad_images,

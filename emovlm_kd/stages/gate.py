@@ -21,15 +21,7 @@ from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import (
-    adam,
-    begin_stage,
-    cached_data_loader,
-    complete_stage,
-    one_thread_on_cpu,
-    seed_training,
-    train_epochs,
-)
+from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
 
 STAGE = "gate"
 
@@ -110,15 +102,10 @@ def run(run_args, args: GateArguments) -> dict:
     train_inputs = gate_inputs(head, features["train"], head_spec, spec)
     val_inputs = gate_inputs(head, features["val"], head_spec, spec)
 
-    seed_training(stage_run)
-    gate = build_gate(spec, len(data.class_names))
-    optimizer = adam(gate.parameters(), args, accelerator.device)
-    gate, optimizer = accelerator.prepare(gate, optimizer)
     train_set = torch.utils.data.TensorDataset(*train_inputs, features["train"]["labels"])
-    loader = cached_data_loader(accelerator, train_set, args.batch_size)
 
-    def validate() -> dict:
-        logits = fused_logits(accelerator.unwrap_model(gate), *val_inputs)
+    def validate(gate) -> dict:
+        logits = fused_logits(gate, *val_inputs)
         return classification_metrics(features["val"]["labels"], logits.argmax(-1), data.class_names)
 
     def draw_vlm_answers(epoch: int):
@@ -141,15 +128,19 @@ def run(run_args, args: GateArguments) -> dict:
             answers = sampled["train"]["vlm_generated"]
         train_set.tensors = (train_set.tensors[0], answers, train_set.tensors[2])
 
-    with one_thread_on_cpu(accelerator):
-        metrics, stopped = train_epochs(
-            stage_run, gate, loader, optimizer, cross_entropy_loss, validate, on_epoch_start=draw_vlm_answers
-        )
+    gate, metrics, stopped = train_on_cached_tensors(
+        stage_run,
+        lambda: build_gate(spec, len(data.class_names)),
+        train_set,
+        cross_entropy_loss,
+        validate,
+        on_epoch_start=draw_vlm_answers,
+    )
     if stopped:
         return stopped
     output = complete_stage(
         stage_run,
-        lambda output: save_gate(output, accelerator.unwrap_model(gate), spec),
+        lambda output: save_gate(output, gate, spec),
         val_metrics=metrics,
         gate_type=args.gate_type,
     )

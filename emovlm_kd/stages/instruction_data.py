@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from configuration_emovlm_kd import label_pattern
 from emovlm_kd.arguments import settings_dict
-from emovlm_kd.chat import ChatClient, ChatRequestError, RetryPolicy, image_data_url
+from emovlm_kd.chat import ChatClient, ChatRequestArguments, ChatRequestError, image_data_url
 from emovlm_kd.instruction_records import read_records, rewrite_records
 from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
 from emovlm_kd.sources import has_source, load_source, source_hash
@@ -145,7 +145,7 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass
-class InstructionDataArguments:
+class InstructionDataArguments(ChatRequestArguments):
     base_url: str | None = field(
         default=None,
         metadata={"help": f"OpenAI-compatible API base URL, e.g. a vLLM or TGI server (default: {OPENAI_BASE_URL})"},
@@ -165,11 +165,6 @@ class InstructionDataArguments:
             "--provider, huggingface_hub's HF_TOKEN or cached login)"
         },
     )
-    concurrency: int = field(default=8, metadata={"help": "Requests in flight at most"})
-    timeout: float = field(default=120.0, metadata={"help": "Seconds per request attempt"})
-    max_retries: int = field(default=5, metadata={"help": "Retries on timeouts, 429 and 5xx"})
-    backoff_base: float = field(default=1.0, metadata={"help": "First retry waits about this many seconds"})
-    backoff_max: float = field(default=60.0, metadata={"help": "Longest backoff between retries (s)"})
     max_tokens: int = field(default=600, metadata={"help": "Answer length limit"})
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature"})
     json_mode: bool = field(
@@ -276,7 +271,7 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     logger.info(f"Instruction data: {len(images)} training images, {skipped} already done, {len(pending)} to ask")
 
     counts = {"done": 0, "failed": 0}
-    retry = RetryPolicy(max_retries=args.max_retries, backoff_base=args.backoff_base, backoff_max=args.backoff_max)
+    retry = args.retry_policy()
     request_fields = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.json_mode:
         request_fields["response_format"] = {"type": "json_object"}
