@@ -27,6 +27,7 @@ import dataclasses
 import json
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -249,13 +250,32 @@ def training_arguments(
 REDACTED = "<redacted>"
 
 
+def url_credentials(url: str | None) -> list[str]:
+    """The user name and password written into a URL (`https://user:password@host/...`), if any."""
+    if not url or "@" not in url:
+        return []
+    parts = urllib.parse.urlsplit(url)
+    return [urllib.parse.unquote(part) for part in (parts.username, parts.password) if part]
+
+
+def without_url_credentials(url: str) -> str:
+    """`url` with the credentials of its `user:password@` part replaced by `<redacted>`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{REDACTED}@{parts.netloc.rsplit('@', 1)[1]}"))
+
+
 def recordable(instance) -> dict:
-    """An argument dataclass as a dict to write or log: the fields its class lists in `SECRETS` (credentials) are
-    redacted."""
+    """An argument dataclass as a dict to write or log: the fields its class lists in `SECRETS` (credentials) and
+    the credentials of URLs are redacted."""
     values = dataclasses.asdict(instance)
     for name in getattr(type(instance), "SECRETS", ()):
         if values.get(name) is not None:
             values[name] = REDACTED
+    for name, value in values.items():
+        if isinstance(value, str) and url_credentials(value):
+            values[name] = without_url_credentials(value)
     return values
 
 
@@ -418,4 +438,6 @@ __all__ = [
     "stage_parser",
     "stage_values",
     "training_arguments",
+    "url_credentials",
+    "without_url_credentials",
 ]

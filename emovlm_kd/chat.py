@@ -10,17 +10,20 @@ rejected key). Images travel inside the messages as `data:` URLs (`image_data_ur
 """
 
 import base64
+import dataclasses
 import email.utils
 import logging
 import random
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
 
+from emovlm_kd.arguments import REDACTED, url_credentials, without_url_credentials
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, web_image
 
 logger = logging.getLogger(__name__)
@@ -115,8 +118,42 @@ class ChatRequestArguments:
         return RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_base, backoff_max=self.backoff_max)
 
 
+class Redactor(logging.Filter):
+    """Replaces secrets (an API key, a URL's credentials) with `<redacted>` in texts, and, as a logging filter of
+    a handler, in every record it emits (also those of the HTTP libraries underneath)."""
+
+    def __init__(self, *secrets: str | None):
+        super().__init__()
+        self.secrets = sorted({secret for secret in secrets if secret and len(secret) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+    @contextmanager
+    def on_log_handlers(self):
+        """Redact every record the root logger's handlers emit, for the block."""
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(self)
+        try:
+            yield self
+        finally:
+            for handler in handlers:
+                handler.removeFilter(self)
+
+
 class ChatClient:
-    """Chat completions with retries, safe to share between threads.
+    """Chat completions with retries, safe to share between threads. The API key and the credentials of the base
+    URL never appear in what it returns, raises or logs (`redact`): a server may echo them.
 
     Args:
         model: the model of every request: a name the server knows, or a Hub model id with `provider`.
@@ -146,7 +183,10 @@ class ChatClient:
             raise ValueError("Give a base URL (an OpenAI-compatible server) or a provider (Inference Providers)")
         self.client = InferenceClient(base_url=base_url, provider=provider, api_key=api_key, timeout=timeout)
         self.model = model
-        self.endpoint = base_url or f"Inference Providers ({provider})"
+        credentials = url_credentials(base_url)  # sent as HTTP basic auth: also redacted in that encoding
+        basic = base64.b64encode(":".join(credentials).encode()).decode() if len(credentials) == 2 else None
+        self.redact = Redactor(api_key, *credentials, basic)
+        self.endpoint = without_url_credentials(base_url) if base_url else f"Inference Providers ({provider})"
         self.retry = retry or RetryPolicy()
         self.request_fields = dict(request_fields or {})
         self._lock = threading.Lock()
@@ -171,7 +211,7 @@ class ChatClient:
                 output = self.client.chat_completion(messages, model=self.model, **self.request_fields)
             except HfHubHTTPError as error:
                 status = error.response.status_code
-                failure = f"HTTP {status}: {(error.server_message or str(error))[:200]!r}"
+                failure = f"HTTP {status}: {self.redact(error.server_message or str(error))[:200]!r}"
                 if not is_retryable_status(status):
                     hint = FATAL_STATUS.get(status)
                     reason = f"{failure} ({hint})" if hint else failure
@@ -183,13 +223,14 @@ class ChatClient:
                 reason = "huggingface_hub refuses every request while HF_HUB_OFFLINE is set: unset it for stage 0"
                 raise ChatRequestError(reason, attempt, fatal=True) from None
             except ValueError as error:  # the body is not JSON
-                raise MalformedResponse(f"not a chat completion ({error})", attempt) from None
+                raise MalformedResponse(self.redact(f"not a chat completion ({error})"), attempt) from None
             except Exception as error:
                 if not _is_connection_error(error):
                     raise
-                failure = f"connection failed ({type(error).__name__}: {error})"
+                failure = self.redact(f"connection failed ({type(error).__name__}: {error})")
             else:
-                return self._result(output, attempt)
+                result = self._result(output, attempt)
+                return dataclasses.replace(result, content=self.redact(result.content))
             if attempt > self.retry.max_retries:
                 raise ChatRequestError(f"{failure}; gave up after {attempt} attempts", attempt)
             delay = self.retry.delay(attempt - 1, retry_after)
@@ -214,6 +255,7 @@ class ChatClient:
 
 __all__ = [
     "ChatRequestArguments",
+    "Redactor",
     "ChatClient",
     "ChatRequestError",
     "ChatResult",

@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,7 +93,8 @@ class FakeChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                if self.headers.get("Authorization") != f"Bearer {API_KEY}":
+                authorization = self.headers.get("Authorization", "")
+                if authorization != f"Bearer {API_KEY}" and not authorization.startswith("Basic "):
                     return self._send(401, {"error": {"message": "invalid api key"}})
                 if body.get("model") != "fake-vision" or body.get("response_format") != {"type": "json_object"}:
                     server.errors.append(
@@ -103,6 +105,8 @@ class FakeChatServer:
                     return self._send(429, {"error": {"message": "slow down"}}, [("Retry-After", str(RETRY_AFTER))])
                 if behaviour in ("500", "503"):
                     return self._send(int(behaviour), {"error": {"message": "server error"}})
+                if behaviour == "echo_500":  # a careless server repeats the request's credentials
+                    return self._send(500, {"error": {"message": f"server error for {authorization}"}})
                 if behaviour == "slow":
                     server.release.wait(4 * CLIENT_TIMEOUT)
                 tag = server.tags[image]
@@ -114,6 +118,8 @@ class FakeChatServer:
                     "not_json": "Sure! The image shows a lake.",
                     "leak": json.dumps({**answer, "reasoning": f"It is clearly {label.upper()}."}),
                     "missing_field": json.dumps({"observation": "a lake"}),
+                    "echo": json.dumps({**answer, "observation": f"{answer['observation']}; {authorization}"}),
+                    "echo_malformed": f"I was called with {authorization} and {self.path}",
                 }[behaviour]
                 message = {"role": "assistant", "content": content}
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
@@ -310,3 +316,37 @@ def test_inference_providers_settings(monkeypatch):
     assert parse_retry_after({"Retry-After-Ms": "250"}) == 0.25
     assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) < 0
     assert parse_retry_after({}) is None
+
+
+def test_secrets_are_never_recorded_or_logged(dataset, tmp_path, monkeypatch, caplog, capsys):
+    """A server echoing the API key and the base URL's credentials in answers and errors: neither reaches the
+    instruction data, the markers, the settings, the logs or the tracker's event files."""
+    from emovlm_kd.stages import export
+    from emovlm_kd.training import make_accelerator
+
+    root, images, digests = dataset
+    password = "pa55-w0rd-s3cret"
+    monkeypatch.setenv("TEST_CHAT_KEY", API_KEY)
+    plan = {image: [behaviour] for image, behaviour in zip(images, ["echo", "echo_malformed", "echo_500", "ok"] * 3)}
+    run_dir = tmp_path / "run"
+    with FakeChatServer(digests, plan) as server, caplog.at_level(logging.DEBUG):
+        # the key as a bearer token, then credentials in the URL (sent as basic auth), each echoed back
+        for url in (server.base_url, server.base_url.replace("http://", f"http://someone:{password}@")):
+            run_args, args = stage_args(root, run_dir, url, report_to="tensorboard")
+            instruction_data.run(run_args, args)
+            records = read_records(run_dir / "instruction_data.jsonl")
+            assert any("<redacted>" in json.dumps(record) for record in records.values())  # the echoes were there
+            (run_dir / "instruction_data.jsonl").rename(run_dir / f"instruction_data-{len(url)}.jsonl")
+        # a tracked stage given the same settings and a Hub token: its tracker config is redacted too
+        token = "hf_" + "T0ken" * 6
+        export_args = parse_stage_args(export, ["--run-dir", str(run_dir), "--report-to", "tensorboard",
+                                                "--hub-token", token])  # fmt: skip
+        accelerator = make_accelerator(export_args[0], "export", export_args[1], args)
+        accelerator.end_training()
+    assert {record["status"] for record in records.values()} == {"done", "failed"}
+    written = b"".join(path.read_bytes() for path in run_dir.rglob("*") if path.is_file())
+    assert list((run_dir / "logs").rglob("*tfevents*")), "no TensorBoard events written"
+    printed = caplog.text + "".join(capsys.readouterr())
+    basic = base64.b64encode(f"someone:{password}".encode()).decode()
+    for secret in (API_KEY, password, basic, token):
+        assert secret.encode() not in written and secret not in printed, secret

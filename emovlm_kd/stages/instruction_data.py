@@ -280,6 +280,7 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         with (
+            client.redact.on_log_handlers(),  # a server may echo the key; the HTTP libraries log URLs
             client,
             output.open("a", encoding="utf-8") as file,
             tqdm(total=len(pending), desc="Instruction data") as bar,
