@@ -209,8 +209,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
         examples = self.classification_example_labels
         if examples is not None and (len(examples) != 2 or not set(examples) <= set(self.labels)):
             raise ValueError(
-                f"classification_example_labels must be two of the classes {self.labels}, "
-                f"got {examples!r}"
+                f"classification_example_labels must be two of the classes {self.labels}, got {examples!r}"
             )
         if "<label>" not in self.answer_format:
             raise ValueError(f"answer_format must contain '<label>', got {self.answer_format!r}")

@@ -417,7 +417,9 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
         """Left-padded prompt ids with `n` image placeholders for each `n` in `num_image_tokens`."""
         if self.image_token_id is None:
             raise ValueError("This image processor has no prompt; build it with `from_vlm_processor`.")
-        sequences = [self.prompt_prefix_ids + [self.image_token_id] * n + self.prompt_suffix_ids for n in num_image_tokens]
+        sequences = [
+            self.prompt_prefix_ids + [self.image_token_id] * n + self.prompt_suffix_ids for n in num_image_tokens
+        ]
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)

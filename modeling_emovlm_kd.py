@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, can_return_tuple, cached_file
+from transformers.utils import ModelOutput, cached_file, can_return_tuple
 
 try:
     from .configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig

@@ -30,7 +30,7 @@ tests = ["pytest", "selenium", "evaluate"] + train + demo
 setup(
     name="emovlm-kd",
     version="0.1.0",
-    description="EmoVLM-KD visual emotion analysis: a frozen VLM, a head distilled onto its visual encoder, and a gate",
+    description="EmoVLM-KD visual emotion analysis: a frozen VLM, a head distilled onto its own encoder, and a gate",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -103,8 +103,8 @@ def measure(args) -> list[dict]:
 def to_markdown(rows: list[dict], info: dict) -> str:
     lines = [
         "### Stages 3 and 4 on cached features: seconds per epoch",
-        f"Machine: {info['machine']}; torch {info['torch']}, {info['threads']} thread(s), device {info['device']}; load "
-        f"average {info['load_before']} before, {info['load_after']} after (a shared machine: other jobs ran). "
+        f"Machine: {info['machine']}; torch {info['torch']}, {info['threads']} thread(s), device {info['device']}; "
+        f"load average {info['load_before']} before, {info['load_after']} after (a shared machine: other jobs ran). "
         f"Median of {info['runs']} epochs; wall-clock and process CPU time. Head {info['in_features']} -> 1024 -> "
         f"{info['num_classes']}, concat-linear gate; the stages' fused Adam.",
         "",

@@ -23,10 +23,21 @@ from image_processing_emovlm_kd import EmoVLMKDImageProcessor
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # The Qwen2-VL chat template (images, videos and text; system turn added when missing).
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -75,7 +86,9 @@ def build_tiny_tokenizer(vocab_size: int = 800) -> Qwen2Tokenizer:
     vocab = bpe.get_vocab()
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in _merges(bpe)]
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS], special_tokens=True
+    )
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
@@ -200,4 +213,11 @@ def save_tiny_model_folder(folder, labels=("negative", "neutral", "positive"), *
     return str(folder)
 
 
-__all__ = ["build_tiny_model", "save_tiny_model_folder", "build_tiny_vlm", "build_tiny_vlm_processor", "build_tiny_tokenizer", "EmoVLMKDConfig"]
+__all__ = [
+    "build_tiny_model",
+    "save_tiny_model_folder",
+    "build_tiny_vlm",
+    "build_tiny_vlm_processor",
+    "build_tiny_tokenizer",
+    "EmoVLMKDConfig",
+]

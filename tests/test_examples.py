@@ -88,8 +88,15 @@ def test_finetune_with_trainer_example(tiny_folder, tmp_path):
 
     # A complete model folder; the VLM weights are the ones it started from (the same seeded tiny model).
     files = {path.name for path in output_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
-            "preprocessor_config.json", "image_processing_emovlm_kd.py", "tokenizer.json"} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_emovlm_kd.py",
+        "configuration_emovlm_kd.py",
+        "preprocessor_config.json",
+        "image_processing_emovlm_kd.py",
+        "tokenizer.json",
+    } <= files
     tuned_file, base_file = output_dir / "model.safetensors", tiny_folder / "model.safetensors"
     with safe_open(tuned_file, "pt") as tuned, safe_open(base_file, "pt") as base:
         vlm_keys = [key for key in base.keys() if key.startswith("vlm.")]

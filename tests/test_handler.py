@@ -268,8 +268,11 @@ def test_handler_runs_from_a_model_repo_without_the_package(handler, tiny_folder
     script.write_text(FRESH_HANDLER_SCRIPT)
     result = subprocess.run(
         [sys.executable, str(script), str(repo), str(tmp_path / "out.json")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())
 

@@ -149,10 +149,27 @@ def hub_requests_allowed(monkeypatch):
 
 def stage_args(root, run_dir, base_url, **overrides):
     argv = [
-        "--data-dir", str(root), "--run-dir", str(run_dir), "--base-url", base_url, "--model", "fake-vision",
-        "--api-key-env", "TEST_CHAT_KEY", "--concurrency", "3", "--timeout", str(CLIENT_TIMEOUT),
-        "--max-retries", "2", "--backoff-base", "0.01", "--backoff-max", "0.05",
-    ]  # fmt: skip
+        "--data-dir",
+        str(root),
+        "--run-dir",
+        str(run_dir),
+        "--base-url",
+        base_url,
+        "--model",
+        "fake-vision",
+        "--api-key-env",
+        "TEST_CHAT_KEY",
+        "--concurrency",
+        "3",
+        "--timeout",
+        str(CLIENT_TIMEOUT),
+        "--max-retries",
+        "2",
+        "--backoff-base",
+        "0.01",
+        "--backoff-max",
+        "0.05",
+    ]
     for name, value in overrides.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return parse_stage_args(instruction_data, argv)
@@ -189,8 +206,13 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
 
         assert not server.errors
         assert {k: first[k] for k in ("total", "done", "failed", "skipped", "retries", "complete")} == {
-            "total": 9, "done": 5, "failed": 4, "skipped": 0, "retries": 6, "complete": False,
-        }  # fmt: skip
+            "total": 9,
+            "done": 5,
+            "failed": 4,
+            "skipped": 0,
+            "retries": 6,
+            "complete": False,
+        }
         assert first_requests == 1 + 2 + 3 + 2 + 1 + 1 + 1 + 3 + 1
         lines = output.read_text().splitlines()
         assert len(lines) == 9 and sorted(json.loads(line)["image"] for line in lines) == images
@@ -221,8 +243,11 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
         retried = [image for image, _, _ in server.requests[first_requests:]]
         assert sorted(retried) == sorted(images[i] for i in (4, 5, 6, 7))  # done ones skipped, failed ones asked again
         assert {k: second[k] for k in ("done", "failed", "skipped", "complete")} == {
-            "done": 4, "failed": 0, "skipped": 5, "complete": True,
-        }  # fmt: skip
+            "done": 4,
+            "failed": 0,
+            "skipped": 5,
+            "complete": True,
+        }
         records = read_records(output)
         assert len(output.read_text().splitlines()) == 9
         assert all(record["status"] == "done" for record in records.values())
@@ -339,8 +364,9 @@ def test_secrets_are_never_recorded_or_logged(dataset, tmp_path, monkeypatch, ca
             (run_dir / "instruction_data.jsonl").rename(run_dir / f"instruction_data-{len(url)}.jsonl")
         # a tracked stage given the same settings and a Hub token: its tracker config is redacted too
         token = "hf_" + "T0ken" * 6
-        export_args = parse_stage_args(export, ["--run-dir", str(run_dir), "--report-to", "tensorboard",
-                                                "--hub-token", token])  # fmt: skip
+        export_args = parse_stage_args(
+            export, ["--run-dir", str(run_dir), "--report-to", "tensorboard", "--hub-token", token]
+        )
         accelerator = make_accelerator(export_args[0], "export", export_args[1], args)
         accelerator.end_training()
     assert {record["status"] for record in records.values()} == {"done", "failed"}

@@ -25,14 +25,32 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
 SETTINGS = [
-    "instruction_tuning.epochs=2", "teacher.epochs=2", "distill.epochs=4", "distill.checkpoint_every=1",
-    "gate.epochs=3", "gate.checkpoint_every=1", "export.verify_images=2",
-]  # fmt: skip
+    "instruction_tuning.epochs=2",
+    "teacher.epochs=2",
+    "distill.epochs=4",
+    "distill.checkpoint_every=1",
+    "gate.epochs=3",
+    "gate.checkpoint_every=1",
+    "export.verify_images=2",
+]
 
 
 def run_all(data: Path, run_dir: Path | str, *extra, kill_at: str | None = None, cwd: Path | None = None, env=None):
-    argv = [sys.executable, str(REPO_ROOT / "train" / "run_all.py"), "--config", "quickstart", "--data-dir", str(data),
-            "--run-dir", str(run_dir), "--stages", *STAGES, "--set", *SETTINGS, *extra]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(REPO_ROOT / "train" / "run_all.py"),
+        "--config",
+        "quickstart",
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--stages",
+        *STAGES,
+        "--set",
+        *SETTINGS,
+        *extra,
+    ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     environment.pop("EMOVLM_KD_KILL_AT", None)
     if kill_at:
@@ -99,10 +117,24 @@ def test_forced_rerun_with_a_warm_cache_and_a_relative_run_dir_equal_uninterrupt
 def test_a_second_run_on_the_same_run_dir_is_refused(data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     argv_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    argv = [sys.executable, str(REPO_ROOT / "train" / "run_all.py"), "--config", "quickstart", "--data-dir",
-            str(data), "--run-dir", str(run_dir), "--stages", *STAGES, "--set", *SETTINGS]  # fmt: skip
-    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=argv_env)
-            for _ in range(2)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(REPO_ROOT / "train" / "run_all.py"),
+        "--config",
+        "quickstart",
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--stages",
+        *STAGES,
+        "--set",
+        *SETTINGS,
+    ]
+    runs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=argv_env)
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=900) for run in runs]
     codes = sorted(run.returncode for run in runs)
     assert codes == [0, 2], [output[1][-2000:] for output in outputs]

@@ -130,9 +130,20 @@ def test_bad_arguments_are_clear_errors(tiny_folder, tmp_path):
 
 def predict_command(model, inputs, output, *extra) -> list[str]:
     return [
-        "--model", str(model), "--inputs", str(inputs), "--output-dir", str(output),
-        "--batch-size", "2", "--shard-size", "2", "--num-workers", "0", *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model),
+        "--inputs",
+        str(inputs),
+        "--output-dir",
+        str(output),
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--num-workers",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.mark.slow

@@ -82,7 +82,11 @@ def _run_fresh(folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     result = subprocess.run(
         [sys.executable, str(script), str(folder), str(out_path), str(bad_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out_path.read_text())
@@ -90,8 +94,16 @@ def _run_fresh(folder, tmp_path):
 
 def test_folder_contents(tiny_folder):
     files = set(os.listdir(tiny_folder))
-    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_emovlm_kd.py",
-                "modeling_emovlm_kd.py", "image_processing_emovlm_kd.py", "pipeline_emovlm_kd.py", "tokenizer.json"}  # fmt: skip
+    expected = {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_emovlm_kd.py",
+        "modeling_emovlm_kd.py",
+        "image_processing_emovlm_kd.py",
+        "pipeline_emovlm_kd.py",
+        "tokenizer.json",
+    }
     assert expected <= files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     config = json.loads((tiny_folder / "config.json").read_text())
@@ -108,7 +120,9 @@ def test_folder_contents(tiny_folder):
     assert set(preprocessor["auto_map"]) == {"AutoImageProcessor", "AutoProcessor"}
     with safe_open(tiny_folder / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
-    assert any(k.startswith(("vlm.visual.", "vlm.model.visual.")) for k in keys) and any(k.startswith("head.") for k in keys)
+    assert any(k.startswith(("vlm.visual.", "vlm.model.visual.")) for k in keys) and any(
+        k.startswith("head.") for k in keys
+    )
     assert any(k.startswith("gate.") for k in keys)
 
 

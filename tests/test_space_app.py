@@ -251,10 +251,18 @@ def _chromium(user_data_dir: str):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1300",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1300",
         f"--user-data-dir={user_data_dir}",
-    ):  # fmt: skip
+    ):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager (which would download a driver) never runs.
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -275,8 +283,12 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     env.pop("EMOVLM_KD_MODEL", None)
     server = subprocess.Popen(
         [sys.executable, str(launcher), "--port", str(port), "--max-new-tokens", str(EXPLANATION_TOKENS)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     image_path = tmp_path / "upload.png"
     image = Image.new("RGBA", (120, 90), (220, 40, 40, 90))  # transparency: handled by the model's processor
     image.save(image_path)

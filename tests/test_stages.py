@@ -21,9 +21,16 @@ from modeling_emovlm_kd import GATES
 
 CLASSES = ["negative", "neutral", "positive"]
 REPO_FILES = (
-    "model.safetensors", "config.json", "modeling_emovlm_kd.py", "configuration_emovlm_kd.py",
-    "image_processing_emovlm_kd.py", "preprocessor_config.json", "tokenizer.json", "README.md", "handler.py",
-)  # fmt: skip
+    "model.safetensors",
+    "config.json",
+    "modeling_emovlm_kd.py",
+    "configuration_emovlm_kd.py",
+    "image_processing_emovlm_kd.py",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "README.md",
+    "handler.py",
+)
 
 
 @pytest.fixture(scope="module")
