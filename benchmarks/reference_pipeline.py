@@ -5,7 +5,8 @@ What the reference code (github.com/sange1104/EmoVLM-KD, `train_gate.py` / `dist
      the image through the VLM processor;
   2. *generates* the answer with sampling (`do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256`),
      decodes it, finds `{'emotion': '...'}` with a regular expression and turns the label into a one-hot vector
-     (all zeros when the answer names no class);
+     (all zeros when the answer names no class; the reference's own `LabelBinarizer` gives two-class datasets the first
+     class's one-hot instead, which the 8-class benchmark never meets);
   3. runs a *second copy* of the VLM's visual encoder (its distillation model owns one), mean-pools the merged image
      tokens and applies the distilled head;
   4. feeds (head logits, one-hot) to the gate;
