@@ -751,11 +751,17 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn: `<|im_end|>` for Qwen, else the tokenizer's end of sequence."""
+    token = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if token is None or token == tokenizer.unk_token_id:
+        token = tokenizer.eos_token_id
+    return token
+
+
 def tokenize_answers(tokenizer, config: EmoVLMKDConfig) -> list[list[int]]:
     """Token ids of every class's answer followed by the end-of-turn token (so `sad` and `sadness` differ)."""
-    end_token = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if end_token is None or end_token == tokenizer.unk_token_id:
-        end_token = tokenizer.eos_token_id
+    end_token = end_of_turn_id(tokenizer)
     return [
         tokenizer(config.answer_text(label), add_special_tokens=False)["input_ids"] + [end_token]
         for label in config.labels
@@ -845,6 +851,7 @@ __all__ = [
     "EmoVLMKDPreTrainedModel",
     "EmoVLMKDOutput",
     "distillation_loss",
+    "end_of_turn_id",
     "parse_generated_answer",
     "tokenize_answers",
     "vlm_scores_from_log_likelihoods",

@@ -20,7 +20,7 @@ import torch
 
 from configuration_emovlm_kd import TASKS, EmoVLMKDConfig
 from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, prepare_image
-from modeling_emovlm_kd import tokenize_answers
+from modeling_emovlm_kd import end_of_turn_id, tokenize_answers
 
 IGNORE_INDEX = -100
 LOSS_ON = ("answer", "all")
@@ -53,14 +53,6 @@ def build_examples(labels: list[int], explanations: dict[int, dict] | None = Non
             examples.append(InstructionExample(row, "inference", record["reasoning"]))
         examples.append(InstructionExample(row, "classification", int(label)))
     return examples
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token that ends an assistant turn (`<|im_end|>` for Qwen), as `tokenize_answers` uses it."""
-    token = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if token is None or token == tokenizer.unk_token_id:
-        token = tokenizer.eos_token_id
-    return token
 
 
 class InstructionEncoder:
@@ -180,5 +172,4 @@ __all__ = [
     "InstructionEncoder",
     "InstructionExample",
     "build_examples",
-    "end_of_turn_id",
 ]

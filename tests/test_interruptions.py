@@ -35,7 +35,8 @@ SETTINGS = [
 ]
 
 
-def run_all(data: Path, run_dir: Path | str, *extra, kill_at: str | None = None, cwd: Path | None = None, env=None):
+def run_all_command(data: Path, run_dir: Path | str, *extra, kill_at: str | None = None) -> tuple[list[str], dict]:
+    """The all-stages script's command line and environment (`kill_at`: a fault point to SIGKILL the run at)."""
     argv = [
         sys.executable,
         str(REPO_ROOT / "train" / "run_all.py"),
@@ -51,10 +52,15 @@ def run_all(data: Path, run_dir: Path | str, *extra, kill_at: str | None = None,
         *SETTINGS,
         *extra,
     ]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     environment.pop("EMOVLM_KD_KILL_AT", None)
     if kill_at:
         environment["EMOVLM_KD_KILL_AT"] = kill_at
+    return argv, environment
+
+
+def run_all(data: Path, run_dir: Path | str, *extra, kill_at: str | None = None, cwd: Path | None = None):
+    argv, environment = run_all_command(data, run_dir, *extra, kill_at=kill_at)
     return subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=cwd or data.parent, env=environment)
 
 
@@ -116,23 +122,9 @@ def test_forced_rerun_with_a_warm_cache_and_a_relative_run_dir_equal_uninterrupt
 
 def test_a_second_run_on_the_same_run_dir_is_refused(data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    argv_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    argv = [
-        sys.executable,
-        str(REPO_ROOT / "train" / "run_all.py"),
-        "--config",
-        "quickstart",
-        "--data-dir",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        "--stages",
-        *STAGES,
-        "--set",
-        *SETTINGS,
-    ]
+    argv, environment = run_all_command(data, run_dir)
     runs = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=argv_env)
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
         for _ in range(2)
     ]
     outputs = [run.communicate(timeout=900) for run in runs]

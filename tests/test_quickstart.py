@@ -19,6 +19,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # subprocess runs of the examples
 
 
+def run_script(script: str, *args, cwd) -> subprocess.CompletedProcess:
+    """A script of the repository in a fresh interpreter, offline; asserts that it succeeded."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def word_overlap(text: str, reference: str) -> float:
     """F1 of the two texts' word multisets (lower-cased): 1 for the same words, 0 for none in common."""
     words, reference_words = Counter(re.findall(r"\w+", text.lower())), Counter(re.findall(r"\w+", reference.lower()))
@@ -59,16 +73,7 @@ def check_explanations_reproduce_training_texts(model_dir: Path, data_dir: Path)
 
 def test_quickstart_runs_offline_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = result.stdout
+    out = run_script("examples/quickstart.py", "--run-dir", run_dir, cwd=tmp_path).stdout
     assert f"The model folder is {run_dir / 'model'}" in out
     # stage 1 trained all three tasks on the generated instruction data
     assert "Instruction tuning (instruction data for 64 of 64 training images)" in out
@@ -95,24 +100,16 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     recipe_run = tmp_path / "recipe-run"
     recipe_run.mkdir()
     shutil.copy(run_dir / "instruction_data.jsonl", recipe_run / "instruction_data.jsonl")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "train" / "run_all.py"),
-            "--config",
-            "quickstart",
-            "--data-dir",
-            str(run_dir / "data"),
-            "--run-dir",
-            str(recipe_run),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_script(
+        "train/run_all.py",
+        "--config",
+        "quickstart",
+        "--data-dir",
+        run_dir / "data",
+        "--run-dir",
+        recipe_run,
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     quickstart_weights = (run_dir / "model" / "model.safetensors").read_bytes()
     assert (recipe_run / "model" / "model.safetensors").read_bytes() == quickstart_weights
     assert (recipe_run / "run_config.yaml").exists()
@@ -125,15 +122,7 @@ def test_quickstart_on_a_real_dataset_given_by_relative_path(tmp_path):
     """The README's offline trial on your own data: `--data ../shared/data/bass` (583 real images)."""
     assert BASS.is_dir(), f"the shared bass dataset is expected at {BASS}"
     run_dir = tmp_path / "bass-run"
-    result = subprocess.run(
-        [sys.executable, "examples/quickstart.py", "--data", "../shared/data/bass", "--run-dir", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_script("examples/quickstart.py", "--data", "../shared/data/bass", "--run-dir", run_dir, cwd=REPO_ROOT)
     assert "train=420, val=47, test=116" in result.stderr
     predictions = re.findall(r"^\s+(\w+)/\S+\.png\s+-> (negative|neutral|positive) \(", result.stdout, re.MULTILINE)
     assert [folder for folder, _ in predictions] == ["negative", "neutral", "positive"]

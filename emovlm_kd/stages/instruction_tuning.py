@@ -14,8 +14,8 @@ it, as in the paper); `--batch-size` is the global batch, right-padded. `--load-
 safetensors, optimizer, scheduler, sampler and RNG states) go to `<run_dir>/checkpoints/instruction_tuning/`;
 `--resume` continues from the latest one written for the same inputs, `--stop-after-epoch N` stops after one. At
 the end the adapter is merged into the VLM (`merge_and_unload`; with `--load-in-4bit`, into a fresh bf16 copy of the
-base) and the merged VLM and its processor are saved with `save_pretrained` to `<run_dir>/vlm/`, then
-`COMPLETE.json`; the checkpoints are then removed.
+base) and the merged VLM and its processor are saved with `save_pretrained` to `<run_dir>/vlm/`, then its marker
+`<run_dir>/vlm.COMPLETE.json`; the checkpoints are then removed.
 """
 
 import dataclasses
