@@ -71,6 +71,11 @@ def hash_json(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def file_digest(path) -> str:
+    """A short hash of a file's contents (for fingerprints: the same bytes anywhere give the same digest)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def write_atomic(path: Path, text: str):
     """Write `text` to `path` through a unique temporary file in the same folder and an atomic rename."""
     path = Path(path)
@@ -298,6 +303,7 @@ __all__ = [
     "fault_point",
     "holds_run_dir_lock",
     "ensure_class_names",
+    "file_digest",
     "hash_json",
     "is_complete",
     "read_class_names",

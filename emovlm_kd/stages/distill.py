@@ -166,20 +166,11 @@ def run(run_args, args: DistillArguments) -> dict:
     )
     if stopped:
         return stopped
+    record = {"val_metrics": metrics, "vlm": spec_vlm(run_args.run_dir, spec), "unreadable_images": data.bad_images}
     output = complete_stage(
-        stage_run,
-        lambda output: save_head(output, head, {**spec, "in_features": in_features}),
-        val_metrics=metrics,
-        vlm=spec_vlm(run_args.run_dir, spec),
-        unreadable_images=data.bad_images,
+        stage_run, lambda output: save_head(output, head, {**spec, "in_features": in_features}), **record
     )
-    return {
-        "stage": STAGE,
-        "output": str(output),
-        "val_metrics": metrics,
-        "vlm": spec_vlm(run_args.run_dir, spec),
-        "unreadable_images": data.bad_images,
-    }
+    return {"stage": STAGE, "output": str(output), **record}
 
 
 __all__ = ["ARGUMENTS", "STAGE", "DistillArguments", "check_tuned_vlm_inputs", "feature_spec", "fingerprint", "run"]

@@ -14,7 +14,6 @@ one's true class (`example_title`) and the exported model's own `[{label, score}
 image-classification pipeline at export time.
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -33,6 +32,7 @@ from emovlm_kd.run_dir import (
     STAGES,
     DataError,
     current_umask,
+    file_digest,
     hash_json,
     read_class_names,
     read_complete,
@@ -116,8 +116,8 @@ def _template_files() -> dict[str, Path]:
 
 
 def fingerprint(run_args, args: ExportArguments) -> str:
-    template = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in _template_files().items()}
-    widget_files = [[Path(path).name, Path(path).stat().st_size] for path in args.widget_image if Path(path).is_file()]
+    template = {name: file_digest(path) for name, path in _template_files().items()}
+    widget_files = [[Path(path).name, file_digest(path)] for path in args.widget_image if Path(path).is_file()]
     return hash_json(
         {
             "stage": STAGE,

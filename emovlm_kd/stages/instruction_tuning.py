@@ -20,7 +20,6 @@ base) and the merged VLM and its processor are saved with `save_pretrained` to `
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from emovlm_kd.cache import vlm_identity
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import LOSS_ON, TASKS, InstructionDataset, InstructionEncoder, build_examples
-from emovlm_kd.run_dir import fault_point, hash_json, read_json, stage_output, write_atomic
+from emovlm_kd.run_dir import fault_point, file_digest, hash_json, read_json, stage_output, write_atomic
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
 
@@ -105,7 +104,8 @@ FINGERPRINT_FIELDS = (
 
 def fingerprint(run_args, args: InstructionTuningArguments) -> str:
     """Hash of the data, the instruction data file and every setting the tuned VLM depends on."""
-    instruction_digest = None if args.classification_only else _file_digest(instruction_data_path(run_args, args))
+    path = instruction_data_path(run_args, args)
+    instruction_digest = file_digest(path) if path.exists() and not args.classification_only else None
     return hash_json(
         {
             "stage": STAGE,
@@ -136,10 +136,6 @@ def load_explanations(path: Path, data, class_names: list[str]):
             continue
         explanations[row] = record
     return explanations, stale
-
-
-def _file_digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
 
 def _describe_instruction_data(run_args, args, data, class_names) -> tuple[dict, str]:
