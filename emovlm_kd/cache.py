@@ -229,13 +229,15 @@ def get_features(
     batch_size: int = 8,
     num_workers: int = 0,
     sample: int = 0,
+    loaded_models: dict | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}` from the cache,
     computing (one VLM pass and one teacher pass per image) and caching what is missing.
 
     `spec` describes the VLM features (stage 3's head spec); `teacher_fingerprint` is the run's stage-2 fingerprint,
     when teacher logits are wanted; `sample` numbers the draw of sampled answers (0: the one every stage uses).
-    Models are loaded only when something is missing.
+    Models are loaded only when something is missing; a `loaded_models` dict keeps them from one call for the next
+    (a fresh sample every epoch of gate training loads the VLM once).
     """
     features, missing = {}, []
     for split in splits:
@@ -258,8 +260,8 @@ def get_features(
         return features
 
     kinds = {kind for _, kind, _ in missing}
-    model = image_processor = teacher = teacher_transform = None
-    if "vlm" in kinds:
+    loaded = {} if loaded_models is None else loaded_models
+    if "vlm" in kinds and "vlm" not in loaded:
         from emovlm_kd.artifacts import spec_vlm
         from emovlm_kd.vlm import build_emovlm_kd
 
@@ -271,12 +273,14 @@ def get_features(
                 max_image_side=spec.get("max_image_side"),
                 **spec["model_config"],
             )
-        model.to(accelerator.device).eval()
-    if "teacher" in kinds:
+        loaded["vlm"] = (model.to(accelerator.device).eval(), image_processor)
+    if "teacher" in kinds and "teacher" not in loaded:
         from emovlm_kd.teachers import load_teacher, teacher_transforms
 
         teacher = load_teacher(stage_output(run_dir, "teacher")).to(accelerator.device)
-        teacher_transform = teacher_transforms(teacher)[1]
+        loaded["teacher"] = (teacher, teacher_transforms(teacher)[1])
+    model, image_processor = loaded.get("vlm", (None, None))
+    teacher, teacher_transform = loaded.get("teacher", (None, None))
 
     for split in splits:
         todo = {kind: path for s, kind, path in missing if s == split}

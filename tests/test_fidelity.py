@@ -334,7 +334,11 @@ def test_custom_prompt_and_sampled_generation_from_stage_1_to_the_exported_model
     gate_weights = load_file(run_dir / "gate" / "gate.safetensors")
     for path in train_files:
         path.unlink()
-    run_all.run(*run_all.plan([*pipeline_argv(data_dir, run_dir, ("distill", "gate")), "--force"]))
+    import emovlm_kd.vlm
+
+    with mock.patch.object(emovlm_kd.vlm, "build_emovlm_kd", wraps=emovlm_kd.vlm.build_emovlm_kd) as build:
+        run_all.run(*run_all.plan([*pipeline_argv(data_dir, run_dir, ("distill", "gate")), "--force"]))
+    assert build.call_count == 2  # stage 3 loads the VLM once, and stage 4 once for both of its fresh samples
     assert sorted((run_dir / "cache").glob("vlm-train-*")) == train_files
     for path in train_files:
         torch.testing.assert_close(load_file(path)["vlm_generated"], drawn[path.name], rtol=0, atol=0)

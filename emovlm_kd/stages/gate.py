@@ -108,6 +108,8 @@ def run(run_args, args: GateArguments) -> dict:
         logits = fused_logits(gate, *val_inputs)
         return classification_metrics(features["val"]["labels"], logits.argmax(-1), data.class_names)
 
+    vlm_models = {}  # the VLM, loaded once for every epoch's sample
+
     def draw_vlm_answers(epoch: int):
         """The reference's gate training: the VLM answers every training image again each epoch (sample `epoch`;
         epoch 0 is the cached sample every other stage uses)."""
@@ -124,6 +126,7 @@ def run(run_args, args: GateArguments) -> dict:
                 batch_size=args.feature_batch_size,
                 num_workers=run_args.num_workers,
                 sample=epoch,
+                loaded_models=vlm_models,
             )
             answers = sampled["train"]["vlm_generated"]
         train_set.tensors = (train_set.tensors[0], answers, train_set.tensors[2])
