@@ -370,7 +370,6 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
             )
         tokenizer = vlm_processor.tokenizer
         prefix_ids, suffix_ids = config.prompt_token_ids("classification", vlm_processor)
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         image_processor_config = vlm_processor.image_processor.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
             image_processor_config.pop(key, None)
@@ -379,7 +378,7 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
             prompt_prefix_ids=prefix_ids,
             prompt_suffix_ids=suffix_ids,
             image_token_id=vlm_processor.image_token_id,
-            pad_token_id=pad_token_id,
+            pad_token_id=padding_token_id(tokenizer),
             **image_processor_config,
         )
 
@@ -417,17 +416,30 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
         """Left-padded prompt ids with `n` image placeholders for each `n` in `num_image_tokens`."""
         if self.image_token_id is None:
             raise ValueError("This image processor has no prompt; build it with `from_vlm_processor`.")
-        sequences = [
-            self.prompt_prefix_ids + [self.image_token_id] * n + self.prompt_suffix_ids for n in num_image_tokens
-        ]
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, length - len(sequence) :] = torch.tensor(sequence)
-            attention_mask[row, length - len(sequence) :] = 1
-        mm_token_type_ids = ((input_ids == self.image_token_id) & attention_mask.bool()).long()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+        return left_padded_prompts(
+            self.prompt_prefix_ids, self.prompt_suffix_ids, self.image_token_id, self.pad_token_id, num_image_tokens
+        )
+
+
+def padding_token_id(tokenizer) -> int:
+    """The id prompts are left-padded with: the tokenizer's padding token, else its end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded_prompts(
+    prefix_ids: list[int], suffix_ids: list[int], image_token_id: int, pad_token_id: int, num_image_tokens: list[int]
+) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `mm_token_type_ids` of the prompts `prefix + n image placeholders +
+    suffix`, one per `n` in `num_image_tokens`, left-padded to the longest."""
+    sequences = [prefix_ids + [image_token_id] * n + suffix_ids for n in num_image_tokens]
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, length - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, length - len(sequence) :] = 1
+    mm_token_type_ids = ((input_ids == image_token_id) & attention_mask.bool()).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
 
 EmoVLMKDImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -439,8 +451,10 @@ __all__ = [
     "EmoVLMKDImageProcessor",
     "array_to_image",
     "check_image_header",
+    "left_padded_prompts",
     "limit_longest_side",
     "open_image",
+    "padding_token_id",
     "prepare_image",
     "to_rgb",
     "verify_image",

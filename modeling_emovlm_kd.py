@@ -17,19 +17,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput, cached_file, can_return_tuple
 
 try:
     from .configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
+    from .image_processing_emovlm_kd import left_padded_prompts, padding_token_id
 
     # Imported so that transformers copies the pipeline file (a relative import) into every saved model folder and
     # into its module cache when loading one; `config.custom_pipelines` names it.
     from .pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
 except ImportError:  # imported from the installed package rather than from a model folder
     from configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
+    from image_processing_emovlm_kd import left_padded_prompts, padding_token_id
     from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
 
 # The file whose presence in a model folder or repo means the VLM's tokenizer was saved with the model.
@@ -557,11 +559,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def _next_token(self, logits: torch.Tensor, do_sample: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
         if not do_sample:
             return logits.argmax(-1)
-        probs = (logits / self.config.generate_temperature).softmax(dim=-1)
-        if self.config.generate_top_p < 1.0:  # keep the smallest set of most likely tokens holding top_p of the mass
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.config.generate_top_p
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        # generate()'s own warpers; the draw takes this loop's seeded generator, which generate() cannot
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.config.generate_temperature)])
+        if self.config.generate_top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.config.generate_top_p))
+        probs = warpers(None, logits).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def decode(self, tokens: list[list[int]]) -> list[str]:
@@ -648,23 +650,17 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             raise ValueError(f"{len(image_hidden_states)} image_hidden_states for {len(image_grid_thw)} images")
 
         prefix, suffix = self.config.prompt_token_ids(task, self.tokenizer)
-        image_token_id = self.config.vlm_config.image_token_id
-        prompts = [torch.tensor(prefix + [image_token_id] * len(embeds) + suffix) for embeds in image_hidden_states]
-        pad_token_id = self.tokenizer.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = self.tokenizer.eos_token_id
-        prompt_ids = pad_sequence(prompts, batch_first=True, padding_value=pad_token_id, padding_side="left")
-        prompt_ids = prompt_ids.to(device)
-        prompt_mask = pad_sequence(
-            [torch.ones_like(prompt) for prompt in prompts], batch_first=True, padding_value=0, padding_side="left"
-        ).to(device)
+        num_image_tokens = [len(embeds) for embeds in image_hidden_states]
+        image_token_id, pad_token_id = self.config.vlm_config.image_token_id, padding_token_id(self.tokenizer)
+        prompt = left_padded_prompts(prefix, suffix, image_token_id, pad_token_id, num_image_tokens)
+        prompt = {name: value.to(device) for name, value in prompt.items()}
         generator = None
         if do_sample and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         tokens = self.generate_tokens(
-            prompt_ids,
-            prompt_mask,
-            ((prompt_ids == image_token_id) & prompt_mask.bool()).long(),
+            prompt["input_ids"],
+            prompt["attention_mask"],
+            prompt["mm_token_type_ids"],
             image_grid_thw,
             image_hidden_states,
             max_new_tokens=max_new_tokens,
