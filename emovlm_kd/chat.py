@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
+from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses (and raises from)
 
 from emovlm_kd.arguments import REDACTED, url_credentials, without_url_credentials
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, web_image
@@ -97,11 +98,6 @@ def image_data_url(data: bytes, name: str, max_side: int | None = 1024) -> str:
     else a JPEG of the RGB image resized to fit. Undecodable data raises a `ValueError` naming `name`."""
     data, image_format = web_image(data, name, max_side)
     return f"data:{WEB_IMAGE_FORMATS[image_format][0]};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _is_connection_error(error: Exception) -> bool:
-    """A failure to connect or transfer in the HTTP library under `huggingface_hub` (httpx's `TransportError`)."""
-    return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
 
 
 @dataclass
@@ -224,9 +220,7 @@ class ChatClient:
                 raise ChatRequestError(reason, attempt, fatal=True) from None
             except ValueError as error:  # the body is not JSON
                 raise MalformedResponse(self.redact(f"not a chat completion ({error})"), attempt) from None
-            except Exception as error:
-                if not _is_connection_error(error):
-                    raise
+            except httpx.TransportError as error:  # could not connect, or the transfer broke off
                 failure = self.redact(f"connection failed ({type(error).__name__}: {error})")
             else:
                 result = self._result(output, attempt)

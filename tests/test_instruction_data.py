@@ -376,3 +376,22 @@ def test_secrets_are_never_recorded_or_logged(dataset, tmp_path, monkeypatch, ca
     basic = base64.b64encode(f"someone:{password}".encode()).decode()
     for secret in (API_KEY, password, basic, token):
         assert secret.encode() not in written and secret not in printed, secret
+
+
+def test_refused_connection_is_retried_then_reported(monkeypatch):
+    """A server that is not there: huggingface_hub's transport error is retried, then reported with the attempts."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from emovlm_kd.chat import ChatClient, ChatRequestError, RetryPolicy
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as probe:  # a free local port, closed again: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    retry = RetryPolicy(max_retries=2, backoff_base=0.01, backoff_max=0.01)
+    with ChatClient("m", base_url=f"http://127.0.0.1:{port}/v1", retry=retry) as client:
+        with pytest.raises(ChatRequestError, match="connection failed .*gave up after 3 attempts"):
+            client.complete([{"role": "user", "content": "hi"}])
+        assert client.retries == 2
