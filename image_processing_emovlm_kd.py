@@ -12,6 +12,8 @@ Ghostscript) after checking the pixel count from the header, and `prepare_image`
 the VLM is shown.
 """
 
+import base64
+import binascii
 import contextlib
 import io
 import os
@@ -122,6 +124,23 @@ def _unreadable_reason(file, error: Exception) -> str:
             f"{head[:12]!r}"
         )
     return f"{type(error).__name__}: {error}"
+
+
+def decode_base64_image(text: str, name: str = "image") -> bytes:
+    """The bytes of an image sent as base64 text (a `data:<type>;base64,` URL is accepted, whitespace ignored).
+    Nothing is decoded as an image here; a `ValueError` names the input when the text is not valid base64."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ValueError(f"{name} is a data URL without ';base64' ({header[:40]!r}): only base64 data URLs work")
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"{name} is not valid base64 ({len(text)} characters from {text[:20]!r}): {error}") from None
+    if not raw:
+        raise ValueError(f"{name} decodes to 0 bytes: send a base64-encoded image")
+    return raw
 
 
 def check_image_header(
@@ -393,6 +412,10 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
         """`open_image` under this processor's pixel limit (raster formats only, checked before decoding)."""
         return open_image(source, name, self.max_image_pixels)
 
+    def decode_base64(self, text: str, name: str = "image") -> bytes:
+        """`decode_base64_image`: the bytes of a base64 image string or `data:` URL (not yet decoded as an image)."""
+        return decode_base64_image(text, name)
+
     def check_image_header(self, source, name: str | None = None) -> tuple[str, tuple[int, int]]:
         """`check_image_header` under this processor's pixel limit: format and size, no pixel decoded."""
         return check_image_header(source, name, self.max_image_pixels)
@@ -451,6 +474,7 @@ __all__ = [
     "EmoVLMKDImageProcessor",
     "array_to_image",
     "check_image_header",
+    "decode_base64_image",
     "left_padded_prompts",
     "limit_longest_side",
     "open_image",

@@ -16,8 +16,6 @@ Explanations are opt-in: `classifier(image, explain=True)` also asks the VLM for
 (see `EmoVLMKDImageClassificationPipeline.__call__`). Without `explain=True` nothing is generated.
 """
 
-import base64
-import binascii
 import os
 import re
 import time
@@ -57,17 +55,6 @@ def download(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = MA
     except httpx.HTTPError as error:
         raise ValueError(f"Could not download image URL {url!r}: {type(error).__name__}: {error}") from None
     return b"".join(chunks)
-
-
-def _decode_base64(text: str, name: str) -> bytes:
-    if text.startswith("data:"):
-        header, _, text = text.partition(",")
-        if ";base64" not in header:
-            raise ValueError(f"The {name} has no ';base64' ({header[:40]!r}): only base64 data URLs are read")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError(f"The {name} is not valid base64 ({len(text)} characters): {error}") from None
 
 
 class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
@@ -130,7 +117,8 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
                 image = self.image_processor.open_image(raw, name=f"downloaded from {image!r}")
             elif image.startswith("data:") or (len(image) > 64 and _BASE64.match(image)):
                 kind = "data URL" if image.startswith("data:") else "base64 string"
-                image = self.image_processor.open_image(_decode_base64(image, kind), name=f"<{kind}>")
+                raw = self.image_processor.decode_base64(image, name=f"<{kind}>")
+                image = self.image_processor.open_image(raw, name=f"<{kind}>")
             # anything else is taken as a path, which the image processor reports as not found
         return self.image_processor(images=image, return_tensors="pt").to(self.dtype)
 

@@ -76,12 +76,12 @@ def test_branch_contributions_add_up_to_the_fused_logits(app, tiny, gate_type):
             text = app.gate_markdown(prediction, labels, gate_type)
             assert GATE_TEXT[gate_type] in text, text
             if gate_type == "bilinear":
-                assert parts is None and app.gate_summary(prediction, labels) is None
+                assert parts is None and app.gate_summary(prediction) is None
                 continue
             total = parts["head"] + parts["vlm"] + parts["bias"]
             torch.testing.assert_close(total, out.logits[row].float(), atol=1e-5, rtol=1e-5)
             assert parts["head"].abs().sum() > 0 and parts["vlm"].abs().sum() > 0
-            assert "fused logit |" in text and abs(sum(app.gate_summary(prediction, labels).values()) - 1) < 1e-6
+            assert "fused logit |" in text and abs(sum(app.gate_summary(prediction).values()) - 1) < 1e-6
 
 
 def test_predictor_shows_every_branch(app, predictor, tiny):
@@ -97,7 +97,7 @@ def test_predictor_shows_every_branch(app, predictor, tiny):
     torch.testing.assert_close(prediction["vlm"], out.vlm_scores[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prediction["head"], out.head_logits[0].softmax(-1), atol=1e-5, rtol=1e-5)
 
-    share = app.gate_summary(prediction, labels)
+    share = app.gate_summary(prediction)
     assert set(share) == {app.HEAD, app.VLM} and abs(sum(share.values()) - 1) < 1e-6
     table = app.gate_markdown(prediction, labels, predictor.config.gate_type)
     winner = labels[int(prediction["fused"].argmax())]

@@ -38,8 +38,6 @@ TIFF, PPM; never PostScript or PDF, which PIL would hand to Ghostscript), one at
 `max_batch_size` images is classified, so a request costs at most one full-size decoded image at a time.
 """
 
-import base64
-import binascii
 import os
 
 import torch
@@ -85,16 +83,16 @@ class EndpointHandler:
         # The model's own image processor (remote code from the repo) holds the decoding policy: formats, pixel
         # limit, preparation. The handler adds only what is per request.
         self.image_processor = AutoImageProcessor.from_pretrained(path or ".", trust_remote_code=True)
-        if not hasattr(self.image_processor, "prepare_image"):
+        if not hasattr(self.image_processor, "decode_base64"):
             raise RuntimeError(
                 f"{type(self.image_processor).__name__} in {path or '.'!r} predates this handler (it has no "
-                "`prepare_image`): export the model again so that handler.py and image_processing_emovlm_kd.py match"
+                "`decode_base64`): export the model again so that handler.py and image_processing_emovlm_kd.py match"
             )
         max_image_pixels = _limit(max_image_pixels, "EMOVLM_KD_MAX_IMAGE_PIXELS", None)
         if max_image_pixels is not None:
             self.image_processor.max_image_pixels = max_image_pixels
         config = self.model.config
-        self.labels = [config.id2label[index] for index in range(config.num_labels)]
+        self.labels = config.labels
         self.max_batch_size = max_batch_size
         self.max_images_per_request = _limit(
             max_images_per_request, "EMOVLM_KD_MAX_IMAGES_PER_REQUEST", DEFAULT_MAX_IMAGES_PER_REQUEST
@@ -147,7 +145,7 @@ class EndpointHandler:
         if isinstance(item, Image.Image):
             return item  # opened lazily by the toolkit; checked before decoding in `prepare_image`
         if isinstance(item, str):
-            raw = _decode_base64(item, name)
+            raw = self._decode_base64(item, name)
         else:
             raw = bytes(item)
             if not raw:
@@ -158,15 +156,22 @@ class EndpointHandler:
             if isinstance(item, str) or not raw.isascii():
                 raise
             try:  # JSON clients sometimes send the base64 text as raw bytes
-                raw = _decode_base64(raw.decode("ascii"), name)
+                raw = self._decode_base64(raw.decode("ascii"), name)
             except ValueError:
                 raise error from None
             self.image_processor.check_image_header(raw, name)
         return raw
 
-    def predict_proba(self, images: list, names: list[str] | None = None) -> torch.Tensor:
-        """Fused class probabilities `(len(images), num_labels)` (see `predict`)."""
-        return self.predict(images, names)[0]
+    def _decode_base64(self, text: str, name: str) -> bytes:
+        """A request's base64 image text to bytes (the image processor's rules), refusing URLs: nothing is fetched."""
+        text = text.strip()
+        if not text:
+            raise ValueError(f"{name} is an empty string: send a base64-encoded image")
+        if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
+            raise ValueError(
+                f"{name} is a URL ({text[:80]!r}); this endpoint fetches nothing: send the image in base64"
+            )
+        return self.image_processor.decode_base64(text, name)
 
     @torch.inference_mode()
     def predict(self, images: list, names: list[str] | None = None, explanation: dict | None = None):
@@ -255,25 +260,6 @@ def _payload_bytes(item, name: str) -> int:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return len(item)
     raise ValueError(f"{name} must be a base64-encoded image string or raw image bytes, got {type(item).__name__}")
-
-
-def _decode_base64(text: str, name: str) -> bytes:
-    text = text.strip()
-    if not text:
-        raise ValueError(f"{name} is an empty string: send a base64-encoded image")
-    if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
-        raise ValueError(f"{name} is a URL ({text[:80]!r}); this endpoint fetches nothing: send the image in base64")
-    if text.startswith("data:"):
-        header, _, text = text.partition(",")
-        if ";base64" not in header:
-            raise ValueError(f"{name} is a data URL without ';base64' ({header[:40]!r}): only base64 data URLs work")
-    try:
-        raw = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError(f"{name} is not valid base64 ({len(text)} characters from {text[:20]!r}): {error}") from None
-    if not raw:
-        raise ValueError(f"{name} decodes to 0 bytes: send a base64-encoded image")
-    return raw
 
 
 def _preview(value) -> str:

@@ -90,7 +90,7 @@ class EmotionPredictor:
         if max_image_pixels is not None:
             self.image_processor.max_image_pixels = max_image_pixels
         self.config = self.model.config
-        self.labels = [self.config.id2label[index] for index in range(self.config.num_labels)]
+        self.labels = self.config.labels
         self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
 
     @torch.inference_mode()
@@ -103,8 +103,7 @@ class EmotionPredictor:
         are the same as without it.
         """
         start = time.perf_counter()
-        image = self.image_processor.prepare_image(image)
-        inputs = self.image_processor([image], return_tensors="pt").to(self.device)
+        inputs = self.image_processor([image], return_tensors="pt").to(self.device)  # decodes and prepares it
         out = self.model(**inputs, output_image_hidden_states=explain_task is not None)
         seconds = time.perf_counter() - start
         head_logits, vlm_scores = out.head_logits[0].float(), out.vlm_scores[0].float()
@@ -175,7 +174,7 @@ def as_label(labels: list[str], values: torch.Tensor) -> dict[str, float]:
     return {label: float(value) for label, value in zip(labels, values.tolist())}
 
 
-def gate_summary(prediction: dict, labels: list[str]) -> dict[str, float] | None:
+def gate_summary(prediction: dict) -> dict[str, float] | None:
     """Each branch's share of the absolute contribution to the predicted class's fused logit."""
     parts = prediction["contributions"]
     if parts is None:
@@ -287,7 +286,7 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
             as_label(labels, prediction["fused"]),
             as_label(labels, prediction["vlm"]),
             as_label(labels, prediction["head"]),
-            gate_summary(prediction, labels),
+            gate_summary(prediction),
             gate_markdown(prediction, labels, config.gate_type),
         )
 
