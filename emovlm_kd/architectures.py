@@ -16,7 +16,7 @@ of a scoring or decoding step, is the real one.
     vlm = build_architecture_vlm("qwen2-vl-2b", processor, dtype=torch.bfloat16)  # 2.2B parameters, random init
 """
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig
@@ -170,16 +170,11 @@ def count_architecture_parameters(architecture: str | Qwen2VLArchitecture, proce
     return sum(parameter.numel() for parameter in vlm.parameters())
 
 
-def architecture_dict(architecture: Qwen2VLArchitecture) -> dict:
-    return {**asdict(architecture), "mrope_section": list(architecture.mrope_section)}
-
-
 __all__ = [
     "ARCHITECTURES",
     "QWEN2_VL_IMAGE_LIMITS",
     "Qwen2VLArchitecture",
     "architecture_config",
-    "architecture_dict",
     "build_architecture_vlm",
     "count_architecture_parameters",
     "get_architecture",

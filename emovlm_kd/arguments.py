@@ -71,7 +71,7 @@ class RunArguments:
         default=None, metadata={"help": "The run directory (every stage reads and writes there). Required."}
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "ImageFolder dataset: train/[val/]test/<class>/<image>"}
+        default=None, metadata={"help": "ImageFolder dataset: train/[val/][test/]<class>/<image>"}
     )
     dataset: str | None = field(
         default=None,
@@ -100,7 +100,8 @@ class RunArguments:
         default=None, metadata={"help": "Test split of a --dataset (default: test, if any)"}
     )
     val_fraction: float = field(
-        default=0.1, metadata={"help": "Share of train held out (stratified) as val when there is no val/"}
+        default=0.1,
+        metadata={"help": "Share of train held out (stratified) as val when there is no val/ folder or val split"},
     )
     seed: int = field(default=42, metadata={"help": "Seed of the val split, initialisation and shuffling"})
     report_to: str = field(

@@ -39,11 +39,11 @@ def open_image_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX
     return to_rgb(open_image(path, max_pixels=max_pixels))
 
 
-def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
-    """None when `path` decodes as an image `open_image` accepts, else the reason it does not. The format and size
-    are read from the header first, so a decompression bomb is refused without being decoded."""
+def check_image(source, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """None when `source` (a path or encoded bytes) decodes as an image `open_image` accepts, else the reason it
+    does not. The format and size are read from the header first, so a decompression bomb is refused undecoded."""
     try:
-        verify_image(path, max_pixels=max_pixels)
+        verify_image(source, name, max_pixels)
     except ValueError as error:
         message = str(error)
         return message.split(": ", 1)[1] if message.startswith("Could not read image") else message
@@ -179,13 +179,15 @@ def _unfollowed_folder_link(link: Path, root: Path, split: Path) -> str | None:
     return None
 
 
-def _find_bad_images(paths: list[str], num_threads: int | None = None) -> list[tuple[str, str]]:
+def find_bad_images(items: list, check=check_image, num_threads: int | None = None) -> list[tuple[object, str]]:
+    """`(item, reason)` of every item (an image path, by default) that `check(item)` finds undecodable, checked in
+    threads (each image decoded once, none kept)."""
     from tqdm.auto import tqdm
 
     num_threads = num_threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(num_threads) as pool:
-        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc="Checking images", leave=False))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+        reasons = list(tqdm(pool.map(check, items), total=len(items), desc="Checking images", leave=False))
+    return [(item, reason) for item, reason in zip(items, reasons) if reason is not None]
 
 
 def _split_dataset(images: dict[str, list[str]], class_names: list[str], bad: set[str]) -> Dataset:
@@ -259,7 +261,7 @@ def load_imagefolder(
     class_names = list(class_names)
 
     all_paths = [path for images in listed.values() for paths in images.values() for path in paths]
-    bad_images = _find_bad_images(all_paths) if check_images else []
+    bad_images = find_bad_images(all_paths) if check_images else []
     bad = {path for path, _ in bad_images}
     splits = DatasetDict({split: _split_dataset(images, class_names, bad) for split, images in listed.items()})
     splits, val_from_train = finish_splits(splits, class_names, val_fraction, seed, str(root), str(root / "train"))
@@ -290,13 +292,13 @@ def finish_splits(
 
 
 def log_data_report(data: ImageData, log=None):
-    """Log the split sizes, every unreadable image with its reason, and the ignored non-image files."""
+    """Log the split sizes, every unreadable image with its reason, and the ignored paths."""
     log = log or logger
     log.info(data.summary())
     for path, reason in data.bad_images:
         log.warning(f"Skipped unreadable image {path!r}: {reason}")
     if data.ignored_files:
-        log.warning(f"Ignored {len(data.ignored_files)} non-image file(s): {data.ignored_files[:10]}")
+        log.warning(f"Ignored {len(data.ignored_files)} path(s) (not images, or links): {data.ignored_files[:10]}")
 
 
 def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int) -> str:
@@ -319,6 +321,7 @@ __all__ = [
     "ImageData",
     "ImageFolderData",
     "check_image",
+    "find_bad_images",
     "dataset_hash",
     "finish_splits",
     "load_imagefolder",

@@ -131,8 +131,6 @@ def open_inputs(args: PredictArguments) -> tuple[object, dict]:
             raise DataError(f"File list {args.inputs!r} names no image")
         return PathImages(paths), {"list": _file_stats(paths)}
     kind = kind or detect_source(args.inputs)
-    if kind == "imagefolder":  # unreachable: folders are read as folders of images above
-        raise DataError(f"{args.inputs!r} is a folder of images")
     source = open_source(kind, args.inputs, args.dataset_config, args.dataset_revision)
     split = args.split or ("test" if "test" in source else next(iter(source)) if len(source) == 1 else None)
     if split not in source:

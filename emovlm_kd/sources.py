@@ -28,7 +28,6 @@ import io
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +38,14 @@ from emovlm_kd.data import (
     ImageData,
     check_image,
     dataset_hash,
+    find_bad_images,
     finish_splits,
     load_imagefolder,
     log_data_report,
     open_image_rgb,
 )
 from emovlm_kd.run_dir import DataError, hash_json
-from image_processing_emovlm_kd import check_image_header, open_image, to_rgb, verify_image
+from image_processing_emovlm_kd import check_image_header, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,6 @@ def web_image(data: bytes, name: str, max_side: int | None = 1024) -> tuple[byte
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue(), "JPEG"
-
-
-def _reason(error: ValueError) -> str:
-    message = str(error)
-    return message.split(": ", 1)[1] if message.startswith("Could not read image") else message
 
 
 class SplitImages:
@@ -128,22 +123,13 @@ class SplitImages:
         data, path, name = self._stored(row)
         if data is None and path:
             return check_image(path)
-        try:
-            if data is None:
-                raise ValueError(f"Could not read image {name}: the row has no image")
-            verify_image(data, name)
-        except ValueError as error:
-            return _reason(error)
-        return None
+        if data is None:
+            return "the row has no image"
+        return check_image(data, name)
 
     def undecodable(self, num_threads: int | None = None) -> list[tuple[int, str]]:
         """`(row, reason)` of every row whose image does not decode (each decoded once, none kept)."""
-        from tqdm.auto import tqdm
-
-        rows = range(len(self))
-        with ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
-            reasons = list(tqdm(pool.map(self.check, rows), total=len(rows), desc="Checking images", leave=False))
-        return [(row, reason) for row, reason in zip(rows, reasons) if reason is not None]
+        return find_bad_images(list(range(len(self))), self.check, num_threads)
 
 
 @dataclass
@@ -194,7 +180,7 @@ def dataset_kind(name: str) -> str | None:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "disk"
-        if any(p.suffix in FILE_FORMATS for p in path.rglob("*") if p.is_file()):
+        if any(p.suffix in FILE_FORMATS and p.is_file() for p in path.rglob("*")):
             return "files"
     return None
 
@@ -244,7 +230,7 @@ def source_files(location: str) -> list[Path]:
     if glob.has_magic(location):
         files = sorted(Path(p) for p in glob.glob(location, recursive=True) if Path(p).is_file())
     elif Path(location).is_dir():
-        files = sorted(p for p in Path(location).rglob("*") if p.is_file() and p.suffix in FILE_FORMATS)
+        files = sorted(p for p in Path(location).rglob("*") if p.suffix in FILE_FORMATS and p.is_file())
     else:
         files = [Path(location)]
     formats = {FILE_FORMATS.get(p.suffix) for p in files}
