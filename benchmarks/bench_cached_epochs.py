@@ -14,9 +14,8 @@ does not depend on the values). Validation is not timed (one batched pass over t
 import argparse
 import json
 import os
-import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,9 @@ from accelerate.utils import DataLoaderConfiguration
 from emovlm_kd.training import adam, cached_data_loader, train_one_epoch
 from modeling_emovlm_kd import GATES, EmoVLMKDHead, distillation_loss
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import RESULTS_DIR, Stopwatch, machine_info, write_results  # noqa: E402
+
 QWEN2_VL_7B_HIDDEN = 3584
 
 
@@ -58,14 +59,10 @@ def epoch_seconds(module, loss, tensors, batch_size: int, device: str, runs: int
     wall, cpu = [], []
     for epoch in range(runs):
         loader.set_epoch(epoch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        started, started_cpu = time.perf_counter(), time.process_time()
-        train_one_epoch(accelerator, module, loader, optimizer, loss, desc=f"batch {batch_size}")
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        wall.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - started_cpu)
+        with Stopwatch(device) as watch:
+            train_one_epoch(accelerator, module, loader, optimizer, loss, desc=f"batch {batch_size}")
+        wall.append(watch.wall)
+        cpu.append(watch.cpu)
     return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "wall_runs": wall, "cpu_runs": cpu}
 
 
@@ -122,8 +119,9 @@ def to_markdown(rows: list[dict], info: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)
     info = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{machine['cpu_model']}, {machine['cpu_cores']} cores",
         "torch": torch.__version__,
         "threads": args.threads,
         "device": args.device,
@@ -134,12 +132,13 @@ def main(argv=None):
     }
     rows = measure(args)
     info["load_after"] = round(os.getloadavg()[0], 1)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     tag = f"cached_epochs_{args.device.split(':')[0]}"
-    (output / f"{tag}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
-    markdown = to_markdown(rows, info)
-    (output / f"{tag}.md").write_text(markdown)
+    _, _, markdown = write_results(
+        {"info": info, "rows": rows},
+        lambda result: to_markdown(result["rows"], result["info"]),
+        Path(args.output_dir),
+        tag,
+    )
     print(markdown)
 
 

@@ -64,13 +64,13 @@ from bench_utils import (  # noqa: E402
     synthetic_images,
     time_interleaved,
     to_device,
+    vlm_floor_call,
     write_results,
 )
 from reference_pipeline import ReferencePipeline  # noqa: E402
 
 CONTENDERS = ("emovlm_kd", "vlm_floor", "reference", "reference_256")
 TIMED_TOGETHER = ("emovlm_kd", "vlm_floor", "reference")
-FLOOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Small presets: the targets of the first (tiny-model) results. Published architectures on real photo sizes: the
 # targets of the real-scale issue.
 TARGETS = {
@@ -180,7 +180,6 @@ class Contenders:
         inputs, cap = self.model_inputs(images)
         return {
             "inputs": inputs,
-            "floor_inputs": {key: inputs[key] for key in FLOOR_INPUTS},
             "reference_inputs": self.reference.prepare(images, self.device, self.dtype),
             "cap": cap,
         }
@@ -188,11 +187,20 @@ class Contenders:
     def callables(self, batch: dict, names) -> dict:
         available = {
             "emovlm_kd": lambda: self.model(**batch["inputs"]),
-            "vlm_floor": lambda: self.model.vlm(**batch["floor_inputs"], logits_to_keep=1),
+            "vlm_floor": vlm_floor_call(self.model.vlm, batch["inputs"]),
             "reference": lambda: self.reference.predict(batch["reference_inputs"]),
             "reference_256": lambda: self.reference_long.predict(batch["reference_inputs"]),
         }
         return {name: available[name] for name in names}
+
+    def memory_report(self, name: str, inference_peak_mib: float) -> dict:
+        """A contender's peak memory in MiB: the weights it holds + the peak growth during inference."""
+        weights = self.weight_bytes(name) / 2**20
+        return {
+            "weights_mib": weights,
+            "inference_peak_mib": inference_peak_mib,
+            "total_mib": weights + inference_peak_mib,
+        }
 
     def weight_bytes(self, name: str) -> int:
         """The weights a contender must hold: the VLM; + head and gate; + the reference's encoder copy."""
@@ -222,13 +230,12 @@ class Contenders:
         times = time_interleaved(paths, runs, 0)
         return {name: {clock: statistics.median(times[name][clock]) for clock in ("wall", "cpu")} for name in paths}
 
-    @staticmethod
-    def shapes(batch: dict) -> dict:
-        inputs = batch["inputs"]
+    def shapes(self, batch: dict) -> dict:
+        inputs, patch = batch["inputs"], self.image_processor.patch_size
         return {
             "image_tokens": int(inputs["mm_token_type_ids"][0].sum()),
             "prompt_tokens": int(inputs["attention_mask"][0].sum()),
-            "model_image_size": [int(side) * 14 for side in inputs["image_grid_thw"][0, [2, 1]]],
+            "model_image_size": [int(side) * patch for side in inputs["image_grid_thw"][0, [2, 1]]],
         }
 
 
@@ -263,13 +270,7 @@ def memory_worker(args) -> None:
             before = probe.current_mib()
             probe.reset_peak()
             run()
-            inference_peak = max(probe.peak_mib() - before, 0.0)
-            weights = contenders.weight_bytes(name) / 2**20
-            report[str(batch_size)] = {
-                "weights_mib": weights,
-                "inference_peak_mib": inference_peak,
-                "total_mib": weights + inference_peak,
-            }
+            report[str(batch_size)] = contenders.memory_report(name, max(probe.peak_mib() - before, 0.0))
     print(json.dumps(report))
 
 
@@ -311,9 +312,7 @@ def measure_memory_in_subprocesses(args, image_size, batch_sizes, names) -> dict
 
 def inline_memory(contenders: Contenders, name: str, times: dict) -> dict:
     """Memory report of a contender from the peaks recorded during its timed calls (their maximum)."""
-    weights = contenders.weight_bytes(name) / 2**20
-    inference_peak = max(times[name]["peak_mib"])
-    return {"weights_mib": weights, "inference_peak_mib": inference_peak, "total_mib": weights + inference_peak}
+    return contenders.memory_report(name, max(times[name]["peak_mib"]))
 
 
 def measure_row(args, contenders, image_size, batch_size, progress) -> dict:
@@ -408,8 +407,7 @@ def row_key(row) -> str:
 
 
 def row_size_name(row) -> str:
-    size = row["image_size"]
-    return size_name((size, size) if isinstance(size, int) else size)
+    return size_name(row["image_size"])  # a side in results written before image sizes had a width and a height
 
 
 def check_targets(rows, targets: dict) -> dict:

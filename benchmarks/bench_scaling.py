@@ -41,11 +41,10 @@ from bench_utils import (  # noqa: E402
     synthetic_images,
     time_interleaved,
     to_device,
+    vlm_floor_call,
     wrap_vlm,
     write_results,
 )
-
-FLOOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def parse_args(argv=None):
@@ -70,10 +69,9 @@ def parse_args(argv=None):
 def measure(model, image_processor, batch_size, args, device, dtype, progress) -> dict:
     images = synthetic_images(batch_size, args.image_size, seed=args.seed + batch_size)
     inputs = to_device(image_processor(cap_images(images, image_processor)[0]), device, dtype)
-    floor_inputs = {key: inputs[key] for key in FLOOR_INPUTS}
     contenders = {
         "emovlm_kd": lambda: model(**inputs),
-        "vlm_floor": lambda: model.vlm(**floor_inputs, logits_to_keep=1),
+        "vlm_floor": vlm_floor_call(model.vlm, inputs),
     }
     with torch.inference_mode():
         times = time_interleaved(contenders, args.runs, args.warmup, device, progress)
@@ -96,7 +94,7 @@ def to_markdown(result: dict) -> str:
     size = settings["image_size"]
     # results written before image sizes had a width and a height predate the cap
     resized = "" if isinstance(size, int) else " after the 1024-px cap and the Qwen2-VL resize"
-    size = size_name((size, size) if isinstance(size, int) else size)
+    size = size_name(size)
 
     def cells(row):
         ours, floor = row["contenders"]["emovlm_kd"], row["contenders"]["vlm_floor"]

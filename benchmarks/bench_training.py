@@ -305,8 +305,7 @@ def to_markdown(result: dict) -> str:
             f"{result['ratio_reference_over_cached']:.0f}×",
         ],
     ]
-    size = settings["image_size"]
-    size = size_name((size, size) if isinstance(size, int) else size)
+    size = size_name(settings["image_size"])
     tokens = f" ({settings['image_tokens']} image tokens)" if "image_tokens" in settings else ""
     caching = (
         [

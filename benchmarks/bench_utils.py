@@ -8,7 +8,7 @@ real checkpoints cost. Text is tokenised by the offline tiny tokenizer in every 
 the model's embedding and LM head keep the preset's full vocabulary).
 
 Images go through the real Qwen2-VL processor settings (the checkpoints' min/max pixels) after the paper's cap of
-the longest side at 1024 px (`cap_longest_side`).
+the longest side at 1024 px (`cap_images`, with the package's `limit_longest_side`).
 """
 
 import ctypes
@@ -29,7 +29,7 @@ from PIL import Image
 from emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDImageProcessor
 from emovlm_kd.architectures import ARCHITECTURES, QWEN2_VL_IMAGE_LIMITS, Qwen2VLArchitecture, build_architecture_vlm
 from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
-from image_processing_emovlm_kd import limit_longest_side
+from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, limit_longest_side
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -45,8 +45,8 @@ MANY_EMOTIONS = (
 BINARY_LABELS = ["negative", "positive"]
 # The paper's distilled head: Linear(d -> 1024) - GELU - Dropout - Linear(1024 -> C).
 HEAD_HIDDEN = 1024
-# The reference code caps the longest image side at 1024 px (LANCZOS) before the VLM processor (data_utils.py).
-PAPER_MAX_IMAGE_SIDE = 1024
+# The one-forward floor: a bare VLM forward over these of the model's inputs, logits of the last position only.
+FLOOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def labels_for(num_classes: int) -> list[str]:
@@ -106,8 +106,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def width_height(size) -> tuple[int, int]:
+    """`(width, height)` of a size given as a pair or as one side (results written before sizes had both)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    return width, height
+
+
 def size_name(size) -> str:
-    width, height = size
+    width, height = width_height(size)
     return f"{width}²" if width == height else f"{width}×{height}"
 
 
@@ -181,7 +187,8 @@ def build_vlm(spec, device="cpu", dtype=torch.float32, seed: int = 0):
     """(vlm, vlm_processor) on `device` in `dtype`: the same weights for every call with the same spec and seed.
 
     The processor has the Qwen2-VL checkpoints' image limits (an image keeps its size, rounded to 28 px, up to
-    12.8 MP); the paper's 1024-px cap is applied before it (`cap_images`).
+    12.8 MP); the paper's 1024-px cap (`limit_longest_side`) is applied before it: by the EmoVLM-KD image
+    processor itself or `cap_images`, and by the reference pipeline.
     """
     processor = build_tiny_vlm_processor(**QWEN2_VL_IMAGE_LIMITS)
     if isinstance(spec, Qwen2VLArchitecture):
@@ -225,14 +232,9 @@ def realistic_answer_length(model) -> int:
 def synthetic_images(count: int, size, seed: int = 0) -> list[Image.Image]:
     """Deterministic RGB noise images of `size` = (width, height) or a side (content does not matter to random
     weights)."""
-    width, height = (size, size) if isinstance(size, int) else size
+    width, height = width_height(size)
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def cap_longest_side(image: Image.Image, max_side: int = PAPER_MAX_IMAGE_SIDE) -> Image.Image:
-    """The paper's cap (the reference's `resize_image`), as the package applies it: `limit_longest_side`."""
-    return limit_longest_side(image, max_side)
 
 
 def cap_images(images, image_processor) -> tuple[list[Image.Image], str]:
@@ -243,7 +245,8 @@ def cap_images(images, image_processor) -> tuple[list[Image.Image], str]:
     """
     if getattr(image_processor, "max_image_side", None):
         return list(images), f"EmoVLMKDImageProcessor(max_image_side={image_processor.max_image_side})"
-    return [cap_longest_side(image) for image in images], f"benchmark (cap_longest_side, {PAPER_MAX_IMAGE_SIDE} px)"
+    applied_by = f"benchmark (limit_longest_side, {DEFAULT_MAX_IMAGE_SIDE} px)"
+    return [limit_longest_side(image, DEFAULT_MAX_IMAGE_SIDE) for image in images], applied_by
 
 
 def to_device(batch, device, dtype) -> dict:
@@ -254,6 +257,13 @@ def to_device(batch, device, dtype) -> dict:
             value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
         moved[key] = value
     return moved
+
+
+def vlm_floor_call(vlm, inputs: dict):
+    """The one-forward floor as a callable: `vlm` over the `FLOOR_INPUTS` of the model's `inputs` (selected now, not
+    in the timed call), keeping the logits of the last position only."""
+    floor_inputs = {key: inputs[key] for key in FLOOR_INPUTS}
+    return lambda: vlm(**floor_inputs, logits_to_keep=1)
 
 
 def count_parameters(module) -> int:
@@ -456,9 +466,11 @@ def code_version() -> dict:
 
 
 def write_results(result: dict, to_markdown, output_dir: Path, name: str) -> tuple[Path, Path, str]:
-    """Write `<name>.json` and `<name>.md` (from `to_markdown(result)`) into `output_dir`."""
+    """Write `<name>.json` and `<name>.md` (from `to_markdown(result)`) into `output_dir`; a `machine` entry of
+    `result` (`machine_info`) gets the load average at the end."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    if "machine" in result:
+        result["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")  # first: a report bug must not lose a long run
     markdown = to_markdown(result).rstrip() + "\n"

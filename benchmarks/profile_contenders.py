@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Where the time of each inference contender goes: a per-component breakdown and the top operators.
 
-Components are timed with forward hooks (process CPU time on CPU, wall-clock on CUDA): the visual encoder, the
-reference's encoder copy, the language model (split into the prompt pass and the one-token decoding steps of
-generation), the LM head, the distilled head and the gate; `other` is the rest of the call (mask and position
+Components are timed with forward hooks on the `--clock` (wall-clock by default, or process CPU time): the visual
+encoder, the reference's encoder copy, the language model (split into the prompt pass and the one-token decoding steps
+of generation), the LM head, the distilled head and the gate; `other` is the rest of the call (mask and position
 building, sampling, parsing). The trie tokens' share of `emovlm_kd`'s language-model pass is derived as the
 difference from the floor's pass over the same prompt. The top operators come from `torch.profiler`.
 
@@ -13,8 +13,6 @@ difference from the floor's pass over the same prompt. The top operators come fr
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import CONTENDERS, Contenders  # noqa: E402
 from bench_utils import (  # noqa: E402
     add_common_arguments,
+    count_parameters,
     machine_info,
     machine_line,
     markdown_table,
@@ -40,6 +39,7 @@ from bench_utils import (  # noqa: E402
     spec_dict,
     synchronize,
     time_interleaved,
+    write_results,
 )
 
 LM_PROMPT = "language model: prompt (+ trie)"
@@ -186,42 +186,21 @@ def top_operators(run, device, top: int) -> list[tuple[str, float, int]]:
     return [(event.key, self_us(event) / 1000, event.count) for event in events]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device, dtype, spec, preset, tag = setup(args)
-    machine = machine_info(device)
-    contenders = Contenders(args, device, dtype, spec)
-    batch = contenders.batch(contenders.images(args.image_size, args.batch_size))
-    names = list(args.contenders)
-    tops = {}
-    with torch.inference_mode():
-        callables = contenders.callables(batch, names)
-        reports = {
-            name: breakdown(contenders, callables[name], args.runs, args.warmup, device, args.clock) for name in names
-        }
-        if args.top > 0:
-            for name in [name for name in names if name != "reference_256"]:
-                tops[name] = top_operators(callables[name], device, args.top)
-        replay = None
-        if args.replay_runs and {"emovlm_kd", "vlm_floor"} <= set(names):
-            replay = replay_language_model(contenders, callables, args.replay_runs, device, args.clock)
-    if {"emovlm_kd", "vlm_floor"} <= set(reports):
-        ours, floor = (reports[name]["components"][LM_PROMPT] for name in ("emovlm_kd", "vlm_floor"))
-        reports["emovlm_kd"]["derived"] = {TRIE_SHARE: ours - floor}
-    machine["load_average_1m_at_end"] = os.getloadavg()[0]
-    shapes = contenders.shapes(batch)
-    clock_name = "process CPU" if args.clock == "cpu" else "wall-clock"
+def to_markdown(record: dict, tops: dict, replay_runs: int) -> str:
+    """The report of a profile `record`, with the top operators `tops` (`{contender: top_operators(...)}`)."""
+    settings, reports, replay = record["settings"], record["reports"], record["language_model_replay"]
+    names = list(reports)
+    clock_name = "process CPU" if settings["clock"] == "cpu" else "wall-clock"
     unit = "s" if max(report["total_s"] for report in reports.values()) >= 10 else "ms"
     scale = 1 if unit == "s" else 1000
-    parameters = sum(parameter.numel() for parameter in contenders.model.parameters())
     sections = [
-        f"### Profile: {size_name(args.image_size)} images, batch {args.batch_size}",
-        machine_line(machine),
-        model_line({**spec_dict(spec, preset), "parameters": parameters}, args.dtype),
-        f"Per call, {clock_name} {unit}, mean of {args.runs} run(s) after {args.warmup} warm-up; "
-        f"{shapes['image_tokens']} image tokens ({size_name(shapes['model_image_size'])} after the cap and resize), "
-        f"{shapes['prompt_tokens']} prompt tokens, trie of {len(contenders.model._trie)} answer tokens, reference "
-        f"generates {contenders.answer_tokens} tokens.",
+        f"### Profile: {size_name(settings['image_size'])} images, batch {settings['batch_size']}",
+        machine_line(record["machine"]),
+        model_line(record["model"], settings["dtype"]),
+        f"Per call, {clock_name} {unit}, mean of {settings['runs']} run(s) after {settings['warmup']} warm-up; "
+        f"{settings['image_tokens']} image tokens ({size_name(settings['model_image_size'])} after the cap and "
+        f"resize), {settings['prompt_tokens']} prompt tokens, trie of {settings['trie_nodes']} answer tokens, "
+        f"reference generates {settings['reference_generated_tokens']} tokens.",
     ]
     found = {label for report in reports.values() for label in report["components"]}
     labels = [label for label in COMPONENT_ORDER if label in found] + sorted(found - set(COMPONENT_ORDER))
@@ -254,27 +233,49 @@ def main(argv=None):
             for name, times in replay["times_s"].items()
         ]
         sections.append(
-            f"Language-model passes alone, replayed on the captured inputs ({clock_name} s, {args.replay_runs} "
+            f"Language-model passes alone, replayed on the captured inputs ({clock_name} s, {replay_runs} "
             "interleaved runs after 1 warm-up):\n\n"
             + markdown_table(["pass", "tokens", "median s", "runs"], rows)
             + f"\n\nThe trie tokens cost **{replay['trie_s']:.3f} s** per call (paired ratio of the passes "
             f"{replay['ratio_paired']:.3f})."
         )
+    cuda = torch.device(record["machine"]["device"]).type == "cuda"
     for name, operators in tops.items():
         sections.append(
-            f"Top operators of `{name}` (self {'device' if device.type == 'cuda' else 'CPU'} ms, calls):\n\n"
+            f"Top operators of `{name}` (self {'device' if cuda else 'CPU'} ms, calls):\n\n"
             + markdown_table(
                 ["operator", "self ms", "calls"], [[op, f"{ms:.1f}", count] for op, ms, count in operators]
             )
         )
-    markdown = "\n\n".join(sections) + "\n"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_{tag}_{size_key(args.image_size)}px_batch{args.batch_size}"
-    (args.output_dir / f"{stem}.md").write_text(markdown)
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, spec, preset, tag = setup(args)
+    machine = machine_info(device)
+    contenders = Contenders(args, device, dtype, spec)
+    batch = contenders.batch(contenders.images(args.image_size, args.batch_size))
+    names = list(args.contenders)
+    tops = {}
+    with torch.inference_mode():
+        callables = contenders.callables(batch, names)
+        reports = {
+            name: breakdown(contenders, callables[name], args.runs, args.warmup, device, args.clock) for name in names
+        }
+        if args.top > 0:
+            for name in [name for name in names if name != "reference_256"]:
+                tops[name] = top_operators(callables[name], device, args.top)
+        replay = None
+        if args.replay_runs and {"emovlm_kd", "vlm_floor"} <= set(names):
+            replay = replay_language_model(contenders, callables, args.replay_runs, device, args.clock)
+    if {"emovlm_kd", "vlm_floor"} <= set(reports):
+        ours, floor = (reports[name]["components"][LM_PROMPT] for name in ("emovlm_kd", "vlm_floor"))
+        reports["emovlm_kd"]["derived"] = {TRIE_SHARE: ours - floor}
     record = {
         "benchmark": "profile",
         "machine": machine,
-        "model": spec_dict(spec, preset),
+        "model": {**spec_dict(spec, preset), "parameters": count_parameters(contenders.model)},
         "settings": {
             "dtype": args.dtype,
             "clock": args.clock,
@@ -282,14 +283,17 @@ def main(argv=None):
             "warmup": args.warmup,
             "image_size": list(args.image_size),
             "batch_size": args.batch_size,
-            **shapes,
+            **contenders.shapes(batch),
             "trie_nodes": len(contenders.model._trie),
             "reference_generated_tokens": contenders.answer_tokens,
         },
         "reports": reports,
         "language_model_replay": replay,
     }
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem = f"profile_{tag}_{size_key(args.image_size)}px_batch{args.batch_size}"
+    _, _, markdown = write_results(
+        record, lambda record: to_markdown(record, tops, args.replay_runs), args.output_dir, stem
+    )
     print(markdown)
     print(f"wrote {args.output_dir / stem}.md and .json")
     return reports

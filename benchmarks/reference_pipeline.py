@@ -17,7 +17,9 @@ contender shares the weights.
 import copy
 
 import torch
-from bench_utils import cap_longest_side
+from bench_utils import to_device
+
+from image_processing_emovlm_kd import limit_longest_side
 
 # The reference's parse (the first `{'emotion':\s*'...'}` in the text, its label must be a class), as the model's
 # `"generate"` mode applies it.
@@ -50,7 +52,9 @@ class ReferencePipeline:
         self.visual_encoder_copy = visual_encoder_copy or copy.deepcopy(model.vlm.model.visual).eval()
         self.head, self.gate = model.head, model.gate
         self.labels = model.config.labels
-        self.prompt = model.config.chat_prompt("classification", vlm_processor)  # the reference's chat
+        # the reference's chat messages, rendered with the assistant header (as this model's image processor does;
+        # the reference omits it, docs/fidelity.md), so both contenders get the same prompt
+        self.prompt = model.config.chat_prompt("classification", vlm_processor)
         tokenizer = vlm_processor.tokenizer
         self.generation_kwargs = {
             "do_sample": True,
@@ -66,12 +70,8 @@ class ReferencePipeline:
         one)."""
         prepared = []
         for image in images:
-            inputs = self.processor(text=[self.prompt], images=[cap_longest_side(image)], return_tensors="pt")
-            inputs = {
-                key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-                for key, value in inputs.items()
-            }
-            prepared.append(inputs)
+            inputs = self.processor(text=[self.prompt], images=[limit_longest_side(image)], return_tensors="pt")
+            prepared.append(to_device(inputs, device, dtype))
         return prepared
 
     def distilled_logits(self, inputs: dict) -> torch.Tensor:

@@ -169,10 +169,9 @@ def headline(results: dict) -> str:
             return f"{ratios[key]:.{digits}f}" if key in ratios else "–"
 
         peak = memory.get("emovlm_kd", {}).get("total_mib")
-        size = row["image_size"]
         rows.append(
             [
-                size_name((size, size) if isinstance(size, int) else size),
+                size_name(row["image_size"]),
                 row["image_tokens"],
                 row["batch_size"],
                 images_per_s("emovlm_kd"),
@@ -216,13 +215,12 @@ def headline(results: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    plan = PLANS.get((args.preset, (args.device or "cpu").split(":")[0]), {})
     if args.smoke:  # the preset's plan, on the small CPU model
-        plan = PLANS.get((args.preset, (args.device or "cpu").split(":")[0]), {})
         args.tag = args.tag or default_tag(args)
         args.preset, args.device, args.dtype = "cpu", "cpu", "float32"
     else:
         require_device(args.device or "cpu")  # fail fast, before any model is built
-        plan = PLANS.get((args.preset, (args.device or "cpu").split(":")[0]), {})
     tag = args.tag = args.tag or default_tag(args)
     common = shared_argv(args)
     only = args.only or [script for script in SCRIPTS if not plan or script in plan]

@@ -27,13 +27,14 @@ from bench_utils import (  # noqa: E402
     MODEL_PRESETS,
     build_model,
     cap_images,
-    cap_longest_side,
     labels_for,
     parse_image_size,
     synthetic_images,
     to_device,
 )
 from reference_pipeline import ReferencePipeline, parse_answer  # noqa: E402
+
+from image_processing_emovlm_kd import limit_longest_side  # noqa: E402
 
 # Small but real: the cpu preset's model on 56x56 images (4 image tokens), one timed run, no warm-up.
 QUICK = ["--runs", "1", "--warmup", "0", "--threads", "1"]
@@ -255,11 +256,11 @@ def test_profile_splits_the_time_into_components(tmp_path):
 
 def test_the_papers_image_cap():
     photo = Image.new("RGB", (4032, 3024))
-    assert cap_longest_side(photo).size == (1024, 768)
-    assert cap_longest_side(Image.new("RGB", (3024, 4032))).size == (768, 1024)
-    assert cap_longest_side(Image.new("RGB", (1500, 1001))).size == (1024, 683)  # truncated, as the reference does
+    assert limit_longest_side(photo).size == (1024, 768)
+    assert limit_longest_side(Image.new("RGB", (3024, 4032))).size == (768, 1024)
+    assert limit_longest_side(Image.new("RGB", (1500, 1001))).size == (1024, 683)  # truncated, as the reference does
     small = Image.new("RGB", (500, 375))
-    assert cap_longest_side(small) is small
+    assert limit_longest_side(small) is small
     capped, applied_by = cap_images([photo], SimpleNamespace())  # an image processor without its own cap
     assert capped[0].size == (1024, 768) and applied_by.startswith("benchmark")
     kept, applied_by = cap_images([photo], SimpleNamespace(max_image_side=1024))  # one that caps by itself
