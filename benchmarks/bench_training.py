@@ -135,8 +135,10 @@ def extract_features(work: Workload, extract_batch_size: int):
 
 
 def train_on_tensors(module, loss_fn, tensors, epochs, batch_size, optimizer_kwargs, seed, device) -> float:
-    """The training stages' own epoch loop (`emovlm_kd.training.train_one_epoch`, under Accelerate) over a
-    TensorDataset; `loss_fn(module, *batch)`. Returns the last epoch's mean loss."""
+    """The stages' epoch loop (`emovlm_kd.training.train_one_epoch`, under Accelerate) over a TensorDataset;
+    `loss_fn(module, *batch)`. Returns the last epoch's mean loss. Unlike the stages (`train_on_cached_tensors`), it
+    keeps `--threads` and an unfused Adam at `--train-batch-size`: the per-update costs of the stages' published
+    setting (fused Adam, one thread, batch 1) are measured by `bench_cached_epochs.py`."""
     accelerator = Accelerator(
         cpu=torch.device(device).type == "cpu",
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
