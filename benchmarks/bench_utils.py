@@ -240,8 +240,9 @@ def synthetic_images(count: int, size, seed: int = 0) -> list[Image.Image]:
 def cap_images(images, image_processor) -> tuple[list[Image.Image], str]:
     """The paper's 1024-px cap before this model's image processor: `(images, who applied it)`.
 
-    Until `EmoVLMKDImageProcessor` caps images itself (its `max_image_side` attribute), the benchmark applies the
-    same cap here, so that both contenders see the images the paper's pipeline sees.
+    `EmoVLMKDImageProcessor` caps images itself (`max_image_side`); for a processor without that setting (an older
+    export), the benchmark applies the same cap here, so that both contenders see the images the paper's pipeline
+    sees.
     """
     if getattr(image_processor, "max_image_side", None):
         return list(images), f"EmoVLMKDImageProcessor(max_image_side={image_processor.max_image_side})"

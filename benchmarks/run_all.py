@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the three benchmarks with shared settings, write `results/summary_<tag>.md` and optionally refresh the README.
 
-    python benchmarks/run_all.py                                   # CPU, small model, ~10 minutes on 2 idle cores
+    python benchmarks/run_all.py                                   # CPU, small model, ~3 minutes on 2 idle cores
     python benchmarks/run_all.py --threads 1 --clock cpu           # on a busy shared machine
     python benchmarks/run_all.py --preset qwen2-vl-2b --dtype bfloat16 --threads 1 --clock cpu --update-readme
     python benchmarks/run_all.py --preset qwen2-vl-7b --device cuda --dtype bfloat16 --update-readme

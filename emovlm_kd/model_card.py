@@ -35,7 +35,8 @@ inputs = processor([Image.open("photo.jpg")])
 with torch.no_grad():
     outputs = model(**inputs)
 print(model.config.id2label[outputs.logits.argmax(-1).item()])
-# outputs.vlm_scores: the VLM branch; outputs.head_logits: the distilled head; outputs.gate_weights: the gate
+# outputs.vlm_scores: the VLM branch; outputs.head_logits: the distilled head
+# outputs.gate_weights: the gate's own weights (moe, dynamic_weighting, cross_gating; None for concat_linear, bilinear)
 ```"""
 
 
@@ -84,10 +85,12 @@ def build_model_card(
         eval_results=eval_results or None,
         widget=widget or None,
     )
+    # stage 1's entry is None when the run did not instruction-tune the VLM
+    tuned = "instruction-tuned " if training.get("Instruction tuning") else ""
     sections = [
         f"# {repo_id.split('/')[-1]}",
         "An **EmoVLM-KD** visual emotion classifier (Lee, Lee & Park, CVPR Workshops 2025, "
-        "[arXiv 2505.07164](https://arxiv.org/abs/2505.07164)): a frozen instruction-tuned vision-language model "
+        f"[arXiv 2505.07164](https://arxiv.org/abs/2505.07164)): a frozen {tuned}vision-language model "
         f"(`{base_model or vlm_description or 'see config.json'}`), a small head distilled from a conventional "
         "vision model onto the VLM's own image embeddings, and a gate fusing both predictions. The image goes "
         "through the visual encoder once; "

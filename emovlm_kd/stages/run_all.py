@@ -1,6 +1,6 @@
 """All stages in order for one dataset, skipping those already complete for the same inputs and settings.
 
-    0. instruction data   only when an endpoint is set (`instruction_data.base_url`)
+    0. instruction data   only when an endpoint is set (`instruction_data.base_url` or `instruction_data.provider`)
     1. instruction tuning LoRA on the VLM (classification task alone without instruction data)
     2. teacher            3. distillation    4. gate    5. evaluation    6. export (+ push with `export.push_to_hub`)
 
