@@ -30,9 +30,10 @@ import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from configuration_emovlm_kd import VLM_BRANCH_MODES, EmoVLMKDConfig
+from emovlm_kd.settings import CARD, CONTENT, MODEL_CONFIG, NOTHING, RESULT, VLM_FEATURES, Affects, fields_with
 from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -66,6 +67,27 @@ PRESET_VAL_FRACTION = 0.1
 @dataclass
 class RunArguments:
     """Where a run and its data are, seeding, logging: shared by every stage."""
+
+    # The data settings reach every stage's fingerprint through `sources.source_hash`, the seed directly.
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "run_dir": NOTHING,  # runs are identified by content, never by where they lie
+        "data_dir": CONTENT,
+        "dataset": CONTENT,
+        "dataset_config": RESULT,
+        "dataset_revision": RESULT,
+        "image_column": RESULT,
+        "label_column": RESULT,
+        "train_split": RESULT,
+        "val_split": RESULT,
+        "test_split": RESULT,
+        "val_fraction": RESULT,
+        "seed": RESULT,
+        "report_to": NOTHING,
+        "num_workers": NOTHING,
+        "mixed_precision": NOTHING,  # numerics of the same computation; not fingerprinted
+        "dataset_preset": RESULT,  # classes and their order (labels.json) and the split
+        "recipe_name": CARD,
+    }
 
     run_dir: str | None = field(
         default=None, metadata={"help": "The run directory (every stage reads and writes there). Required."}
@@ -141,22 +163,21 @@ class RunArguments:
         return DATASET_PRESETS[self.dataset_preset] if self.dataset_preset else None
 
 
-PROMPT_FIELDS = (
-    "system_message",
-    "observation_prompt",
-    "inference_prompt",
-    "classification_prompt",
-    "classification_example_labels",
-    "answer_format",
-)
-VLM_INPUT_FIELDS = (*PROMPT_FIELDS, "max_image_side")
-
-
 @dataclass
 class VLMInputArguments:
     """What the VLM is shown: the chat prompts (`EmoVLMKDConfig` fields, the reference's by default) and the image
     size cap. One setting for every stage that has it: stage 1 trains the VLM on these prompts and images, stage 3
     scores (and caches features) with them, and the exported config and image processor keep them."""
+
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "system_message": VLM_FEATURES | MODEL_CONFIG,
+        "observation_prompt": RESULT | MODEL_CONFIG,  # stage 1 and `explain`, not the scored features
+        "inference_prompt": RESULT | MODEL_CONFIG,
+        "classification_prompt": VLM_FEATURES | MODEL_CONFIG,
+        "classification_example_labels": VLM_FEATURES | MODEL_CONFIG,
+        "answer_format": VLM_FEATURES | MODEL_CONFIG,
+        "max_image_side": VLM_FEATURES | CARD,  # the exported image processor's, not the config's
+    }
 
     system_message: str = field(
         default=EmoVLMKDConfig.system_message, metadata={"help": "System turn of every chat ('': none)"}
@@ -193,10 +214,23 @@ class VLMInputArguments:
         return {name: getattr(self, name) for name in VLM_INPUT_FIELDS}
 
 
+# Every field of VLMInputArguments (what a VLM trained or scored with them was shown), and the config's among them.
+VLM_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(VLMInputArguments))
+PROMPT_FIELDS = fields_with(VLMInputArguments, MODEL_CONFIG)
+
+
 @dataclass
 class VLMBranchArguments:
     """How the VLM branch answers (`EmoVLMKDConfig` fields): exactly scored answers (this package's default), or
     generation parsed into a one-hot answer, greedy or sampled as the reference does."""
+
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "vlm_branch_mode": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "max_new_tokens": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "generate_do_sample": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "generate_temperature": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "generate_top_p": VLM_FEATURES | MODEL_CONFIG | CARD,
+    }
 
     vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
         default=EmoVLMKDConfig.vlm_branch_mode, metadata={"help": "Exact answer scoring, or the paper's generation"}
@@ -220,6 +254,13 @@ class VLMBranchArguments:
 class CheckpointArguments:
     """Epoch checkpoints of a training stage (`accelerator.save_state`), for resuming an interrupted run."""
 
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "resume": NOTHING,
+        "stop_after_epoch": NOTHING,
+        "checkpoint_every": NOTHING,
+        "keep_checkpoints": NOTHING,
+    }
+
     resume: bool = field(
         default=False, metadata={"help": "Continue from the latest epoch checkpoint of this stage, if it matches"}
     )
@@ -230,11 +271,11 @@ class CheckpointArguments:
     keep_checkpoints: int = field(default=1, metadata={"help": "Epoch checkpoints to keep (latest first)"})
 
 
-def training_arguments(
+def training_arguments_class(
     name: str, learning_rate: float, weight_decay: float, epochs: int, batch_size: int, optimizer: str = "Adam"
-):
-    """The settings every training stage has, with that stage's defaults (the paper's): a base class of the stage's
-    arguments, on top of [`CheckpointArguments`]."""
+) -> type:
+    """A dataclass of the settings every training stage has, with that stage's defaults (the paper's): a base class
+    of the stage's arguments, on top of [`CheckpointArguments`]."""
     shared = [
         ("learning_rate", float, field(default=learning_rate, metadata={"help": f"{optimizer} learning rate"})),
         ("weight_decay", float, field(default=weight_decay, metadata={"help": f"{optimizer} weight decay"})),
@@ -245,7 +286,11 @@ def training_arguments(
             field(default=batch_size, metadata={"help": "Global batch size (split across processes)"}),
         ),
     ]
-    return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,))
+    affects = {name: RESULT for name, _, _ in shared}
+    return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,), namespace={"AFFECTS": affects})
+
+
+training_arguments = training_arguments_class  # the former name, kept for code written against it
 
 
 REDACTED = "<redacted>"
@@ -439,6 +484,7 @@ __all__ = [
     "stage_parser",
     "stage_values",
     "training_arguments",
+    "training_arguments_class",
     "url_credentials",
     "without_url_credentials",
 ]

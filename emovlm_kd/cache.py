@@ -23,24 +23,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from emovlm_kd.arguments import VLMBranchArguments, VLMInputArguments
 from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
+from emovlm_kd.settings import MODEL_CONFIG, VLM_FEATURES, fields_with
 from emovlm_kd.training import derived_seed, progress
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
-# Model config fields the VLM features depend on (the rest only concerns the head and the gate; the observation and
-# inference prompts only stage 1 and `explain`).
-VLM_FEATURE_FIELDS = (
-    "system_message",
-    "classification_prompt",
-    "classification_example_labels",
-    "answer_format",
-    "vlm_branch_mode",
-    "max_new_tokens",
-    "generate_do_sample",
-    "generate_temperature",
-    "generate_top_p",
+# Model config fields the VLM features depend on (declared `VLM_FEATURES | MODEL_CONFIG`; the rest of the config only
+# concerns the head and the gate, the observation and inference prompts only stage 1 and `explain`). The image cap,
+# the dtype and the VLM itself are the spec's own entries.
+VLM_FEATURE_FIELDS = fields_with(VLMInputArguments, VLM_FEATURES | MODEL_CONFIG) + fields_with(
+    VLMBranchArguments, VLM_FEATURES | MODEL_CONFIG
 )
 
 

@@ -19,12 +19,14 @@ import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
 from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses (and raises from)
 
 from emovlm_kd.arguments import REDACTED, url_credentials, without_url_credentials
+from emovlm_kd.settings import NOTHING, Affects
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, web_image
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,10 @@ def image_data_url(data: bytes, name: str, max_side: int | None = 1024) -> str:
 @dataclass
 class ChatRequestArguments:
     """How requests go out: concurrency, the time an attempt may take and the retries (`RetryPolicy`)."""
+
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        name: NOTHING for name in ("concurrency", "timeout", "max_retries", "backoff_base", "backoff_max")
+    }
 
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at most"})
     timeout: float = field(default=120.0, metadata={"help": "Seconds per request attempt"})

@@ -3,6 +3,7 @@
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from emovlm_kd.metrics import results_table
+from emovlm_kd.run_dir import STAGES, read_complete
 
 TAGS = [
     "emotion-recognition",
@@ -140,8 +141,18 @@ def _widget_section(widget: list[dict]) -> str:
     return text + "| image | true class | predicted |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def card_settings(run_dir) -> str | None:
+    """The settings declared `CARD` (`emovlm_kd.settings`) of every completed stage, as each recorded them:
+    "`name`: value" items, once per name (the first stage's value wins; stages share e.g. the VLM inputs)."""
+    items = {}
+    for stage in STAGES:
+        for name, value in ((read_complete(run_dir, stage) or {}).get("card_settings") or {}).items():
+            items.setdefault(name, value)
+    return ", ".join(f"`{name}`: {value!r}" for name, value in items.items()) or None
+
+
 def _training_section(training: dict) -> str:
     return "\n".join(f"- **{key}**: {value}" for key, value in training.items() if value is not None)
 
 
-__all__ = ["build_model_card"]
+__all__ = ["build_model_card", "card_settings"]

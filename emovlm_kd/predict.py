@@ -25,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from emovlm_kd.cache import model_identity
 from emovlm_kd.data import IMAGE_EXTENSIONS, open_image_rgb
 from emovlm_kd.run_dir import DataError, hash_json
+from emovlm_kd.settings import CONTENT, NOTHING, RESULT, Affects
 from emovlm_kd.sources import (
     SplitImages,
     dataset_kind,
@@ -51,6 +53,23 @@ BRANCH_COLUMNS = ("probabilities", "vlm_probabilities", "head_probabilities")
 
 @dataclass
 class PredictArguments:
+    # Predictions are not a stage: RESULT fields are the settings recorded in the manifest (a rerun with others is
+    # refused).
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "model": CONTENT,
+        "inputs": CONTENT,
+        "output_dir": NOTHING,
+        "split": CONTENT,
+        "image_column": CONTENT,
+        "dataset_config": CONTENT,
+        "dataset_revision": CONTENT,
+        "batch_size": NOTHING,
+        "shard_size": RESULT,
+        "num_workers": NOTHING,
+        "dtype": RESULT,
+        "overwrite": NOTHING,
+    }
+
     model: str | None = field(default=None, metadata={"help": "Model folder or Hub repo id. Required."})
     inputs: str | None = field(
         default=None,

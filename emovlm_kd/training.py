@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from emovlm_kd.arguments import settings_dict
+from emovlm_kd.settings import CARD, values_with
 from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
 from emovlm_kd.run_dir import (
     DataError,
@@ -324,6 +325,7 @@ def complete_stage(stage_run: StageRun, save_outputs=None, **record) -> Path:
             stage_run.stage,
             stage_run.fingerprint,
             settings=settings,
+            card_settings=values_with(stage_run.args, CARD),  # what the model card lists (`model_card.card_settings`)
             num_processes=accelerator.num_processes,
             **record,
         )

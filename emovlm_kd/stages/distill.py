@@ -10,11 +10,12 @@ need to rebuild the model).
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from configuration_emovlm_kd import EmoVLMKDConfig
-from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMBranchArguments, VLMInputArguments, training_arguments
+from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMBranchArguments, VLMInputArguments, training_arguments_class
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
 from emovlm_kd.cache import get_features, vlm_identity
 from emovlm_kd.metrics import classification_metrics
@@ -27,6 +28,17 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
+from emovlm_kd.settings import (
+    CARD,
+    CONTENT,
+    MODEL_CONFIG,
+    NOTHING,
+    RESULT,
+    VLM_FEATURES,
+    Affects,
+    fingerprint_fields,
+    values_with,
+)
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
@@ -38,8 +50,18 @@ STAGE = "distill"
 class DistillArguments(
     VLMInputArguments,
     VLMBranchArguments,
-    training_arguments("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=1),
+    training_arguments_class("DistillTraining", learning_rate=1e-5, weight_decay=1e-4, epochs=5, batch_size=1),
 ):
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "vlm": CONTENT | VLM_FEATURES,  # by the weights' identity (`cache.vlm_identity`), not by where they lie
+        "vlm_dtype": VLM_FEATURES,
+        "feature_batch_size": NOTHING,  # sampled answers are seeded per image, whatever the batch
+        "head_hidden_sizes": RESULT | MODEL_CONFIG | CARD,
+        "head_dropout": RESULT | MODEL_CONFIG,
+        "kd_alpha": RESULT | MODEL_CONFIG | CARD,
+        "kd_temperature": RESULT | MODEL_CONFIG | CARD,
+    }
+
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct",
         metadata={
@@ -62,8 +84,8 @@ class DistillArguments(
 
 
 ARGUMENTS = DistillArguments
-# Settings the trained head depends on beyond the feature spec.
-FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size")
+# Settings the trained head depends on (the VLM itself by identity, in the feature spec).
+FINGERPRINT_FIELDS = tuple(name for name in fingerprint_fields(DistillArguments) if name != "vlm")
 
 
 def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> dict:
@@ -78,18 +100,7 @@ def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> di
         "class_names": list(class_names),
         "max_image_side": args.max_image_side,
         "generation_seed": run_args.seed,  # of sampled answers in the 'generate' mode
-        "model_config": {
-            **args.prompt_settings(),
-            "vlm_branch_mode": args.vlm_branch_mode,
-            "max_new_tokens": args.max_new_tokens,
-            "generate_do_sample": args.generate_do_sample,
-            "generate_temperature": args.generate_temperature,
-            "generate_top_p": args.generate_top_p,
-            "head_hidden_sizes": list(args.head_hidden_sizes),
-            "head_dropout": args.head_dropout,
-            "kd_alpha": args.kd_alpha,
-            "kd_temperature": args.kd_temperature,
-        },
+        "model_config": values_with(args, MODEL_CONFIG),
     }
 
 

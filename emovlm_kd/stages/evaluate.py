@@ -8,6 +8,7 @@ split (`confusion_<split>.png`, one panel per branch).
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from emovlm_kd.artifacts import (
 from emovlm_kd.cache import get_features
 from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, majority_baseline
 from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, upstream_fingerprint
+from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage
 
@@ -33,6 +35,8 @@ STAGE = "evaluate"
 
 @dataclass
 class EvaluateArguments:
+    AFFECTS: ClassVar[dict[str, Affects]] = {"splits": RESULT, "feature_batch_size": NOTHING}
+
     splits: list[str] = field(
         default_factory=lambda: ["val", "test"], metadata={"help": "Splits to evaluate (those that exist)"}
     )
@@ -49,7 +53,7 @@ def fingerprint(run_args, args: EvaluateArguments) -> str:
             "data": source_hash(run_args),
             "teacher": upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
             "gate": upstream_fingerprint(run_args.run_dir, "gate", STAGE),
-            "splits": args.splits,
+            **{name: getattr(args, name) for name in fingerprint_fields(args)},
         }
     )
 

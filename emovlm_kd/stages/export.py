@@ -26,7 +26,7 @@ from huggingface_hub import HfApi
 
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import get_features, samples_answers
-from emovlm_kd.model_card import build_model_card
+from emovlm_kd.model_card import build_model_card, card_settings
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
     STAGES,
@@ -39,6 +39,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     upstream_fingerprint,
 )
+from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
 from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
 
@@ -54,6 +55,20 @@ MAX_WIDGET_IMAGES = 8
 @dataclass
 class ExportArguments:
     SECRETS: ClassVar[tuple[str, ...]] = ("hub_token",)  # never written to run_config.yaml, markers or logs
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "push_to_hub": RESULT,
+        "private": RESULT,
+        "hub_token": NOTHING,
+        "commit_message": NOTHING,
+        "model_name": RESULT,
+        "dataset_name": RESULT,
+        "base_model": RESULT,
+        "license": RESULT,
+        "vlm_dtype": RESULT,
+        "verify_images": RESULT,
+        "widget_images": RESULT,
+        "widget_image": RESULT,  # also by the files' contents
+    }
 
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the repo to this Hub model id (REPO_ID)"})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private"})
@@ -92,18 +107,7 @@ class ExportArguments:
 
 ARGUMENTS = ExportArguments
 # Settings that change the written repo (the token and commit message do not).
-FINGERPRINT_FIELDS = (
-    "push_to_hub",
-    "private",
-    "model_name",
-    "dataset_name",
-    "base_model",
-    "license",
-    "verify_images",
-    "widget_images",
-    "widget_image",
-    "vlm_dtype",
-)
+FINGERPRINT_FIELDS = fingerprint_fields(ExportArguments)
 
 
 def _template_files() -> dict[str, Path]:
@@ -306,6 +310,7 @@ def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_d
         "VLM branch": _vlm_branch_description(
             model_config, gate_spec, gate_settings.get("resample_vlm_answers", False)
         ),
+        "Settings": card_settings(run_dir),
     }
 
 

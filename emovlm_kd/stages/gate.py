@@ -9,17 +9,18 @@ epoch's sample cached); by default every epoch sees the cached one. Writes `<run
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfig
-from emovlm_kd.arguments import training_arguments
+from emovlm_kd.arguments import training_arguments_class
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
 from emovlm_kd.cache import get_features, samples_answers
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
+from emovlm_kd.settings import CARD, MODEL_CONFIG, NOTHING, RESULT, Affects, fingerprint_fields, values_with
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
 
@@ -28,8 +29,16 @@ STAGE = "gate"
 
 @dataclass
 class GateArguments(
-    training_arguments("GateTraining", learning_rate=1e-4, weight_decay=1e-4, epochs=10, batch_size=1)
+    training_arguments_class("GateTraining", learning_rate=1e-4, weight_decay=1e-4, epochs=10, batch_size=1)
 ):
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "gate_type": RESULT | MODEL_CONFIG | CARD,
+        "gate_num_experts": RESULT | MODEL_CONFIG,
+        "vlm_branch_input": RESULT | MODEL_CONFIG | CARD,
+        "resample_vlm_answers": RESULT | CARD,
+        "feature_batch_size": NOTHING,  # sampled answers are seeded per image, whatever the batch
+    }
+
     gate_type: Literal[GATE_TYPES] = field(
         default=EmoVLMKDConfig.gate_type, metadata={"help": "Gate variant (the paper's best: concat_linear)"}
     )
@@ -49,16 +58,12 @@ class GateArguments(
 
 
 ARGUMENTS = GateArguments
-FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size", "resample_vlm_answers")
+FINGERPRINT_FIELDS = fingerprint_fields(GateArguments)
 
 
 def gate_spec(args: GateArguments, class_names: list[str]) -> dict:
-    return {
-        "gate_type": args.gate_type,
-        "gate_num_experts": args.gate_num_experts,
-        "vlm_branch_input": args.vlm_branch_input,
-        "class_names": list(class_names),
-    }
+    """The gate's settings that the exported config keeps, and the classes."""
+    return {**values_with(args, MODEL_CONFIG), "class_names": list(class_names)}
 
 
 def fingerprint(run_args, args: GateArguments) -> str:
@@ -67,7 +72,6 @@ def fingerprint(run_args, args: GateArguments) -> str:
             "stage": STAGE,
             "data": source_hash(run_args),
             "head": upstream_fingerprint(run_args.run_dir, "distill", STAGE),
-            "gate": {k: v for k, v in gate_spec(args, []).items() if k != "class_names"},
             "seed": run_args.seed,
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }

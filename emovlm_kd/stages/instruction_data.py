@@ -30,12 +30,14 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from configuration_emovlm_kd import label_pattern
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.chat import ChatClient, ChatRequestArguments, ChatRequestError, image_data_url
 from emovlm_kd.instruction_records import read_records, rewrite_records
 from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
+from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import has_source, load_source, source_hash
 from emovlm_kd.training import preset_class_names
 
@@ -146,6 +148,20 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 @dataclass
 class InstructionDataArguments(ChatRequestArguments):
+    # A complete file depends on the endpoint's model and the images asked about; the request details do not
+    # invalidate answers already recorded (a rerun asks again only for missing or failed ones).
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "base_url": RESULT,
+        "provider": RESULT,
+        "model": RESULT,
+        "api_key_env": NOTHING,
+        "max_tokens": NOTHING,
+        "temperature": NOTHING,
+        "json_mode": NOTHING,
+        "max_image_side": NOTHING,
+        "limit": RESULT,
+    }
+
     base_url: str | None = field(
         default=None,
         metadata={"help": f"OpenAI-compatible API base URL, e.g. a vLLM or TGI server (default: {OPENAI_BASE_URL})"},
@@ -189,10 +205,7 @@ def fingerprint(run_args, args: InstructionDataArguments) -> str:
         {
             "stage": STAGE,
             "data": source_hash(run_args),
-            "model": args.model,
-            "base_url": args.base_url,
-            "provider": args.provider,
-            "limit": args.limit,
+            **{name: getattr(args, name) for name in fingerprint_fields(args)},
             "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER],
         }
     )

@@ -29,16 +29,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMInputArguments, training_arguments
+from emovlm_kd.arguments import VLMInputArguments, training_arguments_class
 from emovlm_kd.cache import vlm_identity
 from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import LOSS_ON, TASKS, InstructionDataset, InstructionEncoder, build_examples
 from emovlm_kd.run_dir import fault_point, file_digest, hash_json, read_json, stage_output, write_atomic
+from emovlm_kd.settings import CARD, CONTENT, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
 
@@ -54,7 +55,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 @dataclass
 class InstructionTuningArguments(
     VLMInputArguments,
-    training_arguments(
+    training_arguments_class(
         "InstructionTraining", learning_rate=1e-4, weight_decay=0.0, epochs=5, batch_size=1, optimizer="AdamW"
     ),
 ):
@@ -80,26 +81,26 @@ class InstructionTuningArguments(
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
 
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "vlm": CONTENT,  # by the weights' identity (`cache.vlm_identity`)
+        "instruction_data": CONTENT,  # by the file's digest
+        "classification_only": RESULT | CARD,
+        "lora_r": RESULT | CARD,
+        "lora_alpha": RESULT | CARD,
+        "lora_dropout": RESULT,
+        "gradient_accumulation_steps": RESULT,
+        "warmup_ratio": RESULT,
+        "max_grad_norm": RESULT,
+        "max_answer_tokens": RESULT,
+        "loss_on": RESULT | CARD,
+        "load_in_4bit": RESULT | CARD,
+        "gradient_checkpointing": NOTHING,
+    }
+
 
 ARGUMENTS = InstructionTuningArguments
-# Settings the tuned VLM depends on (not the checkpointing or the memory-saving switches).
-FINGERPRINT_FIELDS = (
-    "classification_only",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "learning_rate",
-    "weight_decay",
-    "epochs",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "warmup_ratio",
-    "max_grad_norm",
-    "max_answer_tokens",
-    "loss_on",
-    "load_in_4bit",
-    *VLM_INPUT_FIELDS,
-)
+# Settings the tuned VLM depends on (the base VLM and the instruction data by content).
+FINGERPRINT_FIELDS = fingerprint_fields(InstructionTuningArguments)
 
 
 def fingerprint(run_args, args: InstructionTuningArguments) -> str:

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from emovlm_kd.arguments import (
@@ -32,6 +33,7 @@ from emovlm_kd.arguments import (
     stage_values,
 )
 from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete, write_atomic
+from emovlm_kd.settings import NOTHING, Affects
 from emovlm_kd.training import main_process_lock
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,14 @@ RUN_CONFIG_FILE = "run_config.yaml"
 
 @dataclass
 class RunAllArguments:
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "config": NOTHING,  # its values are the stages' settings; its name is RunArguments.recipe_name
+        "stages": NOTHING,
+        "set": NOTHING,
+        "force": NOTHING,
+        "resume": NOTHING,
+    }
+
     config: str | None = field(
         default=None,
         metadata={

@@ -8,13 +8,15 @@ loadable with `timm.create_model("local-dir:<run_dir>/teacher", pretrained=True)
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from emovlm_kd.arguments import training_arguments
+from emovlm_kd.arguments import training_arguments_class
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import hash_json
+from emovlm_kd.settings import CARD, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
 from emovlm_kd.teachers import DEFAULT_TEACHER, TEACHER_PRESETS, create_teacher, teacher_transforms
 from emovlm_kd.training import adam, begin_stage, complete_stage, progress, seeded_rng, train_epochs
@@ -24,8 +26,10 @@ STAGE = "teacher"
 
 @dataclass
 class TeacherArguments(
-    training_arguments("TeacherTraining", learning_rate=3e-5, weight_decay=1e-5, epochs=10, batch_size=10)
+    training_arguments_class("TeacherTraining", learning_rate=3e-5, weight_decay=1e-5, epochs=10, batch_size=10)
 ):
+    AFFECTS: ClassVar[dict[str, Affects]] = {"teacher": RESULT | CARD, "pretrained": RESULT, "eval_batch_size": NOTHING}
+
     teacher: str = field(
         default=DEFAULT_TEACHER, metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
     )
@@ -40,7 +44,7 @@ class TeacherArguments(
 
 ARGUMENTS = TeacherArguments
 # Settings the trained teacher depends on (not the checkpointing or evaluation batch).
-FINGERPRINT_FIELDS = ("teacher", "pretrained", "learning_rate", "weight_decay", "batch_size", "epochs")
+FINGERPRINT_FIELDS = fingerprint_fields(TeacherArguments)
 TRANSFORMS = "reference"  # a new name when `teacher_transforms` changes: teachers trained otherwise are stale
 
 
