@@ -520,7 +520,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         """Generate after the prompt from already computed image embeddings (no second vision pass).
 
         Greedy, or sampled with `config.generate_temperature` and `config.generate_top_p` (the reference's 0.8 and
-        1.0) when `do_sample` (default: `config.generate_do_sample`); `generator` makes sampling reproducible.
+        1.0) when `do_sample` (default: `config.generate_do_sample`); `generator` makes sampling reproducible (a list
+        of one generator per row makes each row's sample independent of the batch it is in).
         Returns every row's new tokens up to, not including, its first stop token.
         """
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -556,7 +557,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(input_ids.shape[0])]
         return [row[: next((i for i, token in enumerate(row) if token in stop_ids), len(row))] for row in rows]
 
-    def _next_token(self, logits: torch.Tensor, do_sample: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _next_token(self, logits: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:
         if not do_sample:
             return logits.argmax(-1)
         # generate()'s own warpers; the draw takes this loop's seeded generator, which generate() cannot
@@ -564,6 +565,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         if self.config.generate_top_p < 1.0:
             warpers.append(TopPLogitsWarper(self.config.generate_top_p))
         probs = warpers(None, logits).softmax(dim=-1)
+        if isinstance(generator, (list, tuple)):  # one per row: a row's draws do not depend on its batch
+            return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def decode(self, tokens: list[list[int]]) -> list[str]:
@@ -700,8 +703,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             Logits of the conventional vision model; adds the head's distillation loss to `loss`.
         output_image_hidden_states (`bool`, *optional*, defaults to `False`):
             Also return the per-image LM-ready image embeddings (for `explain`).
-        generator (`torch.Generator`, *optional*):
-            Random source of the `"generate"` mode's sampling (`config.generate_do_sample`), for reproducible runs.
+        generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+            Random source of the `"generate"` mode's sampling (`config.generate_do_sample`), for reproducible runs;
+            one per image makes each image's answer independent of the batch it is in.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

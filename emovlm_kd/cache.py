@@ -7,9 +7,10 @@ Everything upstream of the head and the gate is frozen, so per image and split w
 Files are `<run_dir>/cache/{vlm,teacher}-<split>-<key>.safetensors`; the key hashes everything the features depend
 on (which VLM / teacher and the run's stage fingerprint of it, prompts, answers and image cap, generation settings,
 the split's files), so a changed model, teacher or dataset gets new files and an unchanged one reuses them across
-epochs, stages and re-runs. Sampled answers (`generate` mode with `generate_do_sample`) are drawn from generators
-seeded by the run's seed, the sample's number and the batch: sample 0 is the one every stage uses; the gate can draw
-a fresh sample per epoch (`get_features(..., sample=epoch)`), as the reference does.
+epochs, stages and re-runs. Sampled answers (`generate` mode with `generate_do_sample`) are drawn from one generator
+per image, seeded by the run's seed, the sample's number and the image's index: the same answers for any feature batch
+size and any number of processes (neither is in the key). Sample 0 is the one every stage uses; the gate can draw a
+fresh sample per epoch (`get_features(..., sample=epoch)`), as the reference does.
 """
 
 import functools
@@ -21,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.arguments import VLMBranchArguments, VLMInputArguments
@@ -149,9 +151,9 @@ class _Collate:
 
 
 @torch.no_grad()
-def vlm_features(model, inputs, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def vlm_features(model, inputs, generator=None) -> dict[str, torch.Tensor]:
     """One vision pass: pooled image embeddings and the class-answer log-likelihoods (+ generated one-hot, sampled
-    from `generator` when the config samples)."""
+    from `generator`, or from one generator per image, when the config samples)."""
     image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
     branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     features = {
@@ -178,40 +180,39 @@ def extract_features(
     seed_keys: tuple[int, ...] = (0,),
 ) -> dict[str, torch.Tensor]:
     """Features of the images `image_of(0)`, ..., `image_of(num_images - 1)` (decoded RGB images, e.g. a split of
-    the run's data), in order; the work is split across processes and gathered on all. Sampled answers of a batch
-    come from a generator seeded by `seed_keys` and the batch's first image."""
-    with accelerator.split_between_processes(list(range(num_images)), apply_padding=True) as shard:
-        shard = list(shard)
-    loader = torch.utils.data.DataLoader(
-        _Images(image_of, shard),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_Collate(image_processor if model is not None else None, teacher_transform if teacher else None),
+    the run's data), in order; the work is split across processes and gathered on all. The sampled answer of image
+    `i` comes from a generator seeded by `seed_keys` and `i`, whatever the batch and the process it falls in."""
+    # Accelerate shards the batches (process k takes every N-th one) and pads the last round with images from the
+    # start; `gather_for_metrics` puts the rounds back in order and drops that padding.
+    loader = prepare_data_loader(
+        torch.utils.data.DataLoader(
+            _Images(image_of, list(range(num_images))),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_Collate(image_processor if model is not None else None, teacher_transform if teacher else None),
+        ),
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=False,
     )
-    outputs: dict[str, list[torch.Tensor]] = {"index": []}
+    outputs: dict[str, list[torch.Tensor]] = {}
     for batch in progress(accelerator, loader, desc=desc, leave=False):
-        computed = {}
+        computed = {"index": batch["index"].to(accelerator.device)}
         if model is not None:
             inputs = batch["vlm_inputs"].to(accelerator.device)
-            generator = torch.Generator(accelerator.device)
-            generator.manual_seed(derived_seed(*seed_keys, batch["index"][0]))
-            computed.update(vlm_features(model, inputs, generator))
+            generators = [
+                torch.Generator(accelerator.device).manual_seed(derived_seed(*seed_keys, int(index)))
+                for index in batch["index"]
+            ]
+            computed.update(vlm_features(model, inputs, generators))
         if teacher is not None:
             computed["teacher_logits"] = teacher(batch["teacher_pixels"].to(accelerator.device)).float()
-        outputs["index"].append(batch["index"])
-        for name, value in computed.items():
+        for name, value in accelerator.gather_for_metrics(computed).items():
             outputs.setdefault(name, []).append(value.cpu())
-    local = {name: torch.cat(values) for name, values in outputs.items()}
-    gathered = accelerator.gather({name: value.to(accelerator.device) for name, value in local.items()})
-    gathered = {name: value.cpu() for name, value in gathered.items()}
-    # padding repeated the last index on some processes: keep each index once, in order
-    order = torch.argsort(gathered["index"], stable=True)
-    index = gathered["index"][order]
-    keep = torch.ones_like(index, dtype=torch.bool)
-    keep[1:] = index[1:] != index[:-1]
-    if not torch.equal(index[keep], torch.arange(num_images)):
+    features = {name: torch.cat(values) for name, values in outputs.items()}
+    if not torch.equal(features.pop("index"), torch.arange(num_images)):
         raise RuntimeError("Feature extraction lost or duplicated images across processes")
-    return {name: value[order][keep] for name, value in gathered.items() if name != "index"}
+    return features
 
 
 def get_features(
