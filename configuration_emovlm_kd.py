@@ -2,8 +2,9 @@
 """EmoVLM-KD configuration (remote code: copied into every exported model repo).
 
 The prompts of the method are defined here and nowhere else: instruction tuning (stage 1), feature caching and
-scoring (stages 3-6), the exported image processor and the model's `explain` all build their chat messages with
-[`EmoVLMKDConfig.chat_messages`].
+scoring (stages 3-6), the exported processor and the model's `explain` all build their chat messages with
+[`EmoVLMKDConfig.chat_messages`]. The config holds settings only: rendering and tokenising the chat is the
+processor's (`processing_emovlm_kd.py`).
 """
 
 import re
@@ -265,35 +266,11 @@ class EmoVLMKDConfig(PreTrainedConfig):
 
     def chat_messages(self, task: str) -> list[dict]:
         """The chat for `task`, as the reference builds it: the system turn, then the user turn with the task's text
-        before the image. Render it with the VLM processor's (or tokenizer's) `apply_chat_template`."""
+        before the image. `EmoVLMKDProcessor` renders and tokenises it with the VLM's chat template."""
         user = {"role": "user", "content": [{"type": "text", "text": self.prompt_text(task)}, {"type": "image"}]}
         if not self.system_message:
             return [user]
         return [{"role": "system", "content": [{"type": "text", "text": self.system_message}]}, user]
-
-    def chat_prompt(self, task: str, chat) -> str:
-        """The chat for `task` rendered by `chat` (the VLM processor or a tokenizer with a chat template), ending
-        with the assistant turn's header."""
-        return chat.apply_chat_template(self.chat_messages(task), tokenize=False, add_generation_prompt=True)
-
-    def prompt_token_ids(self, task: str, chat) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered chat for `task` before and after its single image placeholder.
-
-        `chat` is the VLM processor or its tokenizer (with a chat template). The image placeholder is repeated once
-        per LM-ready image embedding between the two parts.
-        """
-        tokenizer = getattr(chat, "tokenizer", chat)
-        image_token = tokenizer.convert_ids_to_tokens(self.vlm_config.image_token_id)
-        text = self.chat_prompt(task, chat)
-        if text.count(image_token) != 1:
-            raise ValueError(
-                f"The chat template produced {text.count(image_token)} image placeholders, expected 1: {text!r}"
-            )
-        prefix, suffix = text.split(image_token)
-        return (
-            tokenizer(prefix, add_special_tokens=False)["input_ids"],
-            tokenizer(suffix, add_special_tokens=False)["input_ids"],
-        )
 
 
 __all__ = ["EXPLANATION_TASKS", "EmoVLMKDConfig", "example_labels", "label_pattern"]

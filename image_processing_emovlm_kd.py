@@ -381,32 +381,13 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
 
     @classmethod
     def from_vlm_processor(cls, vlm_processor, config, **kwargs) -> "EmoVLMKDImageProcessor":
-        """Build from a VLM processor (e.g. `Qwen2VLProcessor`) and an `EmoVLMKDConfig`: the classification chat of
-        `config.chat_messages` rendered with the processor's chat template and tokenised around the image."""
-        if not hasattr(config, "prompt_token_ids"):
-            raise TypeError(
-                f"from_vlm_processor takes the model's EmoVLMKDConfig (it defines the whole chat), got {type(config)}"
-            )
-        tokenizer = vlm_processor.tokenizer
-        prefix_ids, suffix_ids = config.prompt_token_ids("classification", vlm_processor)
-        image_processor_config = vlm_processor.image_processor.to_dict()
-        for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
-            image_processor_config.pop(key, None)
-        image_processor_config.update(kwargs)
-        return cls(
-            prompt_prefix_ids=prefix_ids,
-            prompt_suffix_ids=suffix_ids,
-            image_token_id=vlm_processor.image_token_id,
-            pad_token_id=padding_token_id(tokenizer),
-            **image_processor_config,
-        )
-
-    def to_dict(self):
-        output = super().to_dict()
-        # This processor alone produces every model input, so it is also what AutoProcessor should load.
-        if "AutoImageProcessor" in output.get("auto_map", {}):
-            output["auto_map"]["AutoProcessor"] = output["auto_map"]["AutoImageProcessor"]
-        return output
+        """The image processor of `EmoVLMKDProcessor.from_vlm_processor(vlm_processor, config, **kwargs)`, where the
+        classification chat is rendered and tokenised around the image."""
+        try:
+            from .processing_emovlm_kd import EmoVLMKDProcessor
+        except ImportError:  # imported from the installed package rather than from a model folder
+            from processing_emovlm_kd import EmoVLMKDProcessor
+        return EmoVLMKDProcessor.from_vlm_processor(vlm_processor, config, **kwargs).image_processor
 
     def open_image(self, source, name: str | None = None) -> Image.Image:
         """`open_image` under this processor's pixel limit (raster formats only, checked before decoding)."""

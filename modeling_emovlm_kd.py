@@ -10,6 +10,8 @@ description or reasoning of an image.
 """
 
 import copy
+import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +27,7 @@ from transformers.utils import ModelOutput, cached_file, can_return_tuple
 try:
     from .configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
     from .image_processing_emovlm_kd import left_padded_prompts, padding_token_id
+    from .processing_emovlm_kd import chat_token_ids
 
     # Imported so that transformers copies the pipeline file (a relative import) into every saved model folder and
     # into its module cache when loading one; `config.custom_pipelines` names it.
@@ -32,6 +35,7 @@ try:
 except ImportError:  # imported from the installed package rather than from a model folder
     from configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
     from image_processing_emovlm_kd import left_padded_prompts, padding_token_id
+    from processing_emovlm_kd import chat_token_ids
     from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
 
 # The file whose presence in a model folder or repo means the VLM's tokenizer was saved with the model.
@@ -263,7 +267,12 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
     _supports_sdpa = True
-    _supports_attention_backend = True
+    # Scoring passes a tree-shaped 4D mask that only the sdpa and eager attentions take (`_attention_mask_for_backend`):
+    # no other registered attention backend (flash, flex, kernels) may be chosen at loading.
+    _supports_attention_backend = False
+    # The losses are means over the batch, not sums to be divided by Trainer's `num_items_in_batch`: Trainer then
+    # passes no loss kwargs and scales the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
     _no_split_modules = [
         "Qwen2VLDecoderLayer",
         "Qwen2VLVisionBlock",
@@ -272,8 +281,11 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     ]
 
     def _init_weights(self, module):
-        # Only the head and the gates live here; the VLM (a PreTrainedModel) initialises its own modules.
-        if isinstance(module, (nn.Linear, nn.Bilinear)):
+        # Only the head and the gates live here (the VLM, a PreTrainedModel, initialises its own modules). Their
+        # Linear layers take transformers' default (normal with `initializer_range`, zero bias); the bilinear gate's
+        # nn.Bilinear, which the default does not cover, the same.
+        super()._init_weights(module)
+        if isinstance(module, nn.Bilinear):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -383,14 +395,6 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         check_head_and_gate_loaded(loading_info, model.config.gate_type, pretrained_model_name_or_path)
         model.tokenizer = load_tokenizer(pretrained_model_name_or_path, model.config.vlm_config, kwargs)
         return (model, loading_info) if output_loading_info else model
-
-    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, which also writes the attached tokenizer (and pushes it with the model
-        when `push_to_hub=True`), so that `from_pretrained` gives a model that can decode generated text."""
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if self.tokenizer is not None and is_main_process:
-            push = ("push_to_hub", "repo_id", "commit_message", "token", "private", "create_pr")
-            self.tokenizer.save_pretrained(save_directory, **{name: kwargs[name] for name in push if name in kwargs})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -652,7 +656,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         if len(image_hidden_states) != len(image_grid_thw):
             raise ValueError(f"{len(image_hidden_states)} image_hidden_states for {len(image_grid_thw)} images")
 
-        prefix, suffix = self.config.prompt_token_ids(task, self.tokenizer)
+        prefix, suffix = chat_token_ids(self.config, task, self.tokenizer)
         num_image_tokens = [len(embeds) for embeds in image_hidden_states]
         image_token_id, pad_token_id = self.config.vlm_config.image_token_id, padding_token_id(self.tokenizer)
         prompt = left_padded_prompts(prefix, suffix, image_token_id, pad_token_id, num_image_tokens)
@@ -706,7 +710,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
             Random source of the `"generate"` mode's sampling (`config.generate_do_sample`), for reproducible runs;
             one per image makes each image's answer independent of the batch it is in.
+
+        Any other keyword is refused (a misspelt `label=` would otherwise silently give `loss=None`).
         """
+        if kwargs:
+            raise TypeError(unknown_arguments_message(type(self).forward, kwargs))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vlm_grad = torch.enable_grad() if torch.is_grad_enabled() and not self.config.freeze_vlm else torch.no_grad()
@@ -749,6 +757,20 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             image_hidden_states=tuple(image_embeds) if output_image_hidden_states else None,
             distillation_loss=kd_loss,
         )
+
+
+def unknown_arguments_message(function, kwargs: dict) -> str:
+    """What `function` was given that it does not take, the closest names it does take, and all of them."""
+    accepted = [
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    hints = []
+    for name in kwargs:
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{function.__qualname__} got unexpected keyword argument(s) {', '.join(hints)}; it takes {accepted}"
 
 
 def end_of_turn_id(tokenizer) -> int:

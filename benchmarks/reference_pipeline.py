@@ -20,6 +20,7 @@ import torch
 from bench_utils import to_device
 
 from image_processing_emovlm_kd import limit_longest_side
+from processing_emovlm_kd import render_chat
 
 # The reference's parse (the first `{'emotion':\s*'...'}` in the text, its label must be a class), as the model's
 # `"generate"` mode applies it.
@@ -54,7 +55,7 @@ class ReferencePipeline:
         self.labels = model.config.labels
         # the reference's chat messages, rendered with the assistant header (as this model's image processor does;
         # the reference omits it, docs/fidelity.md), so both contenders get the same prompt
-        self.prompt = model.config.chat_prompt("classification", vlm_processor)
+        self.prompt = render_chat(model.config, "classification", vlm_processor)
         tokenizer = vlm_processor.tokenizer
         self.generation_kwargs = {
             "do_sample": True,

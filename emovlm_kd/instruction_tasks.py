@@ -21,6 +21,7 @@ import torch
 from configuration_emovlm_kd import TASKS, EmoVLMKDConfig
 from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, prepare_image
 from modeling_emovlm_kd import end_of_turn_id, tokenize_answers
+from processing_emovlm_kd import render_chat
 
 IGNORE_INDEX = -100
 LOSS_ON = ("answer", "all")
@@ -103,7 +104,7 @@ class InstructionEncoder:
 
     def prompt_text(self, task: str) -> str:
         """The chat of `task` rendered with the processor's chat template, up to the assistant turn's header."""
-        return self.config.chat_prompt(task, self.processor)
+        return render_chat(self.config, task, self.processor)
 
     def answer_ids(self, task: str, answer: str | int) -> list[int]:
         if task == "classification":

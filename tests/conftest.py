@@ -58,10 +58,11 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_folder(tiny, tmp_path_factory):
-    """The tiny model saved as a Hub model folder (model, image processor, tokenizer)."""
-    model, image_processor, vlm_processor = tiny
+    """The tiny model saved as a Hub model folder (model; processor: image processor and tokenizer), as exported."""
+    from processing_emovlm_kd import EmoVLMKDProcessor
+
+    model, image_processor, _ = tiny
     folder = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    vlm_processor.tokenizer.save_pretrained(folder)
+    EmoVLMKDProcessor(image_processor, model.tokenizer).save_pretrained(folder)
     return folder

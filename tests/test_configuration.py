@@ -6,6 +6,7 @@ import pytest
 
 from configuration_emovlm_kd import EmoVLMKDConfig, example_labels
 from emovlm_kd.testing import make_images
+from processing_emovlm_kd import chat_token_ids, render_chat
 
 MIKELS_REFERENCE_ORDER = ["amusement", "excitement", "sadness", "fear", "contentment", "anger", "disgust", "awe"]
 EMOTION6 = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
@@ -94,15 +95,15 @@ def test_prompt_ids_around_the_image_are_what_the_vlm_processor_makes(tiny):
     model, image_processor, vlm_processor = tiny
     image = make_images()[0]
     for task in ("classification", "inference"):
-        prefix, suffix = model.config.prompt_token_ids(task, vlm_processor)
-        assert model.config.prompt_token_ids(task, model.tokenizer) == (prefix, suffix)  # processor or tokenizer
-        text = model.config.chat_prompt(task, vlm_processor)
+        prefix, suffix = chat_token_ids(model.config, task, vlm_processor)
+        assert chat_token_ids(model.config, task, model.tokenizer) == (prefix, suffix)  # processor or tokenizer
+        text = render_chat(model.config, task, vlm_processor)
         whole = vlm_processor(text=[text], images=[image], return_tensors="pt")
         image_tokens = int((whole["input_ids"] == vlm_processor.image_token_id).sum())
         assert whole["input_ids"][0].tolist() == prefix + [vlm_processor.image_token_id] * image_tokens + suffix
     # the exported image processor writes exactly the classification chat
     assert (image_processor.prompt_prefix_ids, image_processor.prompt_suffix_ids) == tuple(
-        model.config.prompt_token_ids("classification", vlm_processor)
+        chat_token_ids(model.config, "classification", vlm_processor)
     )
     text = vlm_processor.tokenizer.decode(image_processor.prompt_prefix_ids)
     assert text.startswith(f"<|im_start|>system\n{REFERENCE_SYSTEM_MESSAGE}<|im_end|>")

@@ -306,7 +306,7 @@ def test_custom_prompt_and_sampled_generation_from_stage_1_to_the_exported_model
     model_dir = run_dir / "model"
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["classification_prompt"], config["generate_do_sample"]) == (CUSTOM_PROMPT, True)
-    assert json.loads((model_dir / "preprocessor_config.json").read_text())["max_image_side"] == 48
+    assert json.loads((model_dir / "processor_config.json").read_text())["image_processor"]["max_image_side"] == 48
     processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
     image = sorted((data_dir / "test" / "neutral").iterdir())[0]
     scored = processor([str(image)])

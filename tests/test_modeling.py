@@ -8,6 +8,7 @@ from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
 from emovlm_kd.testing import EMOTIONS_8, make_images
 from emovlm_kd.tiny import build_tiny_model
 from modeling_emovlm_kd import GATES, AnswerTrie, distillation_loss, parse_generated_answer
+from processing_emovlm_kd import EmoVLMKDProcessor, render_chat
 
 
 def brute_force_log_likelihoods(model, image_processor, images):
@@ -418,7 +419,8 @@ def test_save_and_load_in_process_gives_the_same_model(tiny, tmp_path):
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     model, image_processor, _ = tiny
-    model.save_pretrained(tmp_path)  # the tokenizer too: the folder alone can decode generated text
+    model.save_pretrained(tmp_path)
+    EmoVLMKDProcessor(image_processor, model.tokenizer).save_pretrained(tmp_path)  # the folder can decode text
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "chat_template.jinja").exists()
     loaded = EmoVLMKDForImageClassification.from_pretrained(tmp_path)
     assert without_dtype(loaded.config.to_diff_dict()) == without_dtype(model.config.to_diff_dict())
@@ -523,7 +525,7 @@ def test_explain_prompts_with_the_task_of_the_config(tiny, monkeypatch):
     model.explain(**inputs, task="observation", max_new_tokens=2)
     for row, image in enumerate(make_images()[:2]):
         # what the VLM processor makes of the observation chat for this image alone
-        text = model.config.chat_prompt("observation", vlm_processor)
+        text = render_chat(model.config, "observation", vlm_processor)
         expected = vlm_processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
         assert seen["input_ids"][row][seen["attention_mask"][row].bool()].tolist() == expected.tolist()
     assert model.config.observation_prompt in vlm_processor.tokenizer.decode(seen["input_ids"][0])

@@ -97,10 +97,11 @@ def test_folder_contents(tiny_folder):
     expected = {
         "config.json",
         "model.safetensors",
-        "preprocessor_config.json",
+        "processor_config.json",
         "configuration_emovlm_kd.py",
         "modeling_emovlm_kd.py",
         "image_processing_emovlm_kd.py",
+        "processing_emovlm_kd.py",
         "pipeline_emovlm_kd.py",
         "tokenizer.json",
     }
@@ -116,8 +117,11 @@ def test_folder_contents(tiny_folder):
         "pipeline_emovlm_kd.EmoVLMKDImageClassificationPipeline"
     )
     assert config["model_type"] == "emovlm_kd" and config["vlm_config"]["model_type"] == "qwen2_vl"
-    preprocessor = json.loads((tiny_folder / "preprocessor_config.json").read_text())
-    assert set(preprocessor["auto_map"]) == {"AutoImageProcessor", "AutoProcessor"}
+    processor = json.loads((tiny_folder / "processor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoProcessor": "processing_emovlm_kd.EmoVLMKDProcessor"}
+    assert processor["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_emovlm_kd.EmoVLMKDImageProcessor"
+    )
     with safe_open(tiny_folder / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
     assert any(k.startswith(("vlm.visual.", "vlm.model.visual.")) for k in keys) and any(
@@ -137,7 +141,8 @@ def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_pat
     assert kinds["model"] == kinds["auto_model"] == "EmoVLMKDForImageClassification"
     assert kinds["model_module"].startswith("transformers_modules.")
     assert kinds["config"] == "EmoVLMKDConfig"
-    assert kinds["image_processor"] == kinds["processor"] == "EmoVLMKDImageProcessor"
+    assert kinds["image_processor"] == "EmoVLMKDImageProcessor"
+    assert kinds["processor"] == "EmoVLMKDProcessor"
     assert kinds["pipeline"] == "EmoVLMKDImageClassificationPipeline"
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-6, rtol=1e-5)
 

@@ -1,7 +1,8 @@
 """Stage 6: assemble the final model repo under `<run_dir>/model/` and optionally push it to the Hub.
 
 The VLM of stage 3 is wrapped with the trained head and gate; the repo holds `config.json` (with `auto_map`),
-`model.safetensors`, the remote-code files, the image processor (which writes the prompt) and the VLM's tokenizer,
+`model.safetensors`, the remote-code files, the processor (`processor_config.json`: the image processor, which writes
+the prompt, and the VLM's tokenizer; loaded by `AutoProcessor`),
 the Inference Endpoints `handler.py` and the Gradio Space app (`space/`) when the package ships them, and a model
 card with the results of stage 5 and the recipe the run followed. Before saving, the assembled model's fused logits
 on a few images are checked against the cached pipeline's (with sampled VLM answers, which differ by design from
@@ -42,6 +43,8 @@ from emovlm_kd.run_dir import (
 from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
 from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
+from modeling_emovlm_kd import tokenizer_with_chat_template
+from processing_emovlm_kd import EmoVLMKDProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +329,8 @@ def write_repo(
     output.mkdir(parents=True)
     base_model = _base_model(run_args.run_dir, args, head_spec)
     model.config.vlm_config._name_or_path = base_model or ""  # never a path on the training machine
-    vlm_processor.tokenizer.save_pretrained(output)
-    image_processor.save_pretrained(output)  # after the tokenizer: its preprocessor_config.json is the one to keep
+    # processor_config.json (the image processor's settings too), the tokenizer, the chat template, processing code
+    EmoVLMKDProcessor(image_processor, tokenizer_with_chat_template(vlm_processor)).save_pretrained(output)
     model.save_pretrained(output)
     for name, source in _template_files().items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
