@@ -267,7 +267,7 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
     _supports_sdpa = True
-    # Scoring passes a tree-shaped 4D mask that only the sdpa and eager attentions take (`_attention_mask_for_backend`):
+    # Scoring passes a tree-shaped 4D mask that only sdpa and eager attention take (`_attention_mask_for_backend`):
     # no other registered attention backend (flash, flex, kernels) may be chosen at loading.
     _supports_attention_backend = False
     # The losses are means over the batch, not sums to be divided by Trainer's `num_items_in_batch`: Trainer then

@@ -33,7 +33,9 @@ def chat_token_ids(config, task: str, chat) -> tuple[list[int], list[int]]:
     image_token = tokenizer.convert_ids_to_tokens(config.vlm_config.image_token_id)
     text = render_chat(config, task, chat)
     if text.count(image_token) != 1:
-        raise ValueError(f"The chat template produced {text.count(image_token)} image placeholders, expected 1: {text!r}")
+        raise ValueError(
+            f"The chat template produced {text.count(image_token)} image placeholders, expected 1: {text!r}"
+        )
     prefix, suffix = text.split(image_token)
     return (
         tokenizer(prefix, add_special_tokens=False)["input_ids"],

@@ -134,7 +134,7 @@ class _Images(torch.utils.data.Dataset):
         return index, self.image_of(index)
 
 
-class _Collate:
+class _VLMAndTeacherInputs:
     """Decode once, build the inputs of each model that needs them (VLM prompt + patches, teacher pixels)."""
 
     def __init__(self, image_processor=None, teacher_transform=None):
@@ -189,7 +189,9 @@ def extract_features(
             _Images(image_of, list(range(num_images))),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_Collate(image_processor if model is not None else None, teacher_transform if teacher else None),
+            collate_fn=_VLMAndTeacherInputs(
+                image_processor if model is not None else None, teacher_transform if teacher else None
+            ),
         ),
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
@@ -237,7 +239,7 @@ def get_features(
     """
     features, missing = {}, []
     for split in splits:
-        split_hash = data.files_hash(split)
+        split_hash = data.content_hash(split)
         files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_hash, sample))}
         if teacher_fingerprint is not None:
             files["teacher"] = cache_file(

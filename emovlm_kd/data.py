@@ -59,7 +59,7 @@ class ImageData:
 
     Every stage reads the images through it, one row at a time: `image(split, i)` (decoded, RGB),
     `image_bytes(split, i)` (as stored), `key(split, i)` (a stable name of the row, e.g. stage 0's record key) and
-    `files_hash(split)` (changes when the split's images or labels do; the feature cache's key).
+    `content_hash(split)` (changes when the split's images or labels do; the feature cache's key).
     """
 
     root: str
@@ -79,8 +79,12 @@ class ImageData:
     def key(self, split: str, index: int) -> str:
         raise NotImplementedError
 
-    def files_hash(self, split: str | None = None) -> str:
+    def content_hash(self, split: str | None = None) -> str:
         raise NotImplementedError
+
+    def files_hash(self, split: str | None = None) -> str:
+        """The former name of `content_hash` (not every source is files)."""
+        return self.content_hash(split)
 
     def column(self, split: str, name: str) -> list:
         """A column of a split as a list, read once (row lookups in a `Dataset` are slow next to a list's)."""
@@ -103,7 +107,7 @@ class ImageFolderData(ImageData):
     """An ImageFolder dataset: its splits have the columns `image_path` and `label`; unreadable images are reported
     by path; a row's key is its path relative to the dataset folder (`train/awe/0001.jpg`)."""
 
-    def files_hash(self, split: str | None = None) -> str:
+    def content_hash(self, split: str | None = None) -> str:
         """Hash of the listed files (path, size, mtime), their labels and the class names: changes when data does."""
         names = [split] if split else sorted(self.splits)
         entries = [self.class_names]

@@ -32,7 +32,7 @@ import torch
 
 from emovlm_kd.cache import model_identity
 from emovlm_kd.data import IMAGE_EXTENSIONS, open_image_rgb
-from emovlm_kd.run_dir import DataError, hash_json
+from emovlm_kd.run_dir import DataError, RunError, hash_json
 from emovlm_kd.settings import CONTENT, NOTHING, RESULT, Affects
 from emovlm_kd.sources import (
     SplitImages,
@@ -176,7 +176,7 @@ class _Rows(torch.utils.data.Dataset):
             return row, None, str(error)
 
 
-class _Collate:
+class _ReadableImageInputs:
     """Process the readable images of a batch in the DataLoader worker."""
 
     def __init__(self, image_processor):
@@ -205,7 +205,7 @@ def predict_rows(model, image_processor, images, rows: list[int], args, class_na
         _Rows(images, rows),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        collate_fn=_Collate(image_processor),
+        collate_fn=_ReadableImageInputs(image_processor),
     )
     results = []
     for batch_rows, errors, inputs in loader:
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
     """The `emovlm-kd-predict` command (`train/predict.py`): parse, run, print the summary as JSON."""
     from transformers import HfArgumentParser
 
-    from emovlm_kd.cli import exit_with_error, setup_logging
+    from emovlm_kd.console import exit_with_error, setup_logging
     from emovlm_kd.training import end_processes
 
     setup_logging()
@@ -361,7 +361,7 @@ def main(argv=None) -> dict:
         exit_with_error(error)
     try:
         summary = run(args)
-    except DataError as error:
+    except RunError as error:
         exit_with_error(error)
     finally:
         end_processes()

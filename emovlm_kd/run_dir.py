@@ -57,12 +57,21 @@ STAGE_OUTPUTS = {
 STAGES = tuple(STAGE_OUTPUTS)
 
 
-class DataError(ValueError):
-    """A dataset or run directory that cannot be used as given (the message says which path and why)."""
+class RunError(ValueError):
+    """A problem the user has to fix before the command can run (the message says which path and why): commands
+    report it and exit with status 2, without a traceback."""
 
 
-class RunDirLocked(DataError):
+class DataError(RunError):
+    """A dataset, or a run directory's contents, that cannot be used as given."""
+
+
+class RunDirLocked(RunError):
     """Another process is working in the run directory."""
+
+
+class RunDirUnwritable(RunError):
+    """The run directory cannot be created or written (permissions, read-only file system)."""
 
 
 def hash_json(value) -> str:
@@ -214,7 +223,7 @@ def run_dir_lock(run_dir: str | os.PathLike):
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
-        raise DataError(f"Cannot write in the run directory {str(path.parent)!r}: {error.strerror}") from error
+        raise RunDirUnwritable(f"Cannot write in the run directory {str(path.parent)!r}: {error.strerror}") from error
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -292,6 +301,8 @@ __all__ = [
     "COMPLETE_SUFFIX",
     "DataError",
     "RunDirLocked",
+    "RunDirUnwritable",
+    "RunError",
     "LABELS_FILE",
     "RESULTS_FILE",
     "STAGES",

@@ -156,7 +156,7 @@ class SourceData(ImageData):
         images, row = self._source(split, index)
         return images.key(row)
 
-    def files_hash(self, split: str | None = None) -> str:
+    def content_hash(self, split: str | None = None) -> str:
         """Hash of the source splits' identities, the rows and labels of the split(s), the columns and classes."""
         names = [split] if split else sorted(self.splits)
         entries = [self.class_names, list(self.columns)]

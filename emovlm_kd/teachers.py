@@ -14,14 +14,15 @@ def create_teacher(name: str, num_classes: int, pretrained: bool = True):
     """A timm classifier with a fresh `num_classes` head (`name` may be a preset of `TEACHER_PRESETS`)."""
     import timm
 
+    from timm.models import parse_model_name
+
     model_name, kwargs = TEACHER_PRESETS.get(name, (name, {}))
     pretrained = pretrained and name not in TEACHER_PRESETS
+    source, _ = parse_model_name(model_name)
+    if source is None and not timm.is_model(model_name):  # `hf-hub:` / `local-dir:` names are timm's to resolve
+        raise ValueError(f"--teacher {name!r} is not a timm model name (see timm.list_models())")
     try:
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"--teacher {name!r} is not a timm model name (see timm.list_models())") from None
-        raise
     except OSError as error:  # huggingface_hub's offline / connection errors
         raise RuntimeError(
             f"Could not download the pretrained weights of {model_name!r} ({type(error).__name__}); "

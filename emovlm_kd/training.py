@@ -4,6 +4,8 @@ Every training stage is an Accelerate script: `accelerate launch train/<stage>.p
 `batch_size` is the global batch (split across processes), so results do not depend on the process count.
 """
 
+import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -15,7 +17,6 @@ import numpy as np
 import torch
 
 from emovlm_kd.arguments import settings_dict
-from emovlm_kd.settings import CARD, values_with
 from emovlm_kd.checkpoints import end_epoch, remove_checkpoints, resume_if_asked
 from emovlm_kd.run_dir import (
     DataError,
@@ -27,6 +28,7 @@ from emovlm_kd.run_dir import (
     stage_output,
     write_complete,
 )
+from emovlm_kd.settings import CARD, values_with
 from emovlm_kd.sources import has_source, load_source
 
 logger = logging.getLogger(__name__)
@@ -221,12 +223,10 @@ class StageRun:
     accelerator: object
     fingerprint: str
     data: object = None
-    lock: object = None
+    resources: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # e.g. the lock
 
     def release(self):
-        if self.lock is not None:
-            self.lock.__exit__(None, None, None)
-            self.lock = None
+        self.resources.close()
 
 
 def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_names=None, **accelerator_kwargs):
@@ -235,13 +235,12 @@ def begin_stage(run_args, args, stage: str, fingerprint, load_data=True, class_n
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(run_args, stage, args, **accelerator_kwargs)
-    lock = None
+    resources = contextlib.ExitStack()
     if accelerator.is_main_process and not holds_run_dir_lock(run_args.run_dir):  # else a caller holds it
-        lock = run_dir_lock(run_args.run_dir)
-        lock.__enter__()
+        resources.enter_context(run_dir_lock(run_args.run_dir))
     set_seed(run_args.seed)
     data = load_stage_data(run_args, accelerator, stage, class_names) if load_data else None
-    stage_run = StageRun(stage, run_args, args, accelerator, fingerprint(run_args, args), data, lock)
+    stage_run = StageRun(stage, run_args, args, accelerator, fingerprint(run_args, args), data, resources)
     start_stage(accelerator, run_args.run_dir, stage)
     return stage_run
 

@@ -39,6 +39,7 @@ LAYERS = {
     "artifacts": 2,
     "model_card": 2,
     "cli": 2,
+    "console": 2,
     "predict": 2,
     "stages": 3,
 }
@@ -89,6 +90,13 @@ def test_lower_modules_never_import_the_stages():
     for path in package_files():
         if layer_of(path)[0] != "stages":
             assert not any(name.startswith("emovlm_kd.stages") for name in imported_modules(path)), path
+
+
+def test_only_the_entry_points_import_cli():
+    """`cli` runs `predict` and the stages; they share its helpers through `console`, never importing `cli` back."""
+    for path in package_files():
+        if path.name != "cli.py":
+            assert not any(name.startswith("emovlm_kd.cli") for name in imported_modules(path)), path
 
 
 def test_stages_do_not_import_each_other():

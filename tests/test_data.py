@@ -90,11 +90,11 @@ def test_clear_errors(tmp_path, breakage, message):
 
 def test_hashes_change_with_data(folder):
     data = load_imagefolder(folder, check_images=False)
-    before, folder_before = data.files_hash(), dataset_hash(folder, 0.1, 42)
-    assert load_imagefolder(folder, check_images=False).files_hash() == before
+    before, folder_before = data.content_hash(), dataset_hash(folder, 0.1, 42)
+    assert load_imagefolder(folder, check_images=False).content_hash() == before
     assert dataset_hash(folder, 0.1, 42) == folder_before != dataset_hash(folder, 0.2, 42)
     (folder / "test" / "neutral" / "neutral_000.jpg").unlink()
-    assert load_imagefolder(folder, check_images=False).files_hash() != before
+    assert load_imagefolder(folder, check_images=False).content_hash() != before
     assert dataset_hash(folder, 0.1, 42) != folder_before
 
 

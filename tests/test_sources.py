@@ -86,7 +86,7 @@ def test_identity_is_stable_and_follows_the_content(sources, tmp_path):
         assert source_hash(run_args(path)) == source_hash(run_args(path))
         assert source_hash(run_args(path)) != source_hash(run_args(path, seed=7))
     data = load_source(run_args(sources["parquet"]))
-    assert data.files_hash("test") == load_source(run_args(sources["parquet"])).files_hash("test")
+    assert data.content_hash("test") == load_source(run_args(sources["parquet"])).content_hash("test")
     # an ImageFolder tree is the same data whether given as --data-dir or --dataset
     folder = str(sources["folder"])
     assert source_hash(run_args(folder)) == source_hash(RunArguments(run_dir="unused", data_dir=folder))

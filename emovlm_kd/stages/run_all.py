@@ -196,7 +196,7 @@ def _recorded(run_dir, stage: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    from emovlm_kd.cli import exit_with_error, run_dir_errors, setup_logging
+    from emovlm_kd.console import exit_with_error, run_dir_command, setup_logging
     from emovlm_kd.training import end_processes
 
     setup_logging()
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
         exit_with_error(error)
     started = time.time()
     try:
-        with run_dir_errors(run_args.run_dir):
+        with run_dir_command(run_args.run_dir):
             summary = run(run_all_args, run_args, plans)
     finally:
         end_processes()

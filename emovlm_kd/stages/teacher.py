@@ -28,7 +28,11 @@ STAGE = "teacher"
 class TeacherArguments(
     training_arguments_class("TeacherTraining", learning_rate=3e-5, weight_decay=1e-5, epochs=10, batch_size=10)
 ):
-    AFFECTS: ClassVar[dict[str, Affects]] = {"teacher": RESULT | CARD, "pretrained": RESULT, "eval_batch_size": NOTHING}
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "teacher": RESULT | CARD,
+        "pretrained": RESULT,
+        "eval_batch_size": NOTHING,
+    }
 
     teacher: str = field(
         default=DEFAULT_TEACHER, metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
@@ -83,7 +87,7 @@ class ImageSplit(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def predict(accelerator, model, loader) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(accelerator, model, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole (prepared) loader, gathered from every process without duplicates."""
     model.eval()
     all_logits, all_labels = [], []
@@ -117,7 +121,7 @@ def run(run_args, args: TeacherArguments) -> dict:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     def validate() -> dict:
-        logits, labels = predict(accelerator, model, val_loader)
+        logits, labels = predict_logits(accelerator, model, val_loader)
         return classification_metrics(labels, logits.argmax(-1), class_names)
 
     def set_augmentation_epoch(epoch: int):
