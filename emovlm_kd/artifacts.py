@@ -21,8 +21,6 @@ HEAD_WEIGHTS = "head.safetensors"
 HEAD_SPEC = "head_spec.json"
 GATE_WEIGHTS = "gate.safetensors"
 GATE_SPEC = "gate_spec.json"
-# Config fields a gate spec holds (the rest of the model config comes from the head spec).
-GATE_CONFIG_FIELDS = ("gate_type", "gate_num_experts", "vlm_branch_input")
 
 
 def _write_json(path: Path, value: dict):
@@ -119,7 +117,8 @@ def assemble_model(run_dir, dtype=None):
 
     spec = read_head_spec(run_dir)
     _, gate_spec = load_gate(run_dir)
-    config = {**spec["model_config"], **{key: gate_spec[key] for key in GATE_CONFIG_FIELDS}}
+    # the gate spec's settings besides the classes are config fields (declared MODEL_CONFIG by stage 4)
+    config = {**spec["model_config"], **{key: value for key, value in gate_spec.items() if key != "class_names"}}
     model, image_processor, vlm_processor = build_emovlm_kd(
         spec_vlm(run_dir, spec),
         spec["class_names"],

@@ -10,7 +10,7 @@ the split's files), so a changed model, teacher or dataset gets new files and an
 epochs, stages and re-runs. Sampled answers (`generate` mode with `generate_do_sample`) are drawn from one generator
 per image, seeded by the run's seed, the sample's number and the image's index: the same answers for any feature batch
 size and any number of processes (neither is in the key). Sample 0 is the one every stage uses; the gate can draw a
-fresh sample per epoch (`get_features(..., sample=epoch)`), as the reference does.
+fresh sample per epoch (`FeatureCache.get(..., sample=epoch)`), as the reference does.
 """
 
 import functools
@@ -217,98 +217,102 @@ def extract_features(
     return features
 
 
-def get_features(
-    accelerator,
-    run_dir,
-    data,
-    spec: dict,
-    splits: list[str],
-    teacher_fingerprint: str | None = None,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    sample: int = 0,
-    loaded_models: dict | None = None,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}` from the cache,
-    computing (one VLM pass and one teacher pass per image) and caching what is missing.
+class FeatureCache:
+    """The run's per-image features: `get(spec, splits, ...)` reads them from the cache, computing (one VLM pass and
+    one teacher pass per image, across processes) and caching what is missing.
 
-    `spec` describes the VLM features (stage 3's head spec); `teacher_fingerprint` is the run's stage-2 fingerprint,
-    when teacher logits are wanted; `sample` numbers the draw of sampled answers (0: the one every stage uses).
-    Models are loaded only when something is missing; a `loaded_models` dict keeps them from one call for the next
-    (a fresh sample every epoch of gate training loads the VLM once).
+    Models are loaded only when something is missing, and kept for later calls: a fresh sample every epoch of gate
+    training loads the VLM once. `batch_size` is the images per forward of the extraction (any value gives the same
+    features, sampled answers included).
     """
-    features, missing = {}, []
-    for split in splits:
-        split_hash = data.content_hash(split)
-        files = {"vlm": cache_file(run_dir, "vlm", split, vlm_feature_key(spec, split_hash, sample))}
-        if teacher_fingerprint is not None:
-            files["teacher"] = cache_file(
-                run_dir, "teacher", split, teacher_feature_key(teacher_fingerprint, split_hash)
-            )
-        num = len(data.splits[split])
-        features[split] = {"labels": torch.tensor(data.splits[split]["label"])}
-        for kind, path in files.items():
-            cached = read_cache(path, num)
-            if cached is None:
-                missing.append((split, kind, path))
-            else:
-                features[split].update(cached)
-    if not missing:
-        logger.info(f"Using cached features for {splits}")
+
+    def __init__(self, accelerator, run_dir, data, batch_size: int = 8, num_workers: int = 0):
+        self.accelerator, self.run_dir, self.data = accelerator, run_dir, data
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.models: dict[str, tuple] = {}  # "vlm": (model, image processor), "teacher": (model, transform)
+
+    def get(
+        self, spec: dict, splits: list[str], teacher_fingerprint: str | None = None, sample: int = 0
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`{split: {image_embeds, vlm_log_likelihoods, [vlm_generated], [teacher_logits], labels}}`.
+
+        `spec` describes the VLM features (stage 3's head spec); `teacher_fingerprint` is the run's stage-2
+        fingerprint, when teacher logits are wanted; `sample` numbers the draw of sampled answers (0: the one every
+        stage uses)."""
+        features, missing = {}, {}
+        for split in splits:
+            features[split] = {"labels": torch.tensor(self.data.splits[split]["label"])}
+            for kind, path in self._files(spec, split, teacher_fingerprint, sample).items():
+                cached = read_cache(path, len(self.data.splits[split]))
+                if cached is None:
+                    missing.setdefault(split, {})[kind] = path
+                else:
+                    features[split].update(cached)
+        if not missing:
+            logger.info(f"Using cached features for {splits}")
+            return features
+        self._load_models({kind for todo in missing.values() for kind in todo}, spec)
+        for split, todo in missing.items():
+            features[split].update(self._compute(spec, split, todo, sample))
         return features
 
-    kinds = {kind for _, kind, _ in missing}
-    loaded = {} if loaded_models is None else loaded_models
-    if "vlm" in kinds and "vlm" not in loaded:
-        from emovlm_kd.artifacts import spec_vlm
-        from emovlm_kd.vlm import build_emovlm_kd
+    def _files(self, spec: dict, split: str, teacher_fingerprint: str | None, sample: int) -> dict[str, Path]:
+        split_hash = self.data.content_hash(split)
+        files = {"vlm": cache_file(self.run_dir, "vlm", split, vlm_feature_key(spec, split_hash, sample))}
+        if teacher_fingerprint is not None:
+            key = teacher_feature_key(teacher_fingerprint, split_hash)
+            files["teacher"] = cache_file(self.run_dir, "teacher", split, key)
+        return files
 
-        with accelerator.main_process_first():
-            model, image_processor, _ = build_emovlm_kd(
-                spec_vlm(run_dir, spec),
-                spec["class_names"],
-                dtype=spec.get("vlm_dtype", "auto"),
-                max_image_side=spec.get("max_image_side"),
-                **spec["model_config"],
-            )
-        loaded["vlm"] = (model.to(accelerator.device).eval(), image_processor)
-    if "teacher" in kinds and "teacher" not in loaded:
-        from emovlm_kd.teachers import load_teacher, teacher_transforms
+    def _load_models(self, kinds: set[str], spec: dict):
+        accelerator = self.accelerator
+        if "vlm" in kinds and "vlm" not in self.models:
+            from emovlm_kd.artifacts import spec_vlm
+            from emovlm_kd.vlm import build_emovlm_kd
 
-        teacher = load_teacher(stage_output(run_dir, "teacher")).to(accelerator.device)
-        loaded["teacher"] = (teacher, teacher_transforms(teacher)[1])
-    model, image_processor = loaded.get("vlm", (None, None))
-    teacher, teacher_transform = loaded.get("teacher", (None, None))
+            with accelerator.main_process_first():
+                model, image_processor, _ = build_emovlm_kd(
+                    spec_vlm(self.run_dir, spec),
+                    spec["class_names"],
+                    dtype=spec.get("vlm_dtype", "auto"),
+                    max_image_side=spec.get("max_image_side"),
+                    **spec["model_config"],
+                )
+            self.models["vlm"] = (model.to(accelerator.device).eval(), image_processor)
+        if "teacher" in kinds and "teacher" not in self.models:
+            from emovlm_kd.teachers import load_teacher, teacher_transforms
 
-    for split in splits:
-        todo = {kind: path for s, kind, path in missing if s == split}
-        if not todo:
-            continue
+            teacher = load_teacher(stage_output(self.run_dir, "teacher")).to(accelerator.device)
+            self.models["teacher"] = (teacher, teacher_transforms(teacher)[1])
+
+    def _compute(self, spec: dict, split: str, todo: dict[str, Path], sample: int) -> dict[str, torch.Tensor]:
+        """The `todo` kinds of features of a split, computed on every process and written by the main one."""
+        model, image_processor = self.models.get("vlm", (None, None))
+        teacher, teacher_transform = self.models.get("teacher", (None, None))
         computed = extract_features(
-            accelerator,
-            functools.partial(data.image, split),
-            len(data.splits[split]),
+            self.accelerator,
+            functools.partial(self.data.image, split),
+            len(self.data.splits[split]),
             model=model if "vlm" in todo else None,
             image_processor=image_processor,
             teacher=teacher if "teacher" in todo else None,
             teacher_transform=teacher_transform,
-            batch_size=batch_size,
-            num_workers=num_workers,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
             desc=f"Caching {'+'.join(sorted(todo))} features of {split}",
             seed_keys=(spec.get("generation_seed") or 0, sample),
         )
-        features[split].update(computed)
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             for kind, path in todo.items():
                 names = ["teacher_logits"] if kind == "teacher" else [n for n in computed if n != "teacher_logits"]
                 write_cache(path, {n: computed[n] for n in names}, {"split": split, "kind": kind, "spec": spec})
-        accelerator.wait_for_everyone()
-    return features
+        self.accelerator.wait_for_everyone()
+        return computed
 
 
 __all__ = [
+    "FeatureCache",
     "extract_features",
-    "get_features",
     "model_identity",
     "samples_answers",
     "vlm_feature_key",

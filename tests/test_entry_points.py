@@ -83,10 +83,10 @@ def test_the_pipeline_works_with_evaluates_evaluator(tiny_folder, tmp_path):
     classifier = pipeline("image-classification", model=str(tiny_folder), trust_remote_code=True)
     label2id = classifier.model.config.label2id
 
-    # evaluate 0.4.6 refuses every pipeline object under transformers 5 (what README.md says, and why)
-    with pytest.raises(AttributeError, match="TFPreTrainedModel"):
-        evaluate.evaluator("image-classification").compute(
-            model_or_pipeline=classifier, data=data, metric=metric, label_mapping=label2id
+    # ours takes the loaded pipeline object only (a repo id would be loaded without trust_remote_code)
+    with pytest.raises(ValueError, match="Pass a pipeline object"):
+        image_classification_evaluator().compute(
+            model_or_pipeline=str(tiny_folder), data=data, metric=metric, label_mapping=label2id
         )
     results = image_classification_evaluator().compute(
         model_or_pipeline=classifier, data=data, metric=metric, label_mapping=label2id

@@ -175,6 +175,57 @@ def stage_args(root, run_dir, base_url, **overrides):
     return parse_stage_args(instruction_data, argv)
 
 
+def check_first_run(first: dict, first_requests: int, output, server, images: list[str]):
+    """Run 1 of `test_retries_failures_and_resume`: 5 answers done (after retries), 4 failures recorded."""
+    records = read_records(output)
+    assert not server.errors
+    assert {k: first[k] for k in ("total", "done", "failed", "skipped", "retries", "complete")} == {
+        "total": 9,
+        "done": 5,
+        "failed": 4,
+        "skipped": 0,
+        "retries": 6,
+        "complete": False,
+    }
+    assert first_requests == 1 + 2 + 3 + 2 + 1 + 1 + 1 + 3 + 1
+    lines = output.read_text().splitlines()
+    assert len(lines) == 9 and sorted(json.loads(line)["image"] for line in lines) == images
+    for index in (0, 1, 2, 3, 8):
+        record = records[images[index]]
+        assert record["status"] == "done"
+        assert record["label"] == images[index].split("/")[1]
+        assert record["observation"] == f"elements of {server.tags[images[index]]}"
+        assert record["reasoning"] == f"why {server.tags[images[index]]} feels that way"
+    assert [records[images[i]]["attempts"] for i in (0, 1, 2, 3)] == [1, 2, 3, 2]
+    failures = {index: records[images[index]] for index in (4, 5, 6, 7)}
+    assert all(record["status"] == "failed" for record in failures.values())
+    assert "not a JSON object" in failures[4]["reason"] and failures[4]["raw"] == "Sure! The image shows a lake."
+    assert "names the label" in failures[5]["reason"]
+    assert "'reasoning'" in failures[6]["reason"]
+    assert "HTTP 503" in failures[7]["reason"] and failures[7]["attempts"] == 3
+
+    (rate_limited, first_at), (_, retried_at) = server.requests_for(images[1])
+    assert rate_limited == "429" and retried_at - first_at >= RETRY_AFTER - 0.02
+    (slow, slow_at), (_, after_timeout_at) = server.requests_for(images[3])
+    assert slow == "slow" and after_timeout_at - slow_at >= CLIENT_TIMEOUT - 0.05
+
+
+def check_second_run(second: dict, first_requests: int, output, server, images: list[str]):
+    """Run 2: only the failed images are asked again, and all are done; the file holds one record per image."""
+    retried = [image for image, _, _ in server.requests[first_requests:]]
+    assert sorted(retried) == sorted(images[i] for i in (4, 5, 6, 7))  # done ones skipped, failed ones asked again
+    assert {k: second[k] for k in ("done", "failed", "skipped", "complete")} == {
+        "done": 4,
+        "failed": 0,
+        "skipped": 5,
+        "complete": True,
+    }
+    records = read_records(output)
+    assert len(output.read_text().splitlines()) == 9
+    assert all(record["status"] == "done" for record in records.values())
+    assert records[images[5]]["reasoning"] == f"why {server.tags[images[5]]} feels that way"
+
+
 def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
     root, images, digests = dataset
     monkeypatch.setenv("TEST_CHAT_KEY", API_KEY)
@@ -202,56 +253,13 @@ def test_retries_failures_and_resume(dataset, tmp_path, monkeypatch):
     with FakeChatServer(digests, plan) as server:
         first = instruction_data.run(*stage_args(root, run_dir, server.base_url))
         first_requests = len(server.requests)
-        records = read_records(output)
-
-        assert not server.errors
-        assert {k: first[k] for k in ("total", "done", "failed", "skipped", "retries", "complete")} == {
-            "total": 9,
-            "done": 5,
-            "failed": 4,
-            "skipped": 0,
-            "retries": 6,
-            "complete": False,
-        }
-        assert first_requests == 1 + 2 + 3 + 2 + 1 + 1 + 1 + 3 + 1
-        lines = output.read_text().splitlines()
-        assert len(lines) == 9 and sorted(json.loads(line)["image"] for line in lines) == images
-        for index in (0, 1, 2, 3, 8):
-            record = records[images[index]]
-            assert record["status"] == "done"
-            assert record["label"] == images[index].split("/")[1]
-            assert record["observation"] == f"elements of {server.tags[images[index]]}"
-            assert record["reasoning"] == f"why {server.tags[images[index]]} feels that way"
-        assert [records[images[i]]["attempts"] for i in (0, 1, 2, 3)] == [1, 2, 3, 2]
-        failures = {index: records[images[index]] for index in (4, 5, 6, 7)}
-        assert all(record["status"] == "failed" for record in failures.values())
-        assert "not a JSON object" in failures[4]["reason"] and failures[4]["raw"] == "Sure! The image shows a lake."
-        assert "names the label" in failures[5]["reason"]
-        assert "'reasoning'" in failures[6]["reason"]
-        assert "HTTP 503" in failures[7]["reason"] and failures[7]["attempts"] == 3
-
-        (rate_limited, first_at), (_, retried_at) = server.requests_for(images[1])
-        assert rate_limited == "429" and retried_at - first_at >= RETRY_AFTER - 0.02
-        (slow, slow_at), (_, after_timeout_at) = server.requests_for(images[3])
-        assert slow == "slow" and after_timeout_at - slow_at >= CLIENT_TIMEOUT - 0.05
+        check_first_run(first, first_requests, output, server, images)
         assert not complete_marker(run_dir, "instruction_data").exists()
 
         with output.open("a") as file:  # a crash mid-write leaves a cut-off last line
             file.write('{"image": "train/negative/neg')
         second = instruction_data.run(*stage_args(root, run_dir, server.base_url))
-
-        retried = [image for image, _, _ in server.requests[first_requests:]]
-        assert sorted(retried) == sorted(images[i] for i in (4, 5, 6, 7))  # done ones skipped, failed ones asked again
-        assert {k: second[k] for k in ("done", "failed", "skipped", "complete")} == {
-            "done": 4,
-            "failed": 0,
-            "skipped": 5,
-            "complete": True,
-        }
-        records = read_records(output)
-        assert len(output.read_text().splitlines()) == 9
-        assert all(record["status"] == "done" for record in records.values())
-        assert records[images[5]]["reasoning"] == f"why {server.tags[images[5]]} feels that way"
+        check_second_run(second, first_requests, output, server, images)
         assert complete_marker(run_dir, "instruction_data").exists()
         assert json.loads((run_dir / "labels.json").read_text())["class_names"] == CLASSES
 

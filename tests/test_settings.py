@@ -160,3 +160,16 @@ def test_the_gate_spec_carries_its_model_config_fields():
     spec = gate.gate_spec(gate.GateArguments(), ["a", "b"])
     assert set(spec) - {"class_names"} == set(settings.fields_with(gate.GateArguments, MODEL_CONFIG))
     assert set(spec) - {"class_names"} <= set(config_fields())
+
+
+def test_the_card_lists_the_card_settings_each_stage_recorded(tmp_path):
+    from emovlm_kd.model_card import card_settings
+    from emovlm_kd.run_dir import write_complete
+    from emovlm_kd.settings import CARD, values_with
+
+    assert card_settings(tmp_path) is None
+    write_complete(tmp_path, "distill", "f", card_settings=values_with(distill.DistillArguments(), CARD))
+    write_complete(tmp_path, "gate", "g", card_settings=values_with(gate.GateArguments(gate_type="moe"), CARD))
+    text = card_settings(tmp_path)
+    assert "`kd_alpha`: 0.5" in text and "`gate_type`: 'moe'" in text and "`vlm_branch_mode`: 'score'" in text
+    assert "learning_rate" not in text and "feature_batch_size" not in text

@@ -268,6 +268,22 @@ def _chromium(user_data_dir: str):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def check_prediction_panels(texts: dict[str, list[str]], labels: list[str], expected: str):
+    """The Space's panels as read in the browser. Label components read: [title, headline class, then (class,
+    percentage) per class]."""
+    assert texts["fused"][:2] == ["Prediction (fused by the gate)", expected], texts["fused"]
+    titles = {"fused": "Prediction (fused by the gate)", "vlm-branch": "VLM branch", "head-branch": "distilled head"}
+    for name, title in titles.items():
+        lines = texts[name]
+        assert lines[0] == title and lines[1] in labels, lines
+        assert sorted(lines[2::2]) == sorted(labels), lines
+        assert all(value.endswith("%") for value in lines[3::2]), lines
+    assert sorted(texts["gate-share"][2::2]) == ["VLM branch", "distilled head"]
+    table = "\n".join(texts["gate-table"])
+    assert f"prediction {expected}" in table and "concat_linear" in table
+    assert all(label in table for label in labels)
+
+
 @pytest.mark.slow
 def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     from selenium.webdriver.common.by import By
@@ -328,18 +344,7 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
 
-    # Label components read: [title, headline class, then (class, percentage) per class].
-    assert texts["fused"][:2] == ["Prediction (fused by the gate)", expected], texts["fused"]
-    titles = {"fused": "Prediction (fused by the gate)", "vlm-branch": "VLM branch", "head-branch": "distilled head"}
-    for name, title in titles.items():
-        lines = texts[name]
-        assert lines[0] == title and lines[1] in labels, lines
-        assert sorted(lines[2::2]) == sorted(labels), lines
-        assert all(value.endswith("%") for value in lines[3::2]), lines
-    assert sorted(texts["gate-share"][2::2]) == ["VLM branch", "distilled head"]
-    table = "\n".join(texts["gate-table"])
-    assert f"prediction {expected}" in table and "concat_linear" in table
-    assert all(label in table for label in labels)
+    check_prediction_panels(texts, labels, expected)
     with Image.open(tmp_path / "space.png") as screenshot:
         assert screenshot.size[0] >= 1000
     # the explanation: the model's own greedy text for this image, verbatim, and the classes it names

@@ -220,15 +220,22 @@ def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
 
 
 def test_cached_vlm_gate_input_matches_the_model():
+    """What the gate trains on from the cache is what the model's forward gives its gate, for both branch inputs."""
+    from emovlm_kd.testing import make_images
     from emovlm_kd.tiny import build_tiny_model
-    from modeling_emovlm_kd import vlm_scores_from_log_likelihoods
 
     log_likelihoods = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -0.7]])
+    cached = {"vlm_log_likelihoods": log_likelihoods}
+    torch.testing.assert_close(cached_vlm_scores(cached, "score", "probs"), log_likelihoods.softmax(-1))
+    assert cached_vlm_scores(cached, "score", "one_hot").tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    one_hot = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])  # generated answers; none parsed in row 2
+    assert torch.equal(cached_vlm_scores({"vlm_generated": one_hot}, "generate", "probs"), one_hot)
     for branch_input in ("probs", "one_hot"):
-        model = build_tiny_model(CLASSES, vlm_branch_input=branch_input)[0]
-        expected = vlm_scores_from_log_likelihoods(log_likelihoods, model.config.vlm_branch_input)
-        got = cached_vlm_scores({"vlm_log_likelihoods": log_likelihoods}, "score", branch_input)
-        torch.testing.assert_close(got, expected)
+        model, image_processor, _ = build_tiny_model(CLASSES, vlm_branch_input=branch_input)
+        with torch.no_grad():
+            outputs = model(**image_processor(make_images()))
+        got = cached_vlm_scores({"vlm_log_likelihoods": outputs.vlm_log_likelihoods}, "score", branch_input)
+        torch.testing.assert_close(got, outputs.vlm_scores)
 
 
 @pytest.mark.parametrize("gate_type", ["bilinear", "moe", "dynamic_weighting", "cross_gating"])

@@ -17,7 +17,7 @@ import torch
 from configuration_emovlm_kd import EmoVLMKDConfig
 from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMBranchArguments, VLMInputArguments, training_arguments_class
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
-from emovlm_kd.cache import get_features, vlm_identity
+from emovlm_kd.cache import FeatureCache, vlm_identity
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import (
     DataError,
@@ -146,16 +146,8 @@ def run(run_args, args: DistillArguments) -> dict:
     accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
     spec = feature_spec(run_args, args, class_names)
-    features = get_features(
-        accelerator,
-        run_args.run_dir,
-        data,
-        spec,
-        list(data.splits),
-        teacher_fingerprint=upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
-        batch_size=args.feature_batch_size,
-        num_workers=run_args.num_workers,
-    )
+    cache = FeatureCache(accelerator, run_args.run_dir, data, args.feature_batch_size, run_args.num_workers)
+    features = cache.get(spec, list(data.splits), upstream_fingerprint(run_args.run_dir, "teacher", STAGE))
     train, val = features["train"], features["val"]
     in_features = train["image_embeds"].shape[-1]
 

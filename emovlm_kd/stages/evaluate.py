@@ -21,7 +21,7 @@ from emovlm_kd.artifacts import (
     read_head_spec,
     spec_vlm,
 )
-from emovlm_kd.cache import get_features
+from emovlm_kd.cache import FeatureCache
 from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, majority_baseline
 from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, upstream_fingerprint
 from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
@@ -105,16 +105,8 @@ def run(run_args, args: EvaluateArguments) -> dict:
     if not splits:
         raise DataError(f"None of the splits {args.splits} exists in {data.root!r} (found {list(data.splits)})")
 
-    features = get_features(
-        accelerator,
-        run_args.run_dir,
-        data,
-        head_spec,
-        splits,
-        teacher_fingerprint=upstream_fingerprint(run_args.run_dir, "teacher", STAGE),
-        batch_size=args.feature_batch_size,
-        num_workers=run_args.num_workers,
-    )
+    cache = FeatureCache(accelerator, run_args.run_dir, data, args.feature_batch_size, run_args.num_workers)
+    features = cache.get(head_spec, splits, upstream_fingerprint(run_args.run_dir, "teacher", STAGE))
     head = load_head(run_args.run_dir)
     gate, gate_spec = load_gate(run_args.run_dir)
 

@@ -26,7 +26,7 @@ import torch
 from huggingface_hub import HfApi
 
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
-from emovlm_kd.cache import get_features, samples_answers
+from emovlm_kd.cache import FeatureCache, samples_answers
 from emovlm_kd.model_card import build_model_card, card_settings
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
@@ -143,7 +143,7 @@ def eval_split(data) -> str:
 def verification_data(accelerator, run_args, data, head_spec: dict, count: int):
     """(images, cached features) of the first `count` test (else val) images. Runs on every process."""
     split = eval_split(data)
-    features = get_features(accelerator, run_args.run_dir, data, head_spec, [split], num_workers=0)[split]
+    features = FeatureCache(accelerator, run_args.run_dir, data).get(head_spec, [split])[split]
     images = [data.image(split, index) for index in range(min(count, len(data.splits[split])))]
     return images, {name: value[: len(images)] for name, value in features.items()}
 

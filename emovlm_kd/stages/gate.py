@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfig
 from emovlm_kd.arguments import training_arguments_class
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
-from emovlm_kd.cache import get_features, samples_answers
+from emovlm_kd.cache import FeatureCache, samples_answers
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
 from emovlm_kd.settings import CARD, MODEL_CONFIG, NOTHING, RESULT, Affects, fingerprint_fields, values_with
@@ -93,15 +93,9 @@ def run(run_args, args: GateArguments) -> dict:
     stage_run = begin_stage(run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"])
     accelerator, data = stage_run.accelerator, stage_run.data
     spec = gate_spec(args, data.class_names)
-    features = get_features(
-        accelerator,
-        run_args.run_dir,
-        data,
-        head_spec,
-        ["train", "val"],
-        batch_size=args.feature_batch_size,
-        num_workers=run_args.num_workers,
-    )
+    # one cache for every call: a fresh sample each epoch loads the VLM once
+    cache = FeatureCache(accelerator, run_args.run_dir, data, args.feature_batch_size, run_args.num_workers)
+    features = cache.get(head_spec, ["train", "val"])
     head = load_head(run_args.run_dir)
     train_inputs = gate_inputs(head, features["train"], head_spec, spec)
     val_inputs = gate_inputs(head, features["val"], head_spec, spec)
@@ -112,8 +106,6 @@ def run(run_args, args: GateArguments) -> dict:
         logits = fused_logits(gate, *val_inputs)
         return classification_metrics(features["val"]["labels"], logits.argmax(-1), data.class_names)
 
-    vlm_models = {}  # the VLM, loaded once for every epoch's sample
-
     def draw_vlm_answers(epoch: int):
         """The reference's gate training: the VLM answers every training image again each epoch (sample `epoch`;
         epoch 0 is the cached sample every other stage uses)."""
@@ -121,18 +113,7 @@ def run(run_args, args: GateArguments) -> dict:
             return
         answers = features["train"]["vlm_generated"]
         if epoch > 0:
-            sampled = get_features(
-                accelerator,
-                run_args.run_dir,
-                data,
-                head_spec,
-                ["train"],
-                batch_size=args.feature_batch_size,
-                num_workers=run_args.num_workers,
-                sample=epoch,
-                loaded_models=vlm_models,
-            )
-            answers = sampled["train"]["vlm_generated"]
+            answers = cache.get(head_spec, ["train"], sample=epoch)["train"]["vlm_generated"]
         train_set.tensors = (train_set.tensors[0], answers, train_set.tensors[2])
 
     gate, metrics, stopped = train_on_cached_tensors(

@@ -59,6 +59,22 @@ class InstructionTuningArguments(
         "InstructionTraining", learning_rate=1e-4, weight_decay=0.0, epochs=5, batch_size=1, optimizer="AdamW"
     ),
 ):
+    AFFECTS: ClassVar[dict[str, Affects]] = {
+        "vlm": CONTENT,  # by the weights' identity (`cache.vlm_identity`)
+        "instruction_data": CONTENT,  # by the file's digest
+        "classification_only": RESULT | CARD,
+        "lora_r": RESULT | CARD,
+        "lora_alpha": RESULT | CARD,
+        "lora_dropout": RESULT,
+        "gradient_accumulation_steps": RESULT,
+        "warmup_ratio": RESULT,
+        "max_grad_norm": RESULT,
+        "max_answer_tokens": RESULT,
+        "loss_on": RESULT | CARD,
+        "load_in_4bit": RESULT | CARD,
+        "gradient_checkpointing": NOTHING,
+    }
+
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
     )
@@ -80,22 +96,6 @@ class InstructionTuningArguments(
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
-
-    AFFECTS: ClassVar[dict[str, Affects]] = {
-        "vlm": CONTENT,  # by the weights' identity (`cache.vlm_identity`)
-        "instruction_data": CONTENT,  # by the file's digest
-        "classification_only": RESULT | CARD,
-        "lora_r": RESULT | CARD,
-        "lora_alpha": RESULT | CARD,
-        "lora_dropout": RESULT,
-        "gradient_accumulation_steps": RESULT,
-        "warmup_ratio": RESULT,
-        "max_grad_norm": RESULT,
-        "max_answer_tokens": RESULT,
-        "loss_on": RESULT | CARD,
-        "load_in_4bit": RESULT | CARD,
-        "gradient_checkpointing": NOTHING,
-    }
 
 
 ARGUMENTS = InstructionTuningArguments
