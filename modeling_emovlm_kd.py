@@ -295,7 +295,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     r"""
     EmoVLM-KD: a (frozen) VLM, a head distilled onto the VLM's image embeddings, and a gate fusing both.
 
-    Inputs are what [`EmoVLMKDImageProcessor`] produces: `pixel_values` `(num_patches, patch_dim)`,
+    Inputs are what [`EmoVLMKDProcessor`] (its [`EmoVLMKDImageProcessor`]) produces: `pixel_values` `(num_patches, patch_dim)`,
     `image_grid_thw` `(batch, 3)`, `input_ids` / `attention_mask` / `mm_token_type_ids` `(batch, seq_len)`
     (the classification prompt, left-padded). The VLM's tokenizer, attached as `model.tokenizer` by `from_vlm` and
     `from_pretrained`, decodes generated text (the `"generate"` branch mode and `explain`).
@@ -305,13 +305,13 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     ```python
     >>> import torch
     >>> from PIL import Image
-    >>> from transformers import AutoImageProcessor, AutoModelForImageClassification
+    >>> from transformers import AutoModelForImageClassification, AutoProcessor
 
     >>> repo = "your-name/emovlm-kd-fi"  # any exported EmoVLM-KD model folder or Hub repo
     >>> model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)
-    >>> image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
-    >>> inputs = image_processor(Image.open("storm.jpg"))
+    >>> inputs = processor(images=Image.open("storm.jpg"))
     >>> with torch.no_grad():
     ...     outputs = model(**inputs, output_image_hidden_states=True)
     >>> model.config.id2label[outputs.logits.argmax(-1).item()]

@@ -23,16 +23,17 @@ classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
 classifier("photo.jpg", explain=True)  # {{"predictions": [...], "explanation": "...", "explanation_labels": [...]}}
 ```
 
-Or with the model and its image processor (which also writes the classification prompt):
+Or with the model and its processor (the image processor, which also writes the classification prompt, and the
+VLM's tokenizer):
 
 ```python
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, AutoProcessor
 
-processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True).eval()
-inputs = processor([Image.open("photo.jpg")])
+inputs = processor(images=[Image.open("photo.jpg")])
 with torch.no_grad():
     outputs = model(**inputs)
 print(model.config.id2label[outputs.logits.argmax(-1).item()])

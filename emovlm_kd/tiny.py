@@ -204,12 +204,14 @@ def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, 
 
 def save_tiny_model_folder(folder, labels=("negative", "neutral", "positive"), **kwargs) -> str:
     """Build a tiny model (see `build_tiny_model`) and save it as a complete model folder: weights, remote code,
-    image processor and tokenizer. Loads with `AutoModelForImageClassification.from_pretrained(folder,
-    trust_remote_code=True)` and `pipeline("image-classification", model=folder, trust_remote_code=True)`."""
-    model, image_processor, vlm_processor = build_tiny_model(labels, **kwargs)
+    processor (image processor and tokenizer), as an export writes it. Loads with
+    `AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)`, `AutoProcessor` and
+    `pipeline("image-classification", model=folder, trust_remote_code=True)`."""
+    from processing_emovlm_kd import EmoVLMKDProcessor
+
+    model, image_processor, _ = build_tiny_model(labels, **kwargs)
     model.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-    vlm_processor.tokenizer.save_pretrained(folder)
+    EmoVLMKDProcessor(image_processor, model.tokenizer).save_pretrained(folder)
     return str(folder)
 
 

@@ -19,9 +19,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 from sklearn.metrics import accuracy_score
 from transformers import (
-    AutoImageProcessor,
     AutoModelForImageClassification,
-    AutoTokenizer,
+    AutoProcessor,
     Trainer,
     TrainingArguments,
     pipeline,
@@ -101,7 +100,7 @@ def main():
     learning_rate = args.learning_rate or (1e-4 if args.model else 3e-2)  # a random tiny head needs big steps
 
     model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True)
-    image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)  # image processor + tokenizer
     model.set_trainable(head=True, gate=True, vlm=False)  # the VLM is frozen: only the head and gate learn
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
@@ -133,9 +132,9 @@ def main():
         args=training_args,
         train_dataset=dataset["train"],
         eval_dataset=dataset[eval_split],
-        data_collator=ImageClassificationCollator(image_processor),
+        data_collator=ImageClassificationCollator(processor.image_processor),
         compute_metrics=compute_metrics,
-        processing_class=image_processor,
+        processing_class=processor,
     )
     before = trainer.evaluate()
     trainer.train()
@@ -143,11 +142,7 @@ def main():
     for name in ("loss", "accuracy", "head_accuracy", "vlm_accuracy"):
         print(f"{eval_split} {name:<14} before {before[f'eval_{name}']:.4f}  after {after[f'eval_{name}']:.4f}")
 
-    trainer.save_model(output_dir)  # weights, config, remote code and the image processor
-    try:  # the tokenizer is not needed for inference, but a model repo carries it (e.g. to change the labels)
-        AutoTokenizer.from_pretrained(model_path, trust_remote_code=True).save_pretrained(output_dir)
-    except OSError:
-        print(f"{model_path} has no tokenizer; the fine-tuned folder has none either")
+    trainer.save_model(output_dir)  # weights, config, remote code and the processor (image processor, tokenizer)
     classifier = pipeline("image-classification", model=output_dir, trust_remote_code=True)
     example = dataset[eval_split][0]
     print(f"reloaded from {output_dir}: {classifier(example['image'], top_k=1)[0]} (true: {labels[example['label']]})")

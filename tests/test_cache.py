@@ -90,3 +90,38 @@ def test_a_rows_sample_does_not_depend_on_its_batch():
     alone = [tokens([image], [seed])[0] for image, seed in zip(images, [11, 12, 13])]
     assert together == alone
     assert tokens(images, [21, 22, 23]) != together  # the draws come from those generators
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+import torch
+from accelerate import Accelerator
+sys.path.insert(0, {tests!r})
+from test_cache import NUM_IMAGES, SamplingModel, fake_processor, image_of
+from emovlm_kd.cache import extract_features
+
+accelerator = Accelerator(cpu=True)
+for batch_size in (1, 2, 3):
+    features = extract_features(
+        accelerator, image_of, NUM_IMAGES, SamplingModel(), fake_processor, batch_size=batch_size, seed_keys=(42, 0)
+    )
+    if accelerator.is_main_process:
+        torch.save(features["vlm_generated"], sys.argv[1] + f"-{{batch_size}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_sampled_answers_are_the_same_on_two_processes(tmp_path):
+    """Split across 2 processes (gloo), every image gets the same sampled answer as on one, for any batch size."""
+    from pathlib import Path
+
+    from emovlm_kd.testing import launch_two_processes
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    launch_two_processes(script, [str(tmp_path / "two")], tmp_path / "two.log")
+    one = extract_features(
+        Accelerator(cpu=True), image_of, NUM_IMAGES, SamplingModel(), fake_processor, seed_keys=(42, 0)
+    )["vlm_generated"]
+    for batch_size in (1, 2, 3):
+        torch.testing.assert_close(torch.load(tmp_path / f"two-{batch_size}.pt"), one, rtol=0, atol=0)

@@ -93,8 +93,9 @@ def test_finetune_with_trainer_example(tiny_folder, tmp_path):
         "model.safetensors",
         "modeling_emovlm_kd.py",
         "configuration_emovlm_kd.py",
-        "preprocessor_config.json",
+        "processor_config.json",
         "image_processing_emovlm_kd.py",
+        "processing_emovlm_kd.py",
         "tokenizer.json",
     } <= files
     tuned_file, base_file = output_dir / "model.safetensors", tiny_folder / "model.safetensors"
