@@ -12,9 +12,9 @@ from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 try:
-    from .image_processing_emovlm_kd import EmoVLMKDImageProcessor, left_padded_prompts, padding_token_id
+    from .image_processing_emovlm_kd import EmoVLMKDImageProcessor, padding_token_id
 except ImportError:  # imported from the installed package rather than from a model folder
-    from image_processing_emovlm_kd import EmoVLMKDImageProcessor, left_padded_prompts, padding_token_id
+    from image_processing_emovlm_kd import EmoVLMKDImageProcessor, padding_token_id
 
 
 def render_chat(config, task: str, chat) -> str:
@@ -62,7 +62,7 @@ class EmoVLMKDProcessor(ProcessorMixin):
     >>> processor = AutoProcessor.from_pretrained("your-name/emovlm-kd-fi", trust_remote_code=True)
     >>> model = AutoModelForImageClassification.from_pretrained("your-name/emovlm-kd-fi", trust_remote_code=True)
     >>> outputs = model(**processor(images=[image]))
-    >>> prompt = processor.task_prompts(model.config, "inference", [n])  # explain's prompt for an image of n tokens
+    >>> prefix_ids, suffix_ids = processor.chat_token_ids(model.config, "inference")  # around the image tokens
     ```
     """
 
@@ -111,13 +111,6 @@ class EmoVLMKDProcessor(ProcessorMixin):
     def chat_token_ids(self, config, task: str) -> tuple[list[int], list[int]]:
         """Token ids of the chat for `task` before and after the image placeholder."""
         return chat_token_ids(config, task, self)
-
-    def task_prompts(self, config, task: str, num_image_tokens: list[int]) -> dict:
-        """Left-padded `input_ids`, `attention_mask`, `mm_token_type_ids` of `task`'s chat for images of
-        `num_image_tokens` LM-ready embeddings each (the prompts `explain` generates from)."""
-        prefix, suffix = self.chat_token_ids(config, task)
-        image_token_id = config.vlm_config.image_token_id
-        return left_padded_prompts(prefix, suffix, image_token_id, padding_token_id(self.tokenizer), num_image_tokens)
 
     def batch_decode(self, tokens, **kwargs) -> list[str]:
         """Generated token ids to text, as the reference decodes them (special tokens skipped)."""

@@ -97,6 +97,21 @@ def test_exported_folders_load_the_processor_mixin(tiny_folder):
     assert processor.tokenizer.chat_template is not None
 
 
+def test_the_processor_renders_and_tokenises_the_chats(tiny):
+    model, image_processor, vlm_processor = tiny
+    processor = EmoVLMKDProcessor.from_vlm_processor(vlm_processor, model.config)
+    image_ids = (processor.image_processor.prompt_prefix_ids, processor.image_processor.prompt_suffix_ids)
+    assert image_ids == (image_processor.prompt_prefix_ids, image_processor.prompt_suffix_ids)
+    assert processor.chat_token_ids(model.config, "classification") == image_ids
+    text = processor.render_chat(model.config, "observation")
+    assert model.config.observation_prompt in text and text.endswith("<|im_start|>assistant\n")
+    inputs = processor(images=make_images())
+    assert set(inputs) == set(image_processor.model_input_names)
+    with pytest.raises(ValueError, match="pass images only"):
+        processor(images=make_images(), text="another prompt")
+    assert processor.batch_decode([[vlm_processor.tokenizer.eos_token_id]]) == [""]
+
+
 @pytest.mark.parametrize("code", ["current", PREVIOUS_FORMAT])
 def test_a_folder_of_the_previous_format_loads_and_scores_identically(tiny, tmp_path, code):
     model, image_processor, _ = tiny
