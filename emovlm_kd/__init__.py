@@ -3,6 +3,7 @@
 from configuration_emovlm_kd import EmoVLMKDConfig
 from image_processing_emovlm_kd import EmoVLMKDImageProcessor
 from modeling_emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDOutput, distillation_loss
+from processing_emovlm_kd import EmoVLMKDProcessor
 
 __version__ = "0.1.0"
 
@@ -11,5 +12,6 @@ __all__ = [
     "EmoVLMKDForImageClassification",
     "EmoVLMKDImageProcessor",
     "EmoVLMKDOutput",
+    "EmoVLMKDProcessor",
     "distillation_loss",
 ]
