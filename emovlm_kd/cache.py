@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from emovlm_kd.processes import progress
 from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
-from emovlm_kd.training import derived_seed, progress
+from emovlm_kd.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 

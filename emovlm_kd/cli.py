@@ -18,16 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from emovlm_kd.arguments import parse_stage_args
+from emovlm_kd.processes import end_processes, main_process_lock, print_once, setup_process_logging
 from emovlm_kd.run_dir import DataError, disk_problem
-from emovlm_kd.training import end_processes, main_process_lock
 
 logger = logging.getLogger(__name__)
 
 
 def setup_logging():
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
+    """INFO on the main process of a launch, errors only on the others (`emovlm_kd.processes`)."""
+    setup_process_logging()
 
 
 def exit_with_error(error: Exception):
@@ -68,7 +67,7 @@ def cli_main(stage: str, argv=None) -> dict:
             result = module.run(run_args, stage_args)
     finally:
         end_processes()
-    print(json.dumps(result, indent=2, default=str))
+    print_once(json.dumps(result, indent=2, default=str))
     return result
 
 

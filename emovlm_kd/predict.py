@@ -31,6 +31,7 @@ import torch
 
 from emovlm_kd.cache import model_identity
 from emovlm_kd.data import IMAGE_EXTENSIONS, open_image_rgb
+from emovlm_kd.processes import progress
 from emovlm_kd.run_dir import DataError, hash_json
 from emovlm_kd.sources import (
     SplitImages,
@@ -40,7 +41,6 @@ from emovlm_kd.sources import (
     pick_image_column,
     split_identities,
 )
-from emovlm_kd.training import progress
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     from transformers import HfArgumentParser
 
     from emovlm_kd.cli import exit_with_error, setup_logging
-    from emovlm_kd.training import end_processes
+    from emovlm_kd.processes import end_processes, print_once
 
     setup_logging()
     parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
         exit_with_error(error)
     finally:
         end_processes()
-    print(json.dumps(summary, indent=2))
+    print_once(json.dumps(summary, indent=2))
     return summary
 
 

@@ -40,7 +40,8 @@ from emovlm_kd.run_dir import (
     upstream_fingerprint,
 )
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
-from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
+from emovlm_kd.training import load_stage_data
 
 logger = logging.getLogger(__name__)
 
