@@ -27,11 +27,12 @@ def launch_rank() -> int:
 def setup_process_logging():
     """INFO logging on the main process; errors only on the others (ours and transformers', datasets')."""
     main = launch_rank() == 0
-    logging.basicConfig(format=LOG_FORMAT, datefmt="%H:%M:%S", level=logging.INFO if main else logging.ERROR)
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%H:%M:%S", level=logging.INFO)
     if not main:
         import datasets
         import transformers
 
+        logging.getLogger().setLevel(logging.ERROR)
         transformers.utils.logging.set_verbosity_error()
         datasets.utils.logging.set_verbosity_error()
 

@@ -285,15 +285,15 @@ def _training_data(run_args, args, data, encoder, explanations):
 
 
 def _prepare_training(stage_run, args, model, loader):
-    """AdamW on the LoRA weights and the warm-up schedule, prepared with the model and loader; adapter checkpoints.
-    Returns (model, optimizer, loader, scheduler, warm-up updates)."""
+    """AdamW on the LoRA weights and the warm-up schedule, prepared with the model and loader (in one call, as
+    DeepSpeed wants); adapter checkpoints. Returns (model, optimizer, loader, scheduler, warm-up updates)."""
     accelerator = stage_run.accelerator
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)  # this process's share
-    scheduler, warmup_steps = warmup_schedule(optimizer.optimizer, args, updates_per_epoch, accelerator.num_processes)
-    scheduler = accelerator.prepare(scheduler)
+    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)  # as the prepared loader deals them
+    updates_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    scheduler, warmup_steps = warmup_schedule(optimizer, args, updates_per_epoch, accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     _adapter_checkpoint_hooks(accelerator)
     return model, optimizer, loader, scheduler, warmup_steps
 
