@@ -80,9 +80,10 @@ def batch_plan(accelerator, semantics: str, args) -> BatchPlan:
 
 def check_batch_fits(plan: BatchPlan, num_train_images: int):
     """Refuse, before any training, a per-process batch that one step of all processes could not fill with distinct
-    training images (Accelerate would repeat images to fill it); say which `batch_size` fits."""
+    training images (Accelerate would repeat images to fill it); say which `batch_size` fits. One process is never
+    refused: its last batch is just smaller."""
     step = plan.batch_size * plan.num_processes
-    if plan.semantics != PER_PROCESS or step <= num_train_images:
+    if plan.semantics != PER_PROCESS or plan.num_processes == 1 or step <= num_train_images:
         return
     fits = num_train_images // plan.num_processes
     remedy = (

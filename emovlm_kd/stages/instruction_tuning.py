@@ -211,11 +211,12 @@ def add_lora(vlm, args):
     return get_peft_model(vlm, config)
 
 
-def export_merged(peft_model, processor, output: Path, base_loader=None):
+def export_merged(peft_model, processor, output: Path, base_loader=None, state_dict=None):
     """Merge the LoRA adapter into the VLM (`merge_and_unload`) and save it and its processor to `output`.
 
     `base_loader`: returns a fresh full-precision base VLM to merge into instead of the model's own base (for a
-    4-bit base, where merging into quantised weights would round the update away).
+    4-bit base, where merging into quantised weights would round the update away, and for a sharded one).
+    `state_dict`: the model's whole state when its own weights are sharded (FSDP, DeepSpeed ZeRO-3).
     """
     if output.exists():
         shutil.rmtree(output)
@@ -225,11 +226,23 @@ def export_merged(peft_model, processor, output: Path, base_loader=None):
         from peft import PeftModel
 
         with tempfile.TemporaryDirectory() as adapter_dir:
-            peft_model.save_pretrained(adapter_dir)
+            peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
             merged = PeftModel.from_pretrained(base_loader(), adapter_dir).merge_and_unload()
     merged.eval().save_pretrained(output)
     processor.save_pretrained(output)
     return merged
+
+
+def gathered_state(accelerator, model) -> dict | None:
+    """The model's whole state dict when Accelerate shards its weights (FSDP, DeepSpeed ZeRO-3), else None. A
+    collective: every process calls it."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+    return accelerator.get_state_dict(model) if sharded else None
 
 
 def _adapter_checkpoint_hooks(accelerator):
@@ -299,15 +312,17 @@ def _prepare_training(stage_run, args, model, loader):
 
 
 def _save_merged(accelerator, args, model, processor):
-    """`save_outputs` of the stage: the adapter merged into the VLM (a fresh bf16 base under `--load-in-4bit`)."""
+    """`save_outputs` of the stage: the adapter merged into the VLM (into a fresh bf16 base under `--load-in-4bit`
+    or when the weights are sharded, with the adapter gathered from every process first)."""
+    state_dict = gathered_state(accelerator, model)  # on every process, before the main one saves
 
     def save(output: Path):
         base_loader = None
-        if args.load_in_4bit:
+        if args.load_in_4bit or state_dict is not None:
             from emovlm_kd.vlm import load_vlm_and_processor
 
             base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
-        export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
+        export_merged(accelerator.unwrap_model(model), processor, output, base_loader, state_dict)
         logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
 
     return save
@@ -397,6 +412,7 @@ __all__ = [
     "add_lora",
     "export_merged",
     "fingerprint",
+    "gathered_state",
     "run",
     "warmup_schedule",
 ]
