@@ -242,7 +242,10 @@ def training_arguments(
         (
             "batch_size",
             int,
-            field(default=batch_size, metadata={"help": "Global batch size (split across processes)"}),
+            field(
+                default=batch_size,
+                metadata={"help": "Batch size: per process in stages 1-2, global in 3-4 (docs/multi-gpu.md)"},
+            ),
         ),
     ]
     return dataclasses.make_dataclass(name, shared, bases=(CheckpointArguments,))
