@@ -330,8 +330,9 @@ IMAGE_CHECK_FILE = "image_check.json"
 
 
 def _image_check_record(run_args) -> tuple[Path | None, str | None, object]:
-    """Where the run's image check is kept, the data's hash, and what an earlier check recorded (None if none)."""
-    if not run_args.run_dir:
+    """Where the run's image check is kept, the data's hash, and what an earlier check recorded (None if none). Only
+    in an existing run directory (a stage creates it before loading the data)."""
+    if not run_args.run_dir or not Path(run_args.run_dir).is_dir():
         return None, None, None
     path, data_hash = Path(run_args.run_dir) / IMAGE_CHECK_FILE, source_hash(run_args)
     record = read_json(path, "image check") or {}

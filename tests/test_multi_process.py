@@ -60,6 +60,7 @@ def test_the_image_check_runs_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(
         emovlm_kd.data, "find_bad_images", lambda items: scans.append(len(items)) or find_bad_images(items)
     )
+    (tmp_path / "run").mkdir()  # a stage creates it (the run-directory lock) before loading the data
     run_args = RunArguments(data_dir=str(data), run_dir=str(tmp_path / "run"))
     first = load_source(run_args)
     second = load_source(run_args)  # a later stage, or another process of the launch
@@ -69,8 +70,10 @@ def test_the_image_check_runs_once_per_run(tmp_path, monkeypatch):
         and second.splits["train"]["image_path"] == first.splits["train"]["image_path"]
     )
     assert (tmp_path / "run" / IMAGE_CHECK_FILE).is_file()
+    assert load_source(RunArguments(data_dir=str(data), run_dir=str(tmp_path / "none"))).bad_images == first.bad_images
+    assert not (tmp_path / "none").exists() and len(scans) == 2  # no run directory: checked, nothing written
     add_bad_images(data / "train" / "positive")  # other files: checked again
-    assert len(load_source(run_args).bad_images) == 6 and len(scans) == 2
+    assert len(load_source(run_args).bad_images) == 6 and len(scans) == 3
 
 
 def test_other_processes_log_only_errors_and_print_nothing(monkeypatch, capsys):
