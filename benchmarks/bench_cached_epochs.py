@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
-from emovlm_kd.training import adam, cached_data_loader, train_one_epoch
+from emovlm_kd.batch_semantics import cached_data_loader
+from emovlm_kd.epoch_loop import train_one_epoch
+from emovlm_kd.optimizers import build_adam_optimizer
 from modeling_emovlm_kd import GATES, EmoVLMKDHead, distillation_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +53,7 @@ def epoch_seconds(module, loss, tensors, batch_size: int, device: str, runs: int
         cpu=device == "cpu",
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=0),
     )
-    optimizer = adam(
+    optimizer = build_adam_optimizer(
         module.parameters(), argparse.Namespace(learning_rate=1e-5, weight_decay=1e-4), accelerator.device
     )
     module, optimizer = accelerator.prepare(module, optimizer)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from emovlm_kd import distillation_loss
 from emovlm_kd.cache import vlm_features
-from emovlm_kd.training import train_one_epoch
+from emovlm_kd.epoch_loop import train_one_epoch
 from modeling_emovlm_kd import vlm_scores_from_log_likelihoods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,7 +135,7 @@ def extract_features(work: Workload, extract_batch_size: int):
 
 
 def train_on_tensors(module, loss_fn, tensors, epochs, batch_size, optimizer_kwargs, seed, device) -> float:
-    """The stages' epoch loop (`emovlm_kd.training.train_one_epoch`, under Accelerate) over a TensorDataset;
+    """The stages' epoch loop (`emovlm_kd.epoch_loop.train_one_epoch`, under Accelerate) over a TensorDataset;
     `loss_fn(module, *batch)`. Returns the last epoch's mean loss. Unlike the stages (`train_on_cached_tensors`), it
     keeps `--threads` and an unfused Adam at `--train-batch-size`: the per-update costs of the stages' published
     setting (fused Adam, one thread, batch 1) are measured by `bench_cached_epochs.py`."""

@@ -283,7 +283,10 @@ def training_arguments_class(
         (
             "batch_size",
             int,
-            field(default=batch_size, metadata={"help": "Global batch size (split across processes)"}),
+            field(
+                default=batch_size,
+                metadata={"help": "Batch size: per process in stages 1-2, global in 3-4 (docs/multi-gpu.md)"},
+            ),
         ),
     ]
     affects = {name: RESULT for name, _, _ in shared}

@@ -26,9 +26,10 @@ from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.arguments import VLMBranchArguments, VLMInputArguments
+from emovlm_kd.processes import progress
 from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
+from emovlm_kd.seeding import derived_seed
 from emovlm_kd.settings import MODEL_CONFIG, VLM_FEATURES, fields_with
-from emovlm_kd.training import derived_seed, progress
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Epoch checkpoints of the training stages: `accelerator.save_state` folders tagged with the stage's fingerprint.
 
-    <run_dir>/checkpoints/<stage>/epoch_<n>/    Accelerate state + emovlm_kd_checkpoint.json (fingerprint, epochs)
+    <run_dir>/checkpoints/<stage>/epoch_<n>/    Accelerate state + emovlm_kd_checkpoint.json (fingerprint, epochs,
+                                                the epoch loop's state: per-epoch metrics, updates made, processes)
 
 A checkpoint is resumed only by a run of the same stage with the same fingerprint (same inputs and settings), so
 resuming never mixes runs; a stage removes its checkpoints once its outputs are written.
@@ -29,8 +30,8 @@ def _epoch_folders(root: Path) -> list[Path]:
     return sorted(folders, key=lambda path: int(path.name.split("_")[1]), reverse=True)
 
 
-def find_checkpoint(run_dir, stage: str, fingerprint: str) -> tuple[Path, int] | None:
-    """The latest epoch checkpoint of the stage written under the same fingerprint: `(path, epochs done)`."""
+def find_checkpoint(run_dir, stage: str, fingerprint: str) -> tuple[Path, dict] | None:
+    """The latest epoch checkpoint of the stage written under the same fingerprint: `(path, its index)`."""
     for path in _epoch_folders(checkpoint_root(run_dir, stage)):
         recorded = read_json(path / CHECKPOINT_META, "checkpoint index")
         if recorded is None:
@@ -38,26 +39,37 @@ def find_checkpoint(run_dir, stage: str, fingerprint: str) -> tuple[Path, int] |
         if recorded.get("fingerprint") != fingerprint:
             logger.warning(f"Ignoring checkpoint {str(path)!r}: written for other inputs or settings")
             continue
-        return path, int(recorded["epochs_done"])
+        return path, recorded
     return None
 
 
-def resume_if_asked(accelerator, run_dir, args, stage: str, fingerprint: str) -> int:
-    """Load the matching checkpoint when `args.resume`; returns the number of epochs already done."""
+def resume_if_asked(accelerator, run_dir, args, stage: str, fingerprint: str) -> tuple[int, dict]:
+    """Load the matching checkpoint when `args.resume`; returns the number of epochs already done and the loop state
+    saved with it (`{}` when none)."""
     if not args.resume:
-        return 0
+        return 0, {}
     found = find_checkpoint(run_dir, stage, fingerprint)
     if found is None:
         logger.info(f"No checkpoint of stage {stage!r} to resume from; starting from scratch")
-        return 0
-    path, epochs_done = found
+        return 0, {}
+    path, recorded = found
+    epochs_done = int(recorded["epochs_done"])
+    written_on = recorded.get("loop_state", {}).get("num_processes", accelerator.num_processes)
+    if written_on != accelerator.num_processes:
+        logger.warning(
+            f"Checkpoint {str(path)!r} was written by {written_on} process(es), this run has "
+            f"{accelerator.num_processes}: where batch_size is per process, the remaining epochs make other updates"
+        )
     accelerator.load_state(str(path))
     logger.info(f"Resumed stage {stage!r} from {str(path)!r} after {epochs_done} epoch(s)")
-    return epochs_done
+    return epochs_done, recorded.get("loop_state", {})
 
 
-def save_checkpoint(accelerator, run_dir, args, stage: str, fingerprint: str, epochs_done: int) -> Path:
-    """`accelerator.save_state` of the epoch, then drop older checkpoints beyond `args.keep_checkpoints`."""
+def save_checkpoint(
+    accelerator, run_dir, args, stage: str, fingerprint: str, epochs_done: int, loop_state: dict | None = None
+) -> Path:
+    """`accelerator.save_state` of the epoch (with `loop_state` in its index), then drop older checkpoints beyond
+    `args.keep_checkpoints`."""
     path = checkpoint_root(run_dir, stage) / f"epoch_{epochs_done}"
     if accelerator.is_main_process:  # never a stale index next to a half-rewritten state
         shutil.rmtree(path, ignore_errors=True)
@@ -65,7 +77,7 @@ def save_checkpoint(accelerator, run_dir, args, stage: str, fingerprint: str, ep
     accelerator.save_state(str(path))
     fault_point("checkpoint-save")
     if accelerator.is_main_process:
-        meta = {"fingerprint": fingerprint, "epochs_done": epochs_done}
+        meta = {"fingerprint": fingerprint, "epochs_done": epochs_done, "loop_state": loop_state or {}}
         write_atomic(path / CHECKPOINT_META, json.dumps(meta) + "\n")
         for stale in _epoch_folders(path.parent)[max(1, args.keep_checkpoints) :]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -73,12 +85,14 @@ def save_checkpoint(accelerator, run_dir, args, stage: str, fingerprint: str, ep
     return path
 
 
-def end_epoch(accelerator, run_dir, args, stage: str, fingerprint: str, epochs_done: int, total_epochs: int) -> bool:
+def end_epoch(
+    accelerator, run_dir, args, stage: str, fingerprint: str, epochs_done: int, total_epochs: int, loop_state=None
+) -> bool:
     """Checkpoint every `args.checkpoint_every` epochs (not after the last: the stage then saves its outputs);
     returns True when `args.stop_after_epoch` ends the run here (after a checkpoint)."""
     stop = args.stop_after_epoch is not None and args.stop_after_epoch <= epochs_done < total_epochs
     if stop or (epochs_done < total_epochs and epochs_done % max(1, args.checkpoint_every) == 0):
-        save_checkpoint(accelerator, run_dir, args, stage, fingerprint, epochs_done)
+        save_checkpoint(accelerator, run_dir, args, stage, fingerprint, epochs_done, loop_state)
     return stop
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emovlm_kd.arguments import parse_stage_args
 from emovlm_kd.console import exit_with_error, run_dir_command, setup_logging
-from emovlm_kd.training import end_processes
+from emovlm_kd.processes import end_processes, print_once
 
 run_dir_errors = run_dir_command  # the former name
 
@@ -35,7 +35,7 @@ def cli_main(stage: str, argv=None) -> dict:
             result = module.run(run_args, stage_args)
     finally:
         end_processes()
-    print(json.dumps(result, indent=2, default=str))
+    print_once(json.dumps(result, indent=2, default=str))
     return result
 
 

@@ -7,15 +7,14 @@ import sys
 from contextlib import contextmanager
 
 from emovlm_kd.run_dir import RunError, disk_problem
-from emovlm_kd.training import main_process_lock
+from emovlm_kd.processes import main_process_lock, setup_process_logging
 
 logger = logging.getLogger(__name__)
 
 
 def setup_logging():
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
+    """INFO on the main process of a launch, errors only on the others (`emovlm_kd.processes`)."""
+    setup_process_logging()
 
 
 def exit_with_error(error: Exception | str):

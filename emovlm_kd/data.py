@@ -226,6 +226,7 @@ def load_imagefolder(
     seed: int = 42,
     class_names: list[str] | None = None,
     check_images: bool = True,
+    known_bad_images: list | None = None,
 ) -> ImageFolderData:
     """List an ImageFolder dataset (see the module docstring) into train / val (/ test) splits.
 
@@ -236,6 +237,8 @@ def load_imagefolder(
         class_names: the classes in label order; by default the sorted folder names. Must be the same set as the
             folders.
         check_images: decode every image once and leave out (and report) the unreadable ones.
+        known_bad_images: `(path, reason)` of the unreadable images, when an earlier check of the same files found
+            them (no image is decoded then).
     """
     root = Path(root)
     if not root.is_dir():
@@ -265,7 +268,10 @@ def load_imagefolder(
     class_names = list(class_names)
 
     all_paths = [path for images in listed.values() for paths in images.values() for path in paths]
-    bad_images = find_bad_images(all_paths) if check_images else []
+    if known_bad_images is not None:
+        bad_images = [tuple(item) for item in known_bad_images]
+    else:
+        bad_images = find_bad_images(all_paths) if check_images else []
     bad = {path for path, _ in bad_images}
     splits = DatasetDict({split: _split_dataset(images, class_names, bad) for split, images in listed.items()})
     splits, val_from_train = finish_splits(splits, class_names, val_fraction, seed, str(root), str(root / "train"))

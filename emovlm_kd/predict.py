@@ -32,6 +32,7 @@ import torch
 
 from emovlm_kd.cache import model_identity
 from emovlm_kd.data import IMAGE_EXTENSIONS, open_image_rgb
+from emovlm_kd.processes import progress
 from emovlm_kd.run_dir import DataError, RunError, hash_json
 from emovlm_kd.settings import CONTENT, NOTHING, RESULT, Affects
 from emovlm_kd.sources import (
@@ -42,7 +43,6 @@ from emovlm_kd.sources import (
     pick_image_column,
     split_identities,
 )
-from emovlm_kd.training import progress
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
     from transformers import HfArgumentParser
 
     from emovlm_kd.console import exit_with_error, setup_logging
-    from emovlm_kd.training import end_processes
+    from emovlm_kd.processes import end_processes, print_once
 
     setup_logging()
     parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
@@ -365,7 +365,7 @@ def main(argv=None) -> dict:
         exit_with_error(error)
     finally:
         end_processes()
-    print(json.dumps(summary, indent=2))
+    print_once(json.dumps(summary, indent=2))
     return summary
 
 

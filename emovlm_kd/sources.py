@@ -25,6 +25,7 @@ for parquet/arrow files and ImageFolder trees: never an absolute path.
 
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ from emovlm_kd.data import (
     log_data_report,
     open_image_rgb,
 )
-from emovlm_kd.run_dir import DataError, hash_json
+from emovlm_kd.run_dir import DataError, hash_json, read_json, write_atomic
 from image_processing_emovlm_kd import check_image_header, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -323,20 +324,47 @@ def _check_imagefolder_options(run_args, location: str):
         )
 
 
+# In a run directory: the unreadable images of the run's data, found once per run (by the first stage's main
+# process; the other processes of a launch load the data after it) under the data's `source_hash`.
+IMAGE_CHECK_FILE = "image_check.json"
+
+
+def _image_check_record(run_args) -> tuple[Path | None, str | None, object]:
+    """Where the run's image check is kept, the data's hash, and what an earlier check recorded (None if none). Only
+    in an existing run directory (a stage creates it before loading the data)."""
+    if not run_args.run_dir or not Path(run_args.run_dir).is_dir():
+        return None, None, None
+    path, data_hash = Path(run_args.run_dir) / IMAGE_CHECK_FILE, source_hash(run_args)
+    record = read_json(path, "image check") or {}
+    return path, data_hash, record.get("bad_images") if record.get("source_hash") == data_hash else None
+
+
 def load_source(run_args, class_names: list[str] | None = None, check_images: bool = True) -> ImageData:
     """The run's dataset (`--data-dir` or `--dataset`), split into train / val (/ test), with the class names in
     label order (`class_names` when given: the same classes, in the run's order) and the undecodable images left
-    out and reported."""
+    out and reported. Images are decoded to check them once per run directory (`IMAGE_CHECK_FILE`)."""
     kind, location = source_of(run_args)
+    record_path, data_hash, known = _image_check_record(run_args) if check_images else (None, None, None)
     if kind == "imagefolder":
         _check_imagefolder_options(run_args, location)
-        return load_imagefolder(
+        data = load_imagefolder(
             location,
             val_fraction=run_args.val_fraction,
             seed=run_args.seed,
             class_names=class_names,
             check_images=check_images,
+            known_bad_images=known,
         )
+        found = [list(item) for item in data.bad_images]
+    else:
+        data, found = _load_datasets_source(run_args, kind, location, class_names, check_images, known)
+    if record_path is not None and known is None:
+        write_atomic(record_path, json.dumps({"source_hash": data_hash, "bad_images": found}) + "\n")
+    return data
+
+
+def _load_datasets_source(run_args, kind, location, class_names, check_images, known) -> tuple[ImageData, dict]:
+    """`load_source` of a `datasets` source; also the unreadable rows by split (`known`: those of an earlier check)."""
     source = open_source(kind, location, run_args.dataset_config, run_args.dataset_revision)
     where = location if run_args.dataset_config is None else f"{location} ({run_args.dataset_config})"
     chosen = pick_splits(list(source), run_args, where)
@@ -357,7 +385,10 @@ def load_source(run_args, class_names: list[str] | None = None, check_images: bo
     class_names = list(class_names)
 
     images = {split: SplitImages(source[name], image_column, name) for split, name in chosen.items()}
-    bad = {split: dict(split_images.undecodable() if check_images else []) for split, split_images in images.items()}
+    if known is not None:
+        bad = {split: {int(row): reason for row, reason in known.get(split, {}).items()} for split in images}
+    else:
+        bad = {split: dict(images_.undecodable() if check_images else []) for split, images_ in images.items()}
     features = Features({"row": Value("int64"), "label": ClassLabel(names=class_names)})
     label_ids = {name: index for index, name in enumerate(class_names)}
     splits = DatasetDict()
@@ -383,7 +414,7 @@ def load_source(run_args, class_names: list[str] | None = None, check_images: bo
         columns=(image_column, label_column),
     )
     log_data_report(data)
-    return data
+    return data, bad
 
 
 def pick_splits(available: list[str], run_args, where: str) -> dict[str, str]:

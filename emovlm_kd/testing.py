@@ -167,25 +167,53 @@ def tiny_run_all_argv(
     return argv + (["--set", *settings] if settings else [])
 
 
-def launch_two_processes(script: str | os.PathLike, argv: list[str], log: str | os.PathLike, timeout: float = 600):
-    """Run `script argv` as two CPU processes under `accelerate launch` (a subprocess; output to `log`).
+def accelerate_launch_command(
+    script: str | os.PathLike, argv: list[str], num_processes: int = 2, config_file=None, launch_args=()
+) -> tuple[list[str], dict]:
+    """`(command, environment)` running `script argv` as `num_processes` CPU processes under `accelerate launch`,
+    with `config_file` (e.g. one of `examples/accelerate/`) when given, and `launch_args` after it.
 
-    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up; two CPU
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless MPI is set up; several CPU
     processes come from the torch.distributed launcher with `ACCELERATE_USE_CPU=true` (what `--cpu` sets), i.e.
-    `--multi_gpu` on a machine without GPUs, and Accelerate then runs them as MULTI_CPU over gloo.
+    `--multi_gpu` (or a MULTI_GPU config) on a machine without GPUs, and Accelerate then runs them as MULTI_CPU over
+    gloo. Mixed precision is off (the configs' bf16 is for GPUs).
     """
-    import subprocess
     import sys
 
     repo_root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+    if config_file is None:
+        command += ["--multi_gpu", "--num_machines", "1"]
+    else:
+        command += ["--config_file", str(config_file)]
+    command += ["--num_processes", str(num_processes), *launch_args]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "0.1", str(script), *argv]
+    return command, env
+
+
+def launch_processes(
+    script: str | os.PathLike,
+    argv: list[str],
+    log: str | os.PathLike,
+    num_processes: int = 2,
+    config_file=None,
+    timeout: float = 600,
+):
+    """Run `script argv` as `num_processes` CPU processes under `accelerate launch` (a subprocess; output to `log`;
+    see `accelerate_launch_command`)."""
+    import subprocess
+
+    command, env = accelerate_launch_command(script, argv, num_processes, config_file)
     with open(log, "w") as output:
         result = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"accelerate launch failed ({result.returncode}):\n{Path(log).read_text()[-5000:]}")
+
+
+def launch_two_processes(script: str | os.PathLike, argv: list[str], log: str | os.PathLike, timeout: float = 600):
+    """Run `script argv` as two CPU processes under `accelerate launch` (see `launch_processes`)."""
+    launch_processes(script, argv, log, 2, timeout=timeout)
 
 
 def make_images() -> list[Image.Image]:
@@ -201,10 +229,12 @@ EMOTIONS_8 = ["amusement", "anger", "awe", "contentment", "disgust", "excitement
 
 __all__ = [
     "CLASS_COLOURS",
+    "accelerate_launch_command",
     "COLOUR_EXPLANATIONS",
     "EMOTIONS_8",
     "add_bad_images",
     "imagefolder_to_dataset",
+    "launch_processes",
     "launch_two_processes",
     "make_image",
     "make_imagefolder",

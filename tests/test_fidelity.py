@@ -137,20 +137,24 @@ def test_whole_sequence_loss_masks_only_padding_and_image_tokens(tiny):
 
 
 def learning_rates(run_dir: str, epochs=2, batch_size=4, images=40, warmup_ratio=0.3) -> tuple[list[float], int]:
-    """The stage-1 scheduler (`warmup_schedule`) stepped by the stages' epoch loop: the learning rate after every
-    optimizer update, and the warm-up length in updates."""
+    """The stage-1 scheduler (`warmup_schedule`, prepared as stage 1 prepares it) stepped by the stages' epoch loop:
+    the learning rate after every optimizer update, and the warm-up length in updates."""
     import math
 
-    from emovlm_kd.training import make_accelerator, train_one_epoch
+    from emovlm_kd.accelerator_setup import make_accelerator
+    from emovlm_kd.epoch_loop import train_one_epoch
 
     args = instruction_tuning.ARGUMENTS(epochs=epochs, batch_size=batch_size, warmup_ratio=warmup_ratio)
     accelerator = make_accelerator(RunArguments(run_dir=run_dir, report_to="none"), "warmup")
     model = torch.nn.Linear(2, 1)
     loader = torch.utils.data.DataLoader(torch.randn(images, 2), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    scheduler, warmup = instruction_tuning.warmup_schedule(optimizer, args, updates_per_epoch)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    scheduler, warmup = instruction_tuning.warmup_schedule(
+        optimizer.optimizer, args, updates_per_epoch, accelerator.num_processes
+    )
+    scheduler = accelerator.prepare(scheduler)
     rates = []
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
@@ -177,7 +181,7 @@ WARMUP_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from accelerate import PartialState
-from emovlm_kd.training import end_processes
+from emovlm_kd.processes import end_processes
 from test_fidelity import learning_rates
 rates, warmup = learning_rates(sys.argv[1])
 if PartialState().is_main_process:
@@ -188,16 +192,17 @@ end_processes()  # as the stages do: a gloo group left alive can abort the proce
 
 @pytest.mark.slow
 def test_stage1_warmup_is_the_same_on_two_processes(tmp_path):
-    """`accelerate launch` with 2 CPU processes (see test_accelerate_multiprocess.py): the same learning rate after
-    every update as one process, so the same warm-up in optimizer updates."""
+    """`accelerate launch` with 2 CPU processes (see test_accelerate_multiprocess.py): `batch_size` is per process
+    (docs/multi-gpu.md), so 2 processes with batch 4 make the updates of one process with batch 8, with the same
+    learning rate after every update: the warm-up is the same share of the updates actually made."""
     script = tmp_path / "warmup.py"
     script.write_text(WARMUP_SCRIPT.format(tests=str(REPO_ROOT / "tests")))
     log = tmp_path / "launch.log"
     launch_two_processes(script, [str(tmp_path / "run")], log)
     two = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("RATES "))[6:])
-    rates, warmup = learning_rates(str(tmp_path / "one"))
-    assert two["processes"] == 2 and two["warmup"] == warmup == 6
-    assert two["rates"] == pytest.approx(rates) and len(rates) == 20
+    rates, warmup = learning_rates(str(tmp_path / "one"), batch_size=8)
+    assert two["processes"] == 2 and two["warmup"] == warmup == 3
+    assert two["rates"] == pytest.approx(rates) and len(rates) == 10
 
 
 def test_teacher_is_the_references_vit_with_its_transforms():

@@ -354,8 +354,8 @@ def test_inference_providers_settings(monkeypatch):
 def test_secrets_are_never_recorded_or_logged(dataset, tmp_path, monkeypatch, caplog, capsys):
     """A server echoing the API key and the base URL's credentials in answers and errors: neither reaches the
     instruction data, the markers, the settings, the logs or the tracker's event files."""
+    from emovlm_kd.accelerator_setup import make_accelerator
     from emovlm_kd.stages import export
-    from emovlm_kd.training import make_accelerator
 
     root, images, digests = dataset
     password = "pa55-w0rd-s3cret"

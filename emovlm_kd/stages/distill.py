@@ -17,7 +17,9 @@ import torch
 from configuration_emovlm_kd import EmoVLMKDConfig
 from emovlm_kd.arguments import VLM_INPUT_FIELDS, VLMBranchArguments, VLMInputArguments, training_arguments_class
 from emovlm_kd.artifacts import head_logits, save_head, spec_vlm
+from emovlm_kd.batch_semantics import SAME_UPDATES
 from emovlm_kd.cache import FeatureCache, vlm_identity
+from emovlm_kd.epoch_loop import train_on_cached_tensors
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import (
     DataError,
@@ -40,7 +42,7 @@ from emovlm_kd.settings import (
     values_with,
 )
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 from modeling_emovlm_kd import EmoVLMKDHead, distillation_loss
 
 STAGE = "distill"
@@ -142,7 +144,7 @@ def check_tuned_vlm_inputs(run_args, args: DistillArguments):
 
 def run(run_args, args: DistillArguments) -> dict:
     check_tuned_vlm_inputs(run_args, args)
-    stage_run = begin_stage(run_args, args, STAGE, fingerprint)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint, batch_semantics=SAME_UPDATES)
     accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
     spec = feature_spec(run_args, args, class_names)

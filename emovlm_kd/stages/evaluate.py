@@ -26,7 +26,7 @@ from emovlm_kd.metrics import BRANCH_TITLES, BRANCHES, classification_metrics, m
 from emovlm_kd.run_dir import RESULTS_FILE, DataError, hash_json, upstream_fingerprint
 from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, complete_stage
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 
 logger = logging.getLogger(__name__)
 

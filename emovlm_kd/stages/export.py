@@ -42,7 +42,8 @@ from emovlm_kd.run_dir import (
 )
 from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
-from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
+from emovlm_kd.training import load_stage_data
 from modeling_emovlm_kd import tokenizer_with_chat_template
 from processing_emovlm_kd import EmoVLMKDProcessor
 
@@ -292,9 +293,16 @@ def _vlm_branch_description(model_config: dict, gate_spec: dict, resampled: bool
     )
 
 
+def _update_description(record: dict) -> str:
+    """What one optimizer update of a training stage was (its batch on its process count), from its marker."""
+    batch = record.get("batch")
+    return f"; {batch['update']}" if batch else ""
+
+
 def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
     teacher = read_complete(run_dir, "teacher") or {}
-    tuning = (read_complete(run_dir, "instruction_tuning") or {}).get("settings")
+    tuning_record = read_complete(run_dir, "instruction_tuning") or {}
+    tuning = tuning_record.get("settings")
     gate_settings = (read_complete(run_dir, "gate") or {}).get("settings", {})
     model_config = head_spec["model_config"]
     return {
@@ -303,10 +311,15 @@ def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_d
         "Instruction tuning": (
             f"LoRA, loss on {'the whole sequence' if tuning.get('loss_on') == 'all' else 'answer tokens'}"
             + (", 4-bit NF4 base (QLoRA)" if tuning.get("load_in_4bit") else "")
+            + _update_description(tuning_record)
             if tuning
             else None
         ),
-        "Teacher": f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" if teacher else None,
+        "Teacher": (
+            f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" + _update_description(teacher)
+            if teacher
+            else None
+        ),
         "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
         f"T={model_config['kd_temperature']}",
         "Gate": f"`{gate_spec['gate_type']}` on the VLM branch",

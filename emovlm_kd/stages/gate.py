@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from configuration_emovlm_kd import GATE_TYPES, VLM_BRANCH_INPUTS, EmoVLMKDConfig
 from emovlm_kd.arguments import training_arguments_class
 from emovlm_kd.artifacts import build_gate, fused_logits, gate_inputs, load_head, read_head_spec, save_gate
+from emovlm_kd.batch_semantics import SAME_UPDATES
 from emovlm_kd.cache import FeatureCache, samples_answers
+from emovlm_kd.epoch_loop import train_on_cached_tensors
 from emovlm_kd.metrics import classification_metrics
 from emovlm_kd.run_dir import DataError, hash_json, upstream_fingerprint
 from emovlm_kd.settings import CARD, MODEL_CONFIG, NOTHING, RESULT, Affects, fingerprint_fields, values_with
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, complete_stage, train_on_cached_tensors
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 
 STAGE = "gate"
 
@@ -90,7 +92,9 @@ def run(run_args, args: GateArguments) -> dict:
             "--resample-vlm-answers needs sampled VLM answers: stage 3 with --vlm-branch-mode generate and "
             "--generate-do-sample"
         )
-    stage_run = begin_stage(run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"])
+    stage_run = begin_stage(
+        run_args, args, STAGE, fingerprint, class_names=head_spec["class_names"], batch_semantics=SAME_UPDATES
+    )
     accelerator, data = stage_run.accelerator, stage_run.data
     spec = gate_spec(args, data.class_names)
     # one cache for every call: a fresh sample each epoch loads the VLM once

@@ -8,20 +8,19 @@ whole sequence but padding and image tokens, as the reference). The prompts and 
 Without instruction data (no `instruction_data.jsonl`, or `--classification-only`) the classification task trains
 alone, and the log and summary say so.
 
-Accelerate runs it on any setup (`accelerate launch`, multi-GPU, mixed precision: bf16 by default on GPUs that have
-it, as in the paper); `--batch-size` is the global batch, right-padded. `--load-in-4bit` loads the base in 4-bit NF4
-(QLoRA, as the paper does; CUDA and bitsandbytes only). Epoch checkpoints (`save_state`: the LoRA adapter as
-safetensors, optimizer, scheduler, sampler and RNG states) go to `<run_dir>/checkpoints/instruction_tuning/`;
-`--resume` continues from the latest one written for the same inputs, `--stop-after-epoch N` stops after one. At
-the end the adapter is merged into the VLM (`merge_and_unload`; with `--load-in-4bit`, into a fresh bf16 copy of the
-base) and the merged VLM and its processor are saved with `save_pretrained` to `<run_dir>/vlm/`, then its marker
-`<run_dir>/vlm.COMPLETE.json`; the checkpoints are then removed.
+Accelerate runs it on any setup (`accelerate launch`, multi-GPU, mixed precision: bf16 by default on GPUs that have it,
+as in the paper); `--batch-size` is per process, right-padded (the transformers Trainer convention: an update is
+`batch_size x gradient_accumulation_steps x processes` examples; see `emovlm_kd.batch_semantics`). `--load-in-4bit`
+loads the base in 4-bit NF4 (QLoRA, as the paper does; CUDA and bitsandbytes only). Epoch checkpoints (`save_state`:
+the LoRA adapter as safetensors, optimizer, scheduler, sampler and RNG states) go to
+`<run_dir>/checkpoints/instruction_tuning/`; `--resume` continues from the latest one written for the same inputs,
+`--stop-after-epoch N` stops after one. At the end the adapter is merged into the VLM (`merge_and_unload`; with
+`--load-in-4bit`, into a fresh bf16 copy of the base) and the merged VLM and its processor are saved with
+`save_pretrained` to `<run_dir>/vlm/`, then its marker `<run_dir>/vlm.COMPLETE.json`; the checkpoints are then removed.
 """
 
 import dataclasses
 import functools
-import json
-import logging
 import math
 import os
 import shutil
@@ -32,23 +31,25 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from accelerate.logging import get_logger
 
 from emovlm_kd.arguments import VLMInputArguments, training_arguments_class
+from emovlm_kd.batch_semantics import PER_PROCESS
 from emovlm_kd.cache import vlm_identity
-from emovlm_kd.checkpoints import checkpoint_root, end_epoch, resume_if_asked
+from emovlm_kd.epoch_loop import train_epochs
 from emovlm_kd.instruction_records import done_examples
 from emovlm_kd.instruction_tasks import LOSS_ON, TASKS, InstructionDataset, InstructionEncoder, build_examples
-from emovlm_kd.run_dir import fault_point, file_digest, hash_json, read_json, stage_output, write_atomic
+from emovlm_kd.processes import print_once
+from emovlm_kd.run_dir import file_digest, hash_json, stage_output
 from emovlm_kd.settings import CARD, CONTENT, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
-from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STAGE = "instruction_tuning"
 # The language model's attention projections, never the vision tower's (`visual.blocks.*.attn.qkv/proj`).
 LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-TRAINING_LOG = "training_log.json"  # per-epoch losses, next to an epoch checkpoint
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -211,11 +212,12 @@ def add_lora(vlm, args):
     return get_peft_model(vlm, config)
 
 
-def export_merged(peft_model, processor, output: Path, base_loader=None):
+def export_merged(peft_model, processor, output: Path, base_loader=None, state_dict=None):
     """Merge the LoRA adapter into the VLM (`merge_and_unload`) and save it and its processor to `output`.
 
     `base_loader`: returns a fresh full-precision base VLM to merge into instead of the model's own base (for a
-    4-bit base, where merging into quantised weights would round the update away).
+    4-bit base, where merging into quantised weights would round the update away, and for a sharded one).
+    `state_dict`: the model's whole state when its own weights are sharded (FSDP, DeepSpeed ZeRO-3).
     """
     if output.exists():
         shutil.rmtree(output)
@@ -225,11 +227,23 @@ def export_merged(peft_model, processor, output: Path, base_loader=None):
         from peft import PeftModel
 
         with tempfile.TemporaryDirectory() as adapter_dir:
-            peft_model.save_pretrained(adapter_dir)
+            peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
             merged = PeftModel.from_pretrained(base_loader(), adapter_dir).merge_and_unload()
     merged.eval().save_pretrained(output)
     processor.save_pretrained(output)
     return merged
+
+
+def gathered_state(accelerator, model) -> dict | None:
+    """The model's whole state dict when Accelerate shards its weights (FSDP, DeepSpeed ZeRO-3), else None. A
+    collective: every process calls it."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+    return accelerator.get_state_dict(model) if sharded else None
 
 
 def _adapter_checkpoint_hooks(accelerator):
@@ -259,27 +273,60 @@ def _adapter_checkpoint_hooks(accelerator):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _write_training_log(accelerator, run_dir, epochs_done: int, log: dict):
-    """Next to an epoch checkpoint (when one was written): the losses so far, for the summary of a resumed run."""
-    path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}"
-    if accelerator.is_main_process and path.is_dir():
-        write_atomic(path / TRAINING_LOG, json.dumps(log) + "\n")
-
-
-def _read_training_log(run_dir, epochs_done: int) -> dict:
-    path = checkpoint_root(run_dir, STAGE) / f"epoch_{epochs_done}" / TRAINING_LOG
-    log = read_json(path, "training log") if epochs_done else None
-    return log or {"epoch_losses": [None] * epochs_done, "global_step": None}
-
-
-def warmup_schedule(optimizer, args: InstructionTuningArguments, updates_per_epoch: int):
+def warmup_schedule(optimizer, args: InstructionTuningArguments, updates_per_epoch: int, num_processes: int = 1):
     """`(scheduler, warm-up length)`: a constant learning rate after a linear warm-up over `warmup_ratio` of all
-    optimizer updates. Prepared by an Accelerator with `split_batches=True`, the scheduler steps once per update
-    whatever the number of processes, so the warm-up is the same number of updates on 1 or N processes."""
+    optimizer updates (`updates_per_epoch`: those of this launch). Prepared by an Accelerator with per-process
+    batches, the scheduler steps `num_processes` times per update, hence a warm-up of that many times the updates
+    (Accelerate's convention): the warm-up is `warmup_ratio` of the updates actually made, on 1 or N processes."""
     from transformers import get_constant_schedule_with_warmup
 
     warmup_steps = math.ceil(args.warmup_ratio * updates_per_epoch * args.epochs)
-    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps), warmup_steps
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps * num_processes), warmup_steps
+
+
+def _training_data(run_args, args, data, encoder, explanations):
+    """The examples of the three tasks (counted per task) and their shuffled DataLoader of `batch_size` per process."""
+    examples = build_examples(data.column("train", "label"), explanations)
+    task_counts = {task: sum(example.task == task for example in examples) for task in TASKS}
+    loader = torch.utils.data.DataLoader(
+        InstructionDataset(examples, encoder, functools.partial(data.image, "train")),
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=encoder.collate,
+        num_workers=run_args.num_workers,
+    )
+    return examples, task_counts, loader
+
+
+def _prepare_training(stage_run, args, model, loader):
+    """AdamW on the LoRA weights and the warm-up schedule, prepared with the model and loader (in one call, as
+    DeepSpeed wants); adapter checkpoints. Returns (model, optimizer, loader, scheduler, warm-up updates)."""
+    accelerator = stage_run.accelerator
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)  # as the prepared loader deals them
+    updates_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    scheduler, warmup_steps = warmup_schedule(optimizer, args, updates_per_epoch, accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    _adapter_checkpoint_hooks(accelerator)
+    return model, optimizer, loader, scheduler, warmup_steps
+
+
+def _save_merged(accelerator, args, model, processor):
+    """`save_outputs` of the stage: the adapter merged into the VLM (into a fresh bf16 base under `--load-in-4bit`
+    or when the weights are sharded, with the adapter gathered from every process first)."""
+    state_dict = gathered_state(accelerator, model)  # on every process, before the main one saves
+
+    def save(output: Path):
+        base_loader = None
+        if args.load_in_4bit or state_dict is not None:
+            from emovlm_kd.vlm import load_vlm_and_processor
+
+            base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
+        export_merged(accelerator.unwrap_model(model), processor, output, base_loader, state_dict)
+        logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
+
+    return save
 
 
 def run(run_args, args: InstructionTuningArguments) -> dict:
@@ -287,7 +334,12 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
     _check_4bit(args)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
     stage_run = begin_stage(
-        run_args, args, STAGE, fingerprint, gradient_accumulation_steps=args.gradient_accumulation_steps
+        run_args,
+        args,
+        STAGE,
+        fingerprint,
+        batch_semantics=PER_PROCESS,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
     accelerator, data = stage_run.accelerator, stage_run.data
     explanations, note = _describe_instruction_data(run_args, args, data, data.class_names)
@@ -295,7 +347,6 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
 
     vlm, processor = load_base_vlm(args, run_args.seed, accelerator.local_process_index)
     model = add_lora(vlm, args)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     encoder = InstructionEncoder(
         processor,
         data.class_names,
@@ -304,66 +355,36 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         loss_on=args.loss_on,
         **args.prompt_settings(),
     )
-    examples = build_examples(data.column("train", "label"), explanations)
-    task_counts = {task: sum(example.task == task for example in examples) for task in TASKS}
-    dataloader = torch.utils.data.DataLoader(
-        InstructionDataset(examples, encoder, functools.partial(data.image, "train")),
-        batch_size=args.batch_size,
-        shuffle=True,
-        collate_fn=encoder.collate,
-        num_workers=run_args.num_workers,
-    )
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    scheduler, warmup_steps = warmup_schedule(optimizer, args, updates_per_epoch)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-    _adapter_checkpoint_hooks(accelerator)
-
-    epochs_done = resume_if_asked(accelerator, run_args.run_dir, args, STAGE, stage_run.fingerprint)
-    log = _read_training_log(run_args.run_dir, epochs_done)
-    epoch_losses, global_step = list(log["epoch_losses"]), log["global_step"] or epochs_done * updates_per_epoch
+    examples, task_counts, loader = _training_data(run_args, args, data, encoder, explanations)
     parameters = {
-        "trainable": sum(p.numel() for p in trainable),
-        "total": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
     }
+    model, optimizer, loader, scheduler, warmup_steps = _prepare_training(stage_run, args, model, loader)
     logger.info(
         f"Training {parameters['trainable']:,} LoRA parameters of {parameters['total']:,} on {len(examples)} "
-        f"examples {task_counts}: {updates_per_epoch} updates/epoch, {args.epochs} epochs, {warmup_steps} warm-up"
+        f"examples {task_counts}: {math.ceil(len(loader) / args.gradient_accumulation_steps)} updates/epoch, "
+        f"{args.epochs} epochs, {warmup_steps} warm-up; {stage_run.batch.describe()}"
     )
 
-    def log_update(loss, bar):
-        nonlocal global_step
-        global_step += 1
-        accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
+    def log_update(loss, bar, updates: int):
+        accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=updates)
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
     started = time.time()
-    for epoch in range(epochs_done, args.epochs):
-        dataloader.set_epoch(epoch)
-        epoch_losses.append(
-            train_one_epoch(
-                accelerator,
-                model,
-                dataloader,
-                optimizer,
-                lambda model, batch: model(**batch).loss,
-                desc=f"Instruction tuning epoch {epoch + 1}/{args.epochs}",
-                scheduler=scheduler,
-                max_grad_norm=args.max_grad_norm,
-                on_update=log_update,
-            )
-        )
-        accelerator.log({"train/epoch_loss": epoch_losses[-1]}, step=global_step)
-        logger.info(f"Instruction tuning epoch {epoch + 1}/{args.epochs}: mean loss {epoch_losses[-1]:.4f}")
-        stop = end_epoch(accelerator, run_args.run_dir, args, STAGE, stage_run.fingerprint, epoch + 1, args.epochs)
-        training_log = {"epoch_losses": epoch_losses, "global_step": global_step}
-        _write_training_log(accelerator, run_args.run_dir, epoch + 1, training_log)
-        fault_point(f"{STAGE}-epoch-{epoch + 1}")
-        if stop:
-            close_trackers(accelerator)
-            stage_run.release()
-            return {"stage": STAGE, "stopped": True, "epochs_done": epoch + 1, "epoch_losses": epoch_losses}
-
+    _, stopped = train_epochs(
+        stage_run,
+        model,
+        loader,
+        optimizer,
+        lambda model, batch: model(**batch).loss,
+        scheduler=scheduler,
+        max_grad_norm=args.max_grad_norm,
+        on_update=log_update,
+    )
+    if stopped:
+        return stopped
+    epoch_losses = [metrics.get("train_loss") for metrics in stage_run.history]
     summary = {
         "stage": STAGE,
         "output": str(stage_output(run_args.run_dir, STAGE)),
@@ -374,23 +395,14 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         "parameters": parameters,
         "epochs": args.epochs,
         "epoch_losses": epoch_losses,
-        "global_steps": global_step,
-        "resumed_after_epochs": epochs_done,
+        "global_steps": stage_run.updates,
+        "update": stage_run.batch.describe(),
+        "resumed_after_epochs": stage_run.resumed_after_epochs,
         "train_seconds": round(time.time() - started, 1),
     }
-
-    def save_merged(output: Path):
-        base_loader = None
-        if args.load_in_4bit:
-            from emovlm_kd.vlm import load_vlm_and_processor
-
-            base_loader = lambda: load_vlm_and_processor(args.vlm, dtype=torch.bfloat16)[0]  # noqa: E731
-        export_merged(accelerator.unwrap_model(model), processor, output, base_loader)
-        logger.info(f"Saved the instruction-tuned VLM (adapter merged) and its processor to {str(output)!r}")
-
     accelerator.wait_for_everyone()
-    complete_stage(stage_run, save_merged, summary=summary)
-    print(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
+    complete_stage(stage_run, _save_merged(accelerator, args, model, processor), summary=summary)
+    print_once(f"Instruction tuning ({note}): epoch losses {[round(x, 4) for x in epoch_losses if x is not None]}")
     return summary
 
 
@@ -401,6 +413,7 @@ __all__ = [
     "add_lora",
     "export_merged",
     "fingerprint",
+    "gathered_state",
     "run",
     "warmup_schedule",
 ]

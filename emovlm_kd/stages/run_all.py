@@ -32,9 +32,9 @@ from emovlm_kd.arguments import (
     recordable,
     stage_values,
 )
+from emovlm_kd.processes import main_process_lock, print_once
 from emovlm_kd.run_dir import STAGES, DataError, is_complete, read_complete, write_atomic
 from emovlm_kd.settings import NOTHING, Affects
-from emovlm_kd.training import main_process_lock
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _recorded(run_dir, stage: str) -> dict:
 
 def main(argv=None) -> dict:
     from emovlm_kd.console import exit_with_error, run_dir_command, setup_logging
-    from emovlm_kd.training import end_processes
+    from emovlm_kd.processes import end_processes
 
     setup_logging()
     try:
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
     finally:
         end_processes()
     summary["total_seconds"] = round(time.time() - started, 1)
-    print(json.dumps(summary, indent=2, default=str))
+    print_once(json.dumps(summary, indent=2, default=str))
     return summary
 
 

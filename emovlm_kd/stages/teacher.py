@@ -14,12 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from emovlm_kd.arguments import training_arguments_class
+from emovlm_kd.batch_semantics import PER_PROCESS
+from emovlm_kd.epoch_loop import train_epochs
 from emovlm_kd.metrics import classification_metrics
+from emovlm_kd.optimizers import build_adam_optimizer
+from emovlm_kd.processes import progress
 from emovlm_kd.run_dir import hash_json
+from emovlm_kd.seeding import seeded_rng
 from emovlm_kd.settings import CARD, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
+from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 from emovlm_kd.teachers import DEFAULT_TEACHER, TEACHER_PRESETS, create_teacher, teacher_transforms
-from emovlm_kd.training import adam, begin_stage, complete_stage, progress, seeded_rng, train_epochs
 
 STAGE = "teacher"
 
@@ -105,7 +110,7 @@ def cross_entropy_loss(model, batch) -> torch.Tensor:
 def run(run_args, args: TeacherArguments) -> dict:
     from timm.models import save_for_hf
 
-    stage_run = begin_stage(run_args, args, STAGE, fingerprint)
+    stage_run = begin_stage(run_args, args, STAGE, fingerprint, batch_semantics=PER_PROCESS)
     accelerator, data = stage_run.accelerator, stage_run.data
     class_names = data.class_names
     with accelerator.main_process_first():  # one download of pretrained weights
@@ -117,7 +122,7 @@ def run(run_args, args: TeacherArguments) -> dict:
     val_loader = torch.utils.data.DataLoader(
         ImageSplit(data, "val", eval_transform), batch_size=args.eval_batch_size, **loader_kwargs
     )
-    optimizer = adam(model.parameters(), args, accelerator.device)
+    optimizer = build_adam_optimizer(model.parameters(), args, accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     def validate() -> dict:
