@@ -1,0 +1,129 @@
+"""The lowest supported versions are measured, not guessed: a separate venv holds only the libraries an exported
+model repo's `requirements.txt` names, each at the floor that file states, and loads the model there with
+`AutoModelForImageClassification` and the pipeline, with this package not installed.
+
+torch and torchvision: by default the venv reuses this environment's builds (hard-linked, no copy and no download:
+an old torch from PyPI is a multi-GB CUDA download, too much for CI), so their floors are transformers' and
+accelerate's own (torch 2.6), not measured here. `EMOVLM_KD_FLOOR_TORCH=1` floors them too (downloads torch 2.6's
+CUDA build from PyPI, ~3 GB). Libraries these need but the repo does not name are whatever pip picks (newest allowed).
+Needs PyPI (pip install); skipped when `EMOVLM_KD_SKIP_FLOOR_TEST=1`.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import pytest
+from helpers_repo_template import copy_model_repo
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+from test_remote_code import check_fresh_result, run_fresh
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("EMOVLM_KD_SKIP_FLOOR_TEST") == "1", reason="EMOVLM_KD_SKIP_FLOOR_TEST=1"),
+]
+
+FLOOR_TORCH = os.environ.get("EMOVLM_KD_FLOOR_TORCH") == "1"
+REUSED = ("torch", "torchvision")  # unless FLOOR_TORCH
+
+
+def floor_pins(requirements_file: Path) -> dict[str, str]:
+    """{name: floor} of every library the file names: the version after `>=` (a library without one fails)."""
+    pins = {}
+    for line in requirements_file.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        requirement = Requirement(line)
+        floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        assert floors, f"{line!r} in the exported {requirements_file.name} states no floor"
+        pins[canonicalize_name(requirement.name)] = floors[0]
+    return pins
+
+
+def installed_closure(names) -> list:
+    """The installed distributions `names` need, their requirements' included (markers evaluated here)."""
+    found, todo = {}, list(names)
+    while todo:
+        requirement = Requirement(todo.pop())
+        name = canonicalize_name(requirement.name)
+        if name in found or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            found[name] = distribution(name)
+        except PackageNotFoundError:
+            continue
+        todo.extend(found[name].requires or [])
+    return list(found.values())
+
+
+def _link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system
+        shutil.copy2(source, destination)
+
+
+def reuse_distributions(distributions, site_packages: Path):
+    """Put installed distributions into another venv as hard links (no extra disk; pip in that venv sees them as
+    installed, and replacing one there never touches this environment's files)."""
+    for dist in distributions:
+        tops = {Path(str(path)).parts[0] for path in dist.files or [] if not str(path).startswith("..")}
+        for top in sorted(tops):
+            source, destination = Path(dist.locate_file(top)), site_packages / top
+            if destination.exists() or not source.exists():
+                continue
+            if source.is_dir():
+                shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(source, destination)
+
+
+# The venv's commands run outside the repository, without PYTHONPATH: nothing of this checkout is importable there.
+CLEAN_ENV = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PIP_CONSTRAINT")}
+
+
+def run(command, cwd) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd, env=CLEAN_ENV)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def make_floor_venv(venv: Path, pins: dict[str, str]) -> Path:
+    """A venv with exactly `pins` installed from PyPI (torch/torchvision reused unless FLOOR_TORCH); its python."""
+    run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent)
+    python = venv / "bin" / "python"
+    pins = dict(pins)
+    if not FLOOR_TORCH:
+        site_packages = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], venv).strip())
+        reused = [dist for dist in installed_closure(REUSED) if canonicalize_name(dist.metadata["Name"]) not in pins]
+        reuse_distributions(reused, site_packages)
+        pins.update({name: distribution(name).version for name in REUSED})
+    requested = [f"{name}=={version}" for name, version in pins.items()]
+    run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requested], venv)
+    return python
+
+
+def test_floor_versions_load_an_exported_model(tiny, tiny_folder, tmp_path):
+    repo = copy_model_repo(tiny_folder, tmp_path / "repo")  # the requirements files as export writes them
+    pins = floor_pins(repo / "requirements.txt")
+    assert {"transformers", "huggingface-hub", "tokenizers", "pillow", "numpy", "torch"} <= set(pins)
+    python = make_floor_venv(tmp_path / "floor-venv", pins)
+
+    # the venv holds the floors (pip did not pick other versions) and not this package
+    script = "import json, importlib.metadata as m; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    installed = {canonicalize_name(name): version for name, version in json.loads(run([str(python), "-c", script], tmp_path)).items()}
+    for name, floor in pins.items():
+        if FLOOR_TORCH or name not in REUSED:
+            assert Version(installed[name]) == Version(floor), (name, installed.get(name), floor)
+    assert not any(name.startswith("emovlm") for name in installed)
+    assert not any(re.match(r"(accelerate|peft|datasets|timm)$", name) for name in installed)
+
+    check_fresh_result(tiny, run_fresh(repo, tmp_path, python=python), tmp_path)
+    print(f"floor venv: {sorted(f'{name}=={installed[name]}' for name in pins)}")
