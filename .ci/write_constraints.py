@@ -41,5 +41,5 @@ def installed_closure(names) -> dict[str, str]:
 if __name__ == "__main__":
     pins = installed_closure(RANGES)
     print("# The exact versions CI and the README install: pip install -e \".[tests]\" -c constraints.txt")
-    print("# Written by .ci/write_constraints.py from the environment the suite passed in (Python 3.11, Linux x86-64).")
+    print("# Written by .ci/write_constraints.py from the environment the suite passed in (Python 3.11, Linux x86-64)")
     print("\n".join(f"{name}=={version}" for name, version in sorted(pins.items())))

@@ -25,12 +25,12 @@ TRAIN = {
     "accelerate": ">=1.10,<1.17",
     "peft": ">=0.17",
     "datasets": ">=4.0,<5.3",
-    "timm": ">=1.0",
-    "scikit-learn": "",
-    "tensorboard": "",
-    "matplotlib": "",
-    "pyyaml": "",
-    "tqdm": "",
+    "timm": ">=1.0.3",
+    "scikit-learn": ">=1.3",
+    "tensorboard": ">=2.14",
+    "matplotlib": ">=3.7",
+    "pyyaml": ">=6.0.1",
+    "tqdm": ">=4.66.3",
 }
 QLORA = {"bitsandbytes": ""}
 DEMO = {"gradio": ">=5"}
@@ -41,7 +41,7 @@ RANGES = {**CORE, **TRAIN, **QLORA, **DEMO, **TESTS}
 
 
 def requirement(name: str) -> str:
-    """`name` with its supported range, as pip takes it: `requirement("transformers")` -> 'transformers>=5.24,<5.25'."""
+    """`name` with its supported range, as pip takes it: `requirement("transformers")` -> `transformers>=5.24,<5.25`"""
     return f"{name}{RANGES[name]}"
 
 

@@ -19,17 +19,21 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from helpers_repo_template import copy_model_repo
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 from test_remote_code import check_fresh_result, run_fresh
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from emovlm_kd.dependencies import CORE, TRAIN
+from emovlm_kd.dependencies import floor_pins as dependency_floor_pins
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("EMOVLM_KD_SKIP_FLOOR_TEST") == "1", reason="EMOVLM_KD_SKIP_FLOOR_TEST=1"),
 ]
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOOR_TORCH = os.environ.get("EMOVLM_KD_FLOOR_TORCH") == "1"
 REUSED = ("torch", "torchvision")  # unless FLOOR_TORCH
 
@@ -89,8 +93,8 @@ def reuse_distributions(distributions, site_packages: Path):
 CLEAN_ENV = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PIP_CONSTRAINT")}
 
 
-def run(command, cwd) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd, env=CLEAN_ENV)
+def run(command, cwd, env=None) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd, env=env or CLEAN_ENV)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -101,7 +105,8 @@ def make_floor_venv(venv: Path, pins: dict[str, str]) -> Path:
     python = venv / "bin" / "python"
     pins = dict(pins)
     if not FLOOR_TORCH:
-        site_packages = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], venv).strip())
+        purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+        site_packages = Path(run([str(python), "-c", purelib], venv).strip())
         reused = [dist for dist in installed_closure(REUSED) if canonicalize_name(dist.metadata["Name"]) not in pins]
         reuse_distributions(reused, site_packages)
         pins.update({name: distribution(name).version for name in REUSED})
@@ -110,20 +115,37 @@ def make_floor_venv(venv: Path, pins: dict[str, str]) -> Path:
     return python
 
 
-def test_floor_versions_load_an_exported_model(tiny, tiny_folder, tmp_path):
-    repo = copy_model_repo(tiny_folder, tmp_path / "repo")  # the requirements files as export writes them
-    pins = floor_pins(repo / "requirements.txt")
+@pytest.fixture(scope="module")
+def floor_export(tmp_path_factory) -> Path:
+    """The offline quickstart (every training stage, then export) run with the package's and the training extra's
+    floors, the package importable from this checkout but not installed; the exported model folder."""
+    root = tmp_path_factory.mktemp("floor-train")
+    pins = dict(pin.split("==") for pin in dependency_floor_pins([*CORE, *TRAIN]))
+    python = make_floor_venv(root / "venv", {canonicalize_name(name): floor for name, floor in pins.items()})
+    env = {**CLEAN_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    out = run([str(python), str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(root / "run")], root, env)
+    model_dir = root / "run" / "model"
+    assert f"The model folder is {model_dir}" in out and (model_dir / "model.safetensors").is_file(), out[-3000:]
+    return model_dir
+
+
+def test_floor_versions_load_an_exported_model(floor_export, tmp_path):
+    pins = floor_pins(floor_export / "requirements.txt")  # what the exported repo states
     assert {"transformers", "huggingface-hub", "tokenizers", "pillow", "numpy", "torch"} <= set(pins)
     python = make_floor_venv(tmp_path / "floor-venv", pins)
 
-    # the venv holds the floors (pip did not pick other versions) and not this package
-    script = "import json, importlib.metadata as m; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
-    installed = {canonicalize_name(name): version for name, version in json.loads(run([str(python), "-c", script], tmp_path)).items()}
+    # the venv holds the floors (pip did not pick other versions), and neither this package nor the training libraries
+    script = "import json, importlib.metadata as m; print(json.dumps({d.name: d.version for d in m.distributions()}))"
+    listed = json.loads(run([str(python), "-c", script], tmp_path))
+    installed = {canonicalize_name(name): version for name, version in listed.items()}
     for name, floor in pins.items():
         if FLOOR_TORCH or name not in REUSED:
             assert Version(installed[name]) == Version(floor), (name, installed.get(name), floor)
     assert not any(name.startswith("emovlm") for name in installed)
     assert not any(re.match(r"(accelerate|peft|datasets|timm)$", name) for name in installed)
 
-    check_fresh_result(tiny, run_fresh(repo, tmp_path, python=python), tmp_path)
+    # the same classes, logits and pipeline outputs as the newest libraries give in this process
+    model = AutoModelForImageClassification.from_pretrained(floor_export, trust_remote_code=True).eval()
+    image_processor = AutoImageProcessor.from_pretrained(floor_export, trust_remote_code=True)
+    check_fresh_result((model, image_processor, None), run_fresh(floor_export, tmp_path, python=python), tmp_path)
     print(f"floor venv: {sorted(f'{name}=={installed[name]}' for name in pins)}")

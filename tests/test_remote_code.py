@@ -76,7 +76,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def run_fresh(folder, tmp_path, python=sys.executable):
-    """FRESH_PROCESS_SCRIPT on `folder` with the interpreter `python` (the floor-versions test passes another venv's)."""
+    """FRESH_PROCESS_SCRIPT on `folder`, run by `python` (the floor-versions test gives another venv's)."""
     script, out_path, bad_file = tmp_path / "fresh.py", tmp_path / "out.json", tmp_path / "notes.jpg"
     script.write_text(FRESH_PROCESS_SCRIPT)
     bad_file.write_text("not an image")
