@@ -18,17 +18,17 @@ CORE = {
     "safetensors": ">=0.8",
     "tokenizers": ">=0.23.1",
     "pillow": ">=10.0.1",
-    "numpy": ">=1.24",
+    "numpy": ">=2.0",  # pyarrow (datasets) needs NumPy 2 at import, though its metadata does not say so
 }
 # Training and evaluation (`pip install emovlm-kd[train]`).
 TRAIN = {
     "accelerate": ">=1.10,<1.17",
-    "peft": ">=0.17",
+    "peft": ">=0.18",  # 0.17 imports transformers 4's HybridCache
     "datasets": ">=4.0,<5.3",
-    "timm": ">=1.0.3",
-    "scikit-learn": ">=1.3",
-    "tensorboard": ">=2.14",
-    "matplotlib": ">=3.7",
+    "timm": ">=1.0.16",  # timm.models.save_for_hf and `local-dir:` checkpoints
+    "scikit-learn": ">=1.5",  # the first releases built for NumPy 2 (with matplotlib 3.9 and tensorboard 2.18)
+    "tensorboard": ">=2.18",
+    "matplotlib": ">=3.9",
     "pyyaml": ">=6.0.1",
     "tqdm": ">=4.66.3",
 }

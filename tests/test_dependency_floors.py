@@ -1,12 +1,15 @@
-"""The lowest supported versions are measured, not guessed: a separate venv holds only the libraries an exported
-model repo's `requirements.txt` names, each at the floor that file states, and loads the model there with
-`AutoModelForImageClassification` and the pipeline, with this package not installed.
+"""The lowest supported versions are measured, not guessed, in two fresh venvs (docs/supported-versions.md):
 
-torch and torchvision: by default the venv reuses this environment's builds (hard-linked, no copy and no download:
-an old torch from PyPI is a multi-GB CUDA download, too much for CI), so their floors are transformers' and
-accelerate's own (torch 2.6), not measured here. `EMOVLM_KD_FLOOR_TORCH=1` floors them too (downloads torch 2.6's
-CUDA build from PyPI, ~3 GB). Libraries these need but the repo does not name are whatever pip picks (newest allowed).
-Needs PyPI (pip install); skipped when `EMOVLM_KD_SKIP_FLOOR_TEST=1`.
+1. every library of `emovlm-kd[train]` at its floor (emovlm_kd/dependencies.py), the package importable from this
+   checkout but not installed: the offline quickstart trains every stage and exports a model repo;
+2. only the libraries that repo's `requirements.txt` names, each at the floor the file states, nothing of this
+   project: the exported model loads with `AutoModelForImageClassification` and the pipeline, and gives the same
+   classes, logits and pipeline outputs as the newest libraries in this process.
+
+torch and torchvision are reused from this environment by default (hard links: no copy, no download; an old torch
+from PyPI is a ~3 GB CUDA download), so CI does not measure their floors; `EMOVLM_KD_FLOOR_TORCH=1` floors them too.
+Libraries that are needed but not named get whatever pip picks (the newest that fit). Needs PyPI; skipped when
+`EMOVLM_KD_SKIP_FLOOR_TEST=1` (a machine without it).
 """
 
 import json
@@ -26,7 +29,7 @@ from test_remote_code import check_fresh_result, run_fresh
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from emovlm_kd.dependencies import CORE, TRAIN
-from emovlm_kd.dependencies import floor_pins as dependency_floor_pins
+from emovlm_kd.dependencies import floor_pins
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +41,7 @@ FLOOR_TORCH = os.environ.get("EMOVLM_KD_FLOOR_TORCH") == "1"
 REUSED = ("torch", "torchvision")  # unless FLOOR_TORCH
 
 
-def floor_pins(requirements_file: Path) -> dict[str, str]:
+def stated_floors(requirements_file: Path) -> dict[str, str]:
     """{name: floor} of every library the file names: the version after `>=` (a library without one fails)."""
     pins = {}
     for line in requirements_file.read_text().splitlines():
@@ -120,7 +123,7 @@ def floor_export(tmp_path_factory) -> Path:
     """The offline quickstart (every training stage, then export) run with the package's and the training extra's
     floors, the package importable from this checkout but not installed; the exported model folder."""
     root = tmp_path_factory.mktemp("floor-train")
-    pins = dict(pin.split("==") for pin in dependency_floor_pins([*CORE, *TRAIN]))
+    pins = dict(pin.split("==") for pin in floor_pins([*CORE, *TRAIN]))
     python = make_floor_venv(root / "venv", {canonicalize_name(name): floor for name, floor in pins.items()})
     env = {**CLEAN_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     out = run([str(python), str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(root / "run")], root, env)
@@ -130,7 +133,7 @@ def floor_export(tmp_path_factory) -> Path:
 
 
 def test_floor_versions_load_an_exported_model(floor_export, tmp_path):
-    pins = floor_pins(floor_export / "requirements.txt")  # what the exported repo states
+    pins = stated_floors(floor_export / "requirements.txt")  # what the exported repo states
     assert {"transformers", "huggingface-hub", "tokenizers", "pillow", "numpy", "torch"} <= set(pins)
     python = make_floor_venv(tmp_path / "floor-venv", pins)
 
