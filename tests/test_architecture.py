@@ -13,6 +13,7 @@ REMOTE_CODE = ("configuration_emovlm_kd", "modeling_emovlm_kd", "image_processin
 # ARCHITECTURE.md's layers: a module may import modules of its own layer or below, never above.
 LAYERS = {
     "run_dir": 0,
+    "dependencies": 0,
     "data": 1,
     "metrics": 1,
     "instruction_records": 1,
