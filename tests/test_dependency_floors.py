@@ -102,20 +102,26 @@ def run(command, cwd, env=None) -> str:
     return result.stdout
 
 
-def make_floor_venv(venv: Path, pins: dict[str, str]) -> Path:
-    """A venv with exactly `pins` installed from PyPI (torch/torchvision reused unless FLOOR_TORCH); its python."""
+def make_floor_venv(venv: Path, pins: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A venv with exactly `pins` installed from PyPI (torch/torchvision reused unless FLOOR_TORCH): its python and
+    {name: version} of everything installed there (checked: pip did not pick other versions of `pins`)."""
     run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent)
     python = venv / "bin" / "python"
     pins = dict(pins)
     if not FLOOR_TORCH:
         purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
         site_packages = Path(run([str(python), "-c", purelib], venv).strip())
-        reused = [dist for dist in installed_closure(REUSED) if canonicalize_name(dist.metadata["Name"]) not in pins]
+        floored = set(pins) - set(REUSED)  # numpy, pillow: torchvision needs them, the pins say which versions
+        reused = [dist for dist in installed_closure(REUSED) if canonicalize_name(dist.metadata["Name"]) not in floored]
         reuse_distributions(reused, site_packages)
         pins.update({name: distribution(name).version for name in REUSED})
     requested = [f"{name}=={version}" for name, version in pins.items()]
     run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requested], venv)
-    return python
+    script = "import json, importlib.metadata as m; print(json.dumps({d.name: d.version for d in m.distributions()}))"
+    installed = {canonicalize_name(name): v for name, v in json.loads(run([str(python), "-c", script], venv)).items()}
+    for name, floor in pins.items():
+        assert Version(installed[name]) == Version(floor), (name, installed.get(name), floor)
+    return python, installed
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +130,8 @@ def floor_export(tmp_path_factory) -> Path:
     floors, the package importable from this checkout but not installed; the exported model folder."""
     root = tmp_path_factory.mktemp("floor-train")
     pins = dict(pin.split("==") for pin in floor_pins([*CORE, *TRAIN]))
-    python = make_floor_venv(root / "venv", {canonicalize_name(name): floor for name, floor in pins.items()})
+    python, installed = make_floor_venv(root / "venv", {canonicalize_name(name): v for name, v in pins.items()})
+    print(f"training floor venv: {sorted(f'{name}=={installed[canonicalize_name(name)]}' for name in pins)}")
     env = {**CLEAN_ENV, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     out = run([str(python), str(REPO_ROOT / "examples" / "quickstart.py"), "--run-dir", str(root / "run")], root, env)
     model_dir = root / "run" / "model"
@@ -135,15 +142,8 @@ def floor_export(tmp_path_factory) -> Path:
 def test_floor_versions_load_an_exported_model(floor_export, tmp_path):
     pins = stated_floors(floor_export / "requirements.txt")  # what the exported repo states
     assert {"transformers", "huggingface-hub", "tokenizers", "pillow", "numpy", "torch"} <= set(pins)
-    python = make_floor_venv(tmp_path / "floor-venv", pins)
-
-    # the venv holds the floors (pip did not pick other versions), and neither this package nor the training libraries
-    script = "import json, importlib.metadata as m; print(json.dumps({d.name: d.version for d in m.distributions()}))"
-    listed = json.loads(run([str(python), "-c", script], tmp_path))
-    installed = {canonicalize_name(name): version for name, version in listed.items()}
-    for name, floor in pins.items():
-        if FLOOR_TORCH or name not in REUSED:
-            assert Version(installed[name]) == Version(floor), (name, installed.get(name), floor)
+    python, installed = make_floor_venv(tmp_path / "floor-venv", pins)
+    # neither this package nor the training libraries are there
     assert not any(name.startswith("emovlm") for name in installed)
     assert not any(re.match(r"(accelerate|peft|datasets|timm)$", name) for name in installed)
 
