@@ -112,7 +112,8 @@ def make_floor_venv(venv: Path, pins: dict[str, str]) -> tuple[Path, dict[str, s
         purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
         site_packages = Path(run([str(python), "-c", purelib], venv).strip())
         floored = set(pins) - set(REUSED)  # numpy, pillow: torchvision needs them, the pins say which versions
-        reused = [dist for dist in installed_closure(REUSED) if canonicalize_name(dist.metadata["Name"]) not in floored]
+        closure = installed_closure(REUSED)
+        reused = [dist for dist in closure if canonicalize_name(dist.metadata["Name"]) not in floored]
         reuse_distributions(reused, site_packages)
         pins.update({name: distribution(name).version for name in REUSED})
     requested = [f"{name}=={version}" for name, version in pins.items()]
