@@ -75,6 +75,10 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
     predicted one. It is never rewritten; compare `explanation_labels` with `predictions` to flag disagreement.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.explain_by_default = kwargs.get("explain", False)  # `pipeline(..., explain=True)`: every call explains
+
     def __call__(self, inputs=None, **kwargs):
         r"""Classify the image(s) as [`ImageClassificationPipeline`] does (`top_k`, `function_to_apply`, `timeout`).
 
@@ -88,7 +92,7 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
             max_new_tokens (`int`, *optional*):
                 With `explain=True`: the generation budget per image (`config.max_new_tokens` by default, 256).
         """
-        explaining = kwargs.get("explain", self._forward_params.get("explain", False))
+        explaining = kwargs.get("explain", self.explain_by_default)
         given = sorted({"explain_task", "max_new_tokens"} & set(kwargs))
         if given and not explaining:
             raise ValueError(f"{given} only apply with explain=True")

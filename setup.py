@@ -1,3 +1,6 @@
+import os
+import runpy
+
 from setuptools import find_packages, setup
 
 REMOTE_CODE = [
@@ -8,30 +11,19 @@ REMOTE_CODE = [
     "pipeline_emovlm_kd",
 ]
 
-core = [
-    "torch>=2.4",
-    "torchvision",
-    "transformers>=5.24,<6",
-    "huggingface_hub>=1.0",
-    "safetensors",
-    "tokenizers",
-    "pillow",
-    "numpy",
-]
-train = [
-    "accelerate>=1.10",
-    "peft>=0.17",
-    "datasets>=4.0",
-    "timm>=1.0",
-    "scikit-learn",
-    "tensorboard",
-    "matplotlib",
-    "pyyaml",
-    "tqdm",
-]
-qlora = ["bitsandbytes"]
-demo = ["gradio>=5"]
-tests = ["pytest", "selenium", "evaluate"] + train + demo
+# Version ranges are declared once, in emovlm_kd/dependencies.py (run, not imported: nothing is installed yet).
+DEPENDENCIES = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "emovlm_kd", "dependencies.py"))
+
+
+def requirements(group: dict) -> list[str]:
+    return [f"{name}{versions}" for name, versions in group.items()]
+
+
+core = requirements(DEPENDENCIES["CORE"])
+train = requirements(DEPENDENCIES["TRAIN"])
+qlora = requirements(DEPENDENCIES["QLORA"])
+demo = requirements(DEPENDENCIES["DEMO"])
+tests = requirements(DEPENDENCIES["TESTS"]) + train + demo
 
 setup(
     name="emovlm-kd",

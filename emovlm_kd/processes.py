@@ -62,10 +62,10 @@ def main_process_lock(run_dir):
 
 def end_processes():
     """Tear the process group down cleanly (multi-process runs otherwise may abort at exit)."""
-    from accelerate import PartialState
+    import torch
 
-    if PartialState._shared_state:
-        PartialState().destroy_process_group()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 __all__ = [

@@ -277,7 +277,13 @@ def split_identities(kind: str, location: str, source: DatasetDict) -> dict[str,
     if kind == "files":
         files = _files_identity(location)
         return {split: files for split in source}
-    return {split: dataset._fingerprint for split, dataset in source.items()}
+    return {split: dataset_fingerprint(dataset) for split, dataset in source.items()}
+
+
+def dataset_fingerprint(dataset) -> str:
+    """`datasets`' own hash of a split's content and transforms. It is the private `Dataset._fingerprint` (datasets
+    has no public accessor); this is its only use, and tests/test_dependencies.py fails loudly if it changes."""
+    return dataset._fingerprint
 
 
 def source_hash(run_args) -> str:
@@ -505,6 +511,7 @@ __all__ = [
     "SourceData",
     "SplitImages",
     "WEB_IMAGE_FORMATS",
+    "dataset_fingerprint",
     "dataset_kind",
     "detect_source",
     "has_source",

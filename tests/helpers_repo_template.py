@@ -42,10 +42,13 @@ def load_module(path: str | Path, name: str):
 def copy_model_repo(model_folder: Path, destination: Path) -> Path:
     """A model repo laid out as export writes it: the model folder, `handler.py` and `requirements.txt` at its root
     (where Inference Endpoints look for them) and the Space app in `space/`."""
+    from emovlm_kd.stages.export import write_template_file
+
     shutil.copytree(model_folder, destination)
     shutil.copy(HANDLER, destination / HANDLER.name)
-    shutil.copy(ENDPOINT_REQUIREMENTS, destination / ENDPOINT_REQUIREMENTS.name)
+    write_template_file(ENDPOINT_REQUIREMENTS, destination / ENDPOINT_REQUIREMENTS.name)
     shutil.copytree(SPACE_DIR, destination / "space", ignore=shutil.ignore_patterns("__pycache__"))
+    write_template_file(SPACE_REQUIREMENTS, destination / "space" / SPACE_REQUIREMENTS.name)
     return destination
 
 

@@ -20,6 +20,7 @@ REMOTE_CODE = (
 LAYERS = {
     "run_dir": 0,
     "settings": 0,
+    "dependencies": 0,
     "data": 1,
     "metrics": 1,
     "instruction_records": 1,

@@ -75,13 +75,14 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_fresh(folder, tmp_path):
+def run_fresh(folder, tmp_path, python=sys.executable):
+    """FRESH_PROCESS_SCRIPT on `folder`, run by `python` (the floor-versions test gives another venv's)."""
     script, out_path, bad_file = tmp_path / "fresh.py", tmp_path / "out.json", tmp_path / "notes.jpg"
     script.write_text(FRESH_PROCESS_SCRIPT)
     bad_file.write_text("not an image")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(out_path), str(bad_file)],
+        [str(python), str(script), str(folder), str(out_path), str(bad_file)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -132,10 +133,14 @@ def test_folder_contents(tiny_folder):
 
 @pytest.mark.slow
 def test_fresh_process_reproduces_logits_and_pipeline(tiny, tiny_folder, tmp_path):
+    check_fresh_result(tiny, run_fresh(tiny_folder, tmp_path), tmp_path)
+
+
+def check_fresh_result(tiny, result: dict, tmp_path):
+    """The fresh process's classes, logits and pipeline outputs are those of the in-process model `tiny`."""
     model, image_processor, _ = tiny
     with torch.no_grad():
         expected = model(**image_processor(make_images())).logits
-    result = _run_fresh(tiny_folder, tmp_path)
 
     kinds = result["kinds"]
     assert kinds["model"] == kinds["auto_model"] == "EmoVLMKDForImageClassification"

@@ -27,6 +27,7 @@ from huggingface_hub import HfApi
 
 from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
 from emovlm_kd.cache import FeatureCache, samples_answers
+from emovlm_kd.dependencies import RANGES, pin_requirements
 from emovlm_kd.model_card import build_model_card, card_settings
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
@@ -123,6 +124,16 @@ def _template_files() -> dict[str, Path]:
     return files
 
 
+def write_template_file(source: Path, destination: Path):
+    """Copy a template file into the repo; a `requirements.txt` gets the supported version ranges of the libraries it
+    names (declared once, in `emovlm_kd.dependencies`)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.name == "requirements.txt":
+        destination.write_text(pin_requirements(source.read_text()))
+    else:
+        shutil.copy(source, destination)
+
+
 def fingerprint(run_args, args: ExportArguments) -> str:
     template = {name: file_digest(path) for name, path in _template_files().items()}
     widget_files = [[Path(path).name, file_digest(path)] for path in args.widget_image if Path(path).is_file()]
@@ -132,6 +143,7 @@ def fingerprint(run_args, args: ExportArguments) -> str:
             "evaluate": upstream_fingerprint(run_args.run_dir, "evaluate", STAGE),
             "repo_template": template,
             "widget_files": widget_files,
+            "dependency_ranges": RANGES,  # written into the repo's requirements files
             **{name: getattr(args, name) for name in FINGERPRINT_FIELDS},
         }
     )
@@ -341,13 +353,12 @@ def write_repo(
         shutil.rmtree(output)
     output.mkdir(parents=True)
     base_model = _base_model(run_args.run_dir, args, head_spec)
-    model.config.vlm_config._name_or_path = base_model or ""  # never a path on the training machine
+    model.config.vlm_config.name_or_path = base_model or ""  # never a path on the training machine
     # processor_config.json (the image processor's settings too), the tokenizer, the chat template, processing code
     EmoVLMKDProcessor(image_processor, tokenizer_with_chat_template(vlm_processor)).save_pretrained(output)
     model.save_pretrained(output)
     for name, source in _template_files().items():
-        (output / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, output / name)
+        write_template_file(source, output / name)
     results_file = stage_output(run_args.run_dir, "evaluate") / RESULTS_FILE
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(run_args.run_dir).resolve().name}"
@@ -436,5 +447,6 @@ __all__ = [
     "run",
     "widget_images",
     "write_repo",
+    "write_template_file",
     "write_widget",
 ]
