@@ -11,15 +11,17 @@ import re
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+try:
+    from .vlm_adapters_emovlm_kd import SUPPORTED_VLM_FAMILIES, get_adapter
+except ImportError:  # imported from the installed package rather than from a model folder
+    from vlm_adapters_emovlm_kd import SUPPORTED_VLM_FAMILIES, get_adapter
+
 GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating")
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
 TASKS = ("observation", "inference", "classification")
 # The tasks whose answers explain an image (what `explain` is asked for by the pipeline, the Endpoint and the Space).
 EXPLANATION_TASKS = ("inference", "observation")
-# VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
-# Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
-SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 # Where a saved folder finds this package's classes: the Auto classes and the image-classification pipeline.
 AUTO_MAP = {
@@ -188,10 +190,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.vlm_config.model_type not in SUPPORTED_VLM_FAMILIES:
-            raise ValueError(
-                f"VLM family {self.vlm_config.model_type!r} is not supported; supported: {SUPPORTED_VLM_FAMILIES}"
-            )
+        get_adapter(self.vlm_config)  # refuses a family no adapter knows, or one that would be scored wrongly
         if self.head_hidden_sizes is None:
             self.head_hidden_sizes = [1024]
         if self.gate_type not in GATE_TYPES:
@@ -296,4 +295,4 @@ class EmoVLMKDConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["EXPLANATION_TASKS", "EmoVLMKDConfig", "example_labels", "label_pattern"]
+__all__ = ["EXPLANATION_TASKS", "SUPPORTED_VLM_FAMILIES", "EmoVLMKDConfig", "example_labels", "label_pattern"]
