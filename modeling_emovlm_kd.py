@@ -362,6 +362,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             vlm = AutoModelForImageTextToText.from_pretrained(vlm, dtype=config_kwargs.pop("dtype", "auto"))
         if processor is None:
             raise ValueError("from_vlm needs the VLM's processor to tokenise the class answers")
+        if config_kwargs.get("vlm_branch_mode", "score") == "score":  # checked before the config takes vlm.config
+            check_attention_backend(get_adapter(vlm.config).language_model(vlm))
         id2label = dict(enumerate(labels)) if isinstance(labels, (list, tuple)) else dict(labels)
         config = EmoVLMKDConfig(
             vlm_config=vlm.config,
@@ -370,8 +372,6 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             **config_kwargs,
         )
         config.answer_token_ids = tokenize_answers(processor.tokenizer, config)
-        if config.vlm_branch_mode == "score":
-            check_attention_backend(get_adapter(vlm.config).language_model(vlm))  # before any work is done
         with torch.device("meta"):  # skip building (and initialising) a second, random VLM
             model = cls(config)
         model.vlm = vlm

@@ -1,0 +1,268 @@
+"""One adapter per VLM family: exact scores against the stock model for each family (Qwen3-VL's deepstack
+included), one vision pass, explain, processor geometry, remote code, and the refusals that keep scores honest."""
+
+import pytest
+import torch
+
+from emovlm_kd.testing import make_images
+from emovlm_kd.tiny import build_tiny_model, build_tiny_vlm, build_tiny_vlm_processor
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
+from vlm_adapters_emovlm_kd import ADAPTERS, ImageEmbeds, get_adapter
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# multi-token answers sharing prefixes: `sad` / `sadness` / `sad calm`, and the common `{'emotion': '`
+LABELS = ["sad", "sadness", "joy", "sad calm"]
+
+
+def stock_log_likelihoods(model, image_processor, images):
+    """A forward of the stock `...ForConditionalGeneration` over the full chat (system turn, task text, image,
+    answer) for every (image, class), each alone: what the one-pass scoring must reproduce."""
+    table = torch.zeros(len(images), model.config.num_labels)
+    for row, image in enumerate(images):
+        inputs = image_processor([image])
+        for label, answer in enumerate(model.config.answer_token_ids):
+            answer = torch.tensor([answer])
+            input_ids = torch.cat([inputs["input_ids"], answer], dim=1)
+            logits = model.vlm(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], dim=1),
+            ).logits
+            log_probs = logits[0, -answer.shape[1] - 1 : -1].float().log_softmax(-1)
+            table[row, label] = log_probs.gather(-1, answer[0, :, None]).sum()
+    return table
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    model, image_processor, processor = build_tiny_model(LABELS, seed=1, vlm_kwargs={"family": request.param})
+    return request.param, model, image_processor, processor
+
+
+def test_scores_equal_the_stock_model_batched_with_padding(family_model):
+    family, model, image_processor, _ = family_model
+    assert model.vlm.config.model_type == family
+    answers = model.config.answer_token_ids
+    assert all(len(answer) > 3 for answer in answers)
+
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    common = min(shared(answers[0], other) for other in answers[1:])  # the answer format's `{'emotion': '`
+    assert common > 1 and max(shared(a, b) for a in answers for b in answers if a is not b) > common
+    images = make_images()
+    inputs = image_processor(images)
+    assert not inputs["attention_mask"].all(), "the batch should exercise padding"
+    calls = []
+    handle = model.vlm.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            scored = model(**inputs).vlm_log_likelihoods
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "one vision pass per forward"
+    with torch.no_grad():
+        reference = stock_log_likelihoods(model, image_processor, images)
+    torch.testing.assert_close(scored, reference, atol=1e-4, rtol=0)
+    assert (reference.max(-1).values - reference.min(-1).values).min() > 1e-3
+
+
+def test_qwen3_vl_deepstack_features_change_the_scores():
+    """Without the deepstack addition the scores differ from the stock model's: the equality above tests it."""
+    model, image_processor, _ = build_tiny_model(LABELS, seed=1, vlm_kwargs={"family": "qwen3_vl"})
+    inputs = image_processor(make_images())
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    with torch.no_grad():
+        embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+        assert len(embeds.deepstack) == 3 and embeds.deepstack[0].shape == (2, *embeds[0].shape)
+        with_deepstack = model.score_answers(*branch, embeds)
+        zeroed = ImageEmbeds(embeds, [torch.zeros_like(levels) for levels in embeds.deepstack])
+        without = model.score_answers(*branch, zeroed)
+    assert (with_deepstack - without).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="deepstack"):
+        model.score_answers(*branch, tuple(embeds))  # a plain tuple lost them: refused, not scored without
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_explain_greedy_tokens_equal_stock_generate(family):
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_kwargs={"family": family})
+    images = make_images()[:2]
+    inputs = image_processor(images)
+    with torch.no_grad():
+        out = model(**inputs, output_image_hidden_states=True)
+    seen = {}
+    generate_tokens = model.generate_tokens
+
+    def spy(*args, **kwargs):
+        seen["tokens"] = generate_tokens(*args, **kwargs)
+        seen["prompt"] = args[:2]
+        return seen["tokens"]
+
+    model.generate_tokens = spy
+    try:
+        texts = model.explain(**inputs, image_hidden_states=out.image_hidden_states, max_new_tokens=6)
+    finally:
+        del model.generate_tokens
+    input_ids, attention_mask = seen["prompt"]
+    for row, image in enumerate(images):
+        prompt = input_ids[row][attention_mask[row].bool()][None]  # the explain prompt of this image, unpadded
+        single = image_processor([image])
+        pixels = single["pixel_values"]
+        with torch.no_grad():
+            stock = model.vlm.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                pixel_values=pixels,
+                image_grid_thw=single["image_grid_thw"],
+                mm_token_type_ids=(prompt == model.config.vlm_config.image_token_id).long(),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=model.stop_token_ids(),
+            )
+        stock_new = stock[0, prompt.shape[1] :].tolist()
+        ours = seen["tokens"][row]
+        assert len(ours) > 0 and ours == stock_new[: len(ours)], (row, ours, stock_new)
+    assert len(texts) == 2
+
+
+def test_processor_geometry_comes_from_the_vlm_processor():
+    processor = build_tiny_vlm_processor(family="qwen3_vl")
+    geometry = ADAPTERS["qwen3_vl"].processor_geometry(processor.image_processor)
+    assert (geometry["patch_size"], geometry["merge_size"], geometry["resize_factor"]) == (16, 2, 32)
+    assert geometry["image_mean"] == [0.5] * 3 and geometry["image_std"] == [0.5] * 3
+    model, image_processor, _ = build_tiny_model(["a", "b"], vlm_kwargs={"family": "qwen3_vl"})
+    assert (image_processor.patch_size, image_processor.merge_size) == (16, 2)
+    inputs = image_processor(make_images()[:1])
+    grid = inputs["image_grid_thw"][0]
+    # one LM token per 32 x 32 pixels, as many placeholders as image embeddings
+    assert int((inputs["input_ids"] == image_processor.image_token_id).sum()) == int(grid.prod()) // 4
+    qwen2 = ADAPTERS["qwen2_vl"].processor_geometry(build_tiny_vlm_processor().image_processor)
+    assert qwen2["resize_factor"] == 28
+
+
+def test_qwen3_vl_image_hidden_states_keep_their_deepstack_features():
+    model, image_processor, _ = build_tiny_model(["a", "b"], vlm_kwargs={"family": "qwen3_vl"})
+    inputs = image_processor(make_images()[:2])
+    with torch.no_grad():
+        hidden = model(**inputs, output_image_hidden_states=True).image_hidden_states
+    assert isinstance(hidden, ImageEmbeds) and hidden.deepstack is not None
+    with pytest.raises(ValueError, match="deepstack"):
+        model.explain(**inputs, image_hidden_states=tuple(hidden), max_new_tokens=2)
+
+
+def tiny_qwen3_5_vlm(processor):
+    """A tiny Qwen3.5 (hybrid attention: 3 of 4 language-model layers are linear attention)."""
+    from transformers import AutoModelForImageTextToText, Qwen3_5Config
+
+    tokenizer = processor.tokenizer
+    config = Qwen3_5Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+        },
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+    )
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def test_hybrid_attention_qwen3_5_is_refused_with_the_reason():
+    """Qwen3.5's linear-attention layers ignore the trie's 4-D mask: refused at from_vlm and at load (the config),
+    never scored wrongly."""
+    processor = build_tiny_vlm_processor(family="qwen3_vl")
+    vlm = tiny_qwen3_5_vlm(processor)
+    assert "linear_attention" in vlm.config.text_config.layer_types
+    with pytest.raises(ValueError, match=r"cannot be scored exactly: 3 of its 4 .*linear_attention.*4-D"):
+        EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["a", "b"])
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+    with pytest.raises(ValueError, match="linear_attention"):  # what a saved folder's config meets at load
+        EmoVLMKDConfig(id2label={0: "a", 1: "b"}, vlm_config=vlm.config.to_dict())
+
+
+def test_sliding_window_shorter_than_the_scoring_pass_is_refused():
+    import copy
+
+    from transformers import AutoModelForImageTextToText
+
+    from image_processing_emovlm_kd import EmoVLMKDImageProcessor
+
+    processor = build_tiny_vlm_processor()
+    config = copy.deepcopy(build_tiny_vlm(processor, seed=2).config)
+    text_config = config.get_text_config()
+    text_config.sliding_window, text_config.layer_types = 64, ["sliding_attention"] * text_config.num_hidden_layers
+    torch.manual_seed(2)
+    vlm = AutoModelForImageTextToText.from_config(config).eval()
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["sad", "joy"])
+    image_processor = EmoVLMKDImageProcessor.from_vlm_processor(processor, model.config)
+    images = make_images()[:2]
+    inputs = image_processor(images)
+    assert inputs["input_ids"].shape[1] > 64
+    with pytest.raises(ValueError, match="sliding window \\(64 tokens\\)"):
+        model(**inputs)
+    text_config.sliding_window = 4096  # longer than prompt + trie: the one-pass mask is exact again
+    with torch.no_grad():
+        scored = model(**inputs).vlm_log_likelihoods
+        torch.testing.assert_close(scored, stock_log_likelihoods(model, image_processor, images), atol=1e-4, rtol=0)
+
+
+def test_attention_implementations_that_drop_custom_masks_are_refused():
+    processor = build_tiny_vlm_processor()
+    vlm = build_tiny_vlm(processor)
+    language_model = get_adapter(vlm.config).language_model(vlm)
+    language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["a", "b"])
+    # the generate branch does not need the mask
+    EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["a", "b"], vlm_branch_mode="generate")
+
+
+def test_stage_1_lora_targets_come_from_the_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    processor = build_tiny_vlm_processor(family="qwen3_vl")
+    vlm = build_tiny_vlm(processor, family="qwen3_vl")
+    adapter = get_adapter(vlm.config)
+    peft_model = get_peft_model(vlm, LoraConfig(r=2, target_modules=adapter.lora_target_modules))
+    wrapped = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_parameters() if ".lora_A" in name}
+    assert len(wrapped) == 4 * vlm.config.text_config.num_hidden_layers
+    assert all(".language_model." in name and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")
+               for name in wrapped)
+
+
+def test_saved_folder_ships_the_adapter_file_and_a_resave_keeps_it(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from emovlm_kd.tiny import save_tiny_model_folder
+
+    first = save_tiny_model_folder(tmp_path / "first", vlm_kwargs={"family": "qwen3_vl"})
+    assert (tmp_path / "first" / "vlm_adapters_emovlm_kd.py").exists()
+    reloaded = AutoModelForImageClassification.from_pretrained(first, trust_remote_code=True)
+    assert type(reloaded).__module__.startswith("transformers_modules")  # the folder's code, not the package's
+    reloaded.save_pretrained(tmp_path / "second")
+    assert (tmp_path / "second" / "vlm_adapters_emovlm_kd.py").exists()
+    from transformers import AutoImageProcessor
+
+    inputs = AutoImageProcessor.from_pretrained(first, trust_remote_code=True)(make_images())
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "second", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, reloaded(**inputs).logits)
