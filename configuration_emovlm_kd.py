@@ -122,6 +122,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
             Hidden layers of the distilled head (Linear-GELU-Dropout each, then Linear to the classes).
         head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout after every hidden layer of the head.
+        head_input_deepstack (`bool`, *optional*, defaults to `False`):
+            The head's input: the per-image mean of the LM-ready image embeddings (the paper's, default), or, for
+            VLMs with deepstack features (Qwen3-VL), that mean concatenated with the mean of every deepstack level
+            (`hidden_size * (1 + levels)` features).
         gate_type (`str`, *optional*, defaults to `"concat_linear"`):
             One of `concat_linear`, `bilinear`, `moe`, `dynamic_weighting`, `cross_gating` (the reference's gates).
         gate_num_experts (`int`, *optional*, defaults to 3):
@@ -176,6 +180,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
     answer_token_ids: list | None = None
     head_hidden_sizes: list | None = None
     head_dropout: float = 0.1
+    head_input_deepstack: bool = False
     gate_type: str = "concat_linear"
     gate_num_experts: int = 3
     kd_temperature: float = 2.0
@@ -190,7 +195,9 @@ class EmoVLMKDConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        get_adapter(self.vlm_config)  # refuses a family no adapter knows, or one that would be scored wrongly
+        adapter = get_adapter(self.vlm_config)  # refuses a family no adapter knows, or one scored wrongly
+        if self.head_input_deepstack and not adapter.has_deepstack:
+            raise ValueError(f"head_input_deepstack needs a VLM with deepstack features; {adapter.family} has none")
         if self.head_hidden_sizes is None:
             self.head_hidden_sizes = [1024]
         if self.gate_type not in GATE_TYPES:

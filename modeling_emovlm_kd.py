@@ -322,8 +322,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def __init__(self, config: EmoVLMKDConfig):
         super().__init__(config)
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        hidden_size = config.vlm_config.get_text_config().hidden_size
-        self.head = EmoVLMKDHead(hidden_size, config.head_hidden_sizes, config.num_labels, config.head_dropout)
+        self.head = EmoVLMKDHead(
+            head_in_features(config), config.head_hidden_sizes, config.num_labels, config.head_dropout
+        )
         self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
         self._trie = AnswerTrie(config.answer_token_ids) if config.answer_token_ids else None
         self.tokenizer = None  # the VLM's; attached by `from_vlm` and `from_pretrained`
@@ -427,9 +428,16 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         (an `ImageEmbeds` tuple, which also carries Qwen3-VL's deepstack features)."""
         return self.vlm_adapter.image_features(self.vlm, pixel_values, image_grid_thw)
 
-    @staticmethod
-    def pool_image_embeds(image_embeds: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.stack([embeds.mean(dim=0) for embeds in image_embeds])
+    def pool_image_embeds(self, image_embeds: ImageEmbeds) -> torch.Tensor:
+        """The head's input `(batch, features)`: the per-image mean of the LM-ready image embeddings, followed by
+        the mean of every deepstack level when `config.head_input_deepstack`."""
+        pooled = torch.stack([embeds.mean(dim=0) for embeds in image_embeds])
+        if not self.config.head_input_deepstack:
+            return pooled
+        if getattr(image_embeds, "deepstack", None) is None:
+            raise ValueError("head_input_deepstack needs the image embeddings' deepstack features (get_image_embeds)")
+        levels = torch.stack([levels.mean(dim=1).flatten() for levels in image_embeds.deepstack])
+        return torch.cat([pooled, levels.to(pooled.dtype)], dim=-1)
 
     def forward_head(self, pooled_image_embeds: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_image_embeds.to(self.head.mlp[0].weight.dtype))
@@ -758,6 +766,14 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             image_hidden_states=image_embeds if output_image_hidden_states else None,
             distillation_loss=kd_loss,
         )
+
+
+def head_in_features(config: EmoVLMKDConfig) -> int:
+    """Width of the head's input: the LM's hidden size, times `1 + deepstack levels` with `head_input_deepstack`."""
+    hidden_size = config.vlm_config.get_text_config().hidden_size
+    if not config.head_input_deepstack:
+        return hidden_size
+    return hidden_size * (1 + get_adapter(config.vlm_config).deepstack_levels(config.vlm_config))
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -6,10 +6,10 @@ it depends on how a family wires them. This file is the one place that knows: on
 `vlm_config.model_type`. Everything else (the model, the image processor, the stages, `explain`, the cache, the
 benchmarks) asks the adapter. It imports only torch and transformers.
 
-| family | LM-ready image features | extra inputs of the language model | processor geometry |
-|---|---|---|---|
-| `qwen2_vl`, `qwen2_5_vl` | `get_image_features(...).pooler_output` | none | patch 14, 2x2 merge (from the processor) |
-| `qwen3_vl` | the same, plus `deepstack_features` (one per deepstack level) | the deepstack features, added to the hidden states of the first layers at the image positions | patch 16, 2x2 merge, mean/std 0.5 (from the processor) |
+* `qwen2_vl`, `qwen2_5_vl`: LM-ready image features are `get_image_features(...).pooler_output`; the language model
+  takes nothing else; the released processors cut 14 px patches, merged 2 x 2 (read from the processor).
+* `qwen3_vl`: the same, plus `deepstack_features` (one per deepstack level), which the language model adds to the
+  hidden states of its first layers at the image positions; 16 px patches merged 2 x 2, mean/std 0.5.
 
 A language model whose attention does not honour the tree-shaped 4-D mask of the one-pass answer scoring (linear or
 hybrid attention such as Qwen3.5, sliding windows shorter than the sequence, attention implementations that drop
@@ -62,7 +62,10 @@ class QwenVLAdapter:
     def rope_index(self, vlm, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
         """The 3D rope positions `(3, batch, seq_len)` of left-padded prompts with one image each."""
         position_ids, _ = vlm.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
         )
         return position_ids
 

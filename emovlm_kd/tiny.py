@@ -59,8 +59,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 LM_HEAD_SCALE = 10.0
 
-# The tiny VLMs by name (`--vlm tiny-qwen3-vl`): their family. `tiny` is the Qwen2-VL one.
-TINY_VLMS = {"tiny": "qwen2_vl", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
 # The processor geometry of each family's released checkpoints (their preprocessor_config.json): Qwen2(.5)-VL cut
 # 14 px patches normalised with the CLIP mean/std (the image processor's defaults); Qwen3-VL cuts 16 px patches
 # normalised with mean = std = 0.5. Both merge 2 x 2 patches into one LM token.
@@ -257,7 +255,6 @@ def save_tiny_model_folder(folder, labels=("negative", "neutral", "positive"), *
 
 
 __all__ = [
-    "TINY_VLMS",
     "build_tiny_model",
     "save_tiny_model_folder",
     "build_tiny_vlm",

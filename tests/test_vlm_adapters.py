@@ -1,6 +1,8 @@
 """One adapter per VLM family: exact scores against the stock model for each family (Qwen3-VL's deepstack
 included), one vision pass, explain, processor geometry, remote code, and the refusals that keep scores honest."""
 
+import functools
+
 import pytest
 import torch
 
@@ -9,7 +11,13 @@ from emovlm_kd.tiny import build_tiny_model, build_tiny_vlm, build_tiny_vlm_proc
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from vlm_adapters_emovlm_kd import ADAPTERS, ImageEmbeds, get_adapter
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Qwen2-VL and Qwen2.5-VL are also scored against the stock model in test_modeling's quick tests; here they run
+# with the slow tests, Qwen3-VL every time.
+FAMILIES = [
+    pytest.param("qwen2_vl", marks=pytest.mark.slow),
+    pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
+    "qwen3_vl",
+]
 # multi-token answers sharing prefixes: `sad` / `sadness` / `sad calm`, and the common `{'emotion': '`
 LABELS = ["sad", "sadness", "joy", "sad calm"]
 
@@ -35,14 +43,14 @@ def stock_log_likelihoods(model, image_processor, images):
     return table
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request):
-    model, image_processor, processor = build_tiny_model(LABELS, seed=1, vlm_kwargs={"family": request.param})
-    return request.param, model, image_processor, processor
+@functools.cache
+def tiny_model(family: str):
+    return build_tiny_model(LABELS, seed=1, vlm_kwargs={"family": family})
 
 
-def test_scores_equal_the_stock_model_batched_with_padding(family_model):
-    family, model, image_processor, _ = family_model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_equal_the_stock_model_batched_with_padding(family):
+    model, image_processor, _ = tiny_model(family)
     assert model.vlm.config.model_type == family
     answers = model.config.answer_token_ids
     assert all(len(answer) > 3 for answer in answers)
@@ -71,7 +79,7 @@ def test_scores_equal_the_stock_model_batched_with_padding(family_model):
 
 def test_qwen3_vl_deepstack_features_change_the_scores():
     """Without the deepstack addition the scores differ from the stock model's: the equality above tests it."""
-    model, image_processor, _ = build_tiny_model(LABELS, seed=1, vlm_kwargs={"family": "qwen3_vl"})
+    model, image_processor, _ = tiny_model("qwen3_vl")
     inputs = image_processor(make_images())
     branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     with torch.no_grad():
@@ -85,7 +93,7 @@ def test_qwen3_vl_deepstack_features_change_the_scores():
         model.score_answers(*branch, tuple(embeds))  # a plain tuple lost them: refused, not scored without
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", [pytest.param("qwen2_5_vl", marks=pytest.mark.slow), "qwen3_vl"])
 def test_explain_greedy_tokens_equal_stock_generate(family):
     model, image_processor, _ = build_tiny_model(["negative", "positive"], vlm_kwargs={"family": family})
     images = make_images()[:2]
@@ -143,7 +151,7 @@ def test_processor_geometry_comes_from_the_vlm_processor():
 
 
 def test_qwen3_vl_image_hidden_states_keep_their_deepstack_features():
-    model, image_processor, _ = build_tiny_model(["a", "b"], vlm_kwargs={"family": "qwen3_vl"})
+    model, image_processor, _ = tiny_model("qwen3_vl")
     inputs = image_processor(make_images()[:2])
     with torch.no_grad():
         hidden = model(**inputs, output_image_hidden_states=True).image_hidden_states
@@ -266,3 +274,22 @@ def test_saved_folder_ships_the_adapter_file_and_a_resave_keeps_it(tmp_path):
     again = AutoModelForImageClassification.from_pretrained(tmp_path / "second", trust_remote_code=True)
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_head_input_can_concatenate_the_pooled_deepstack_levels():
+    """Stage 3's optional head input (off by default): pooled embeddings + every pooled deepstack level."""
+    model, image_processor, _ = build_tiny_model(["a", "b"], vlm_kwargs={"family": "qwen3_vl"}, head_input_deepstack=True)
+    inputs = image_processor(make_images())
+    with torch.no_grad():
+        out = model(**inputs, output_image_hidden_states=True)
+    hidden, levels = model.config.vlm_config.text_config.hidden_size, 2
+    assert model.head.mlp[0].in_features == hidden * (1 + levels) and out.image_embeds.shape == (3, hidden * 3)
+    plain = torch.stack([embeds.mean(0) for embeds in out.image_hidden_states])
+    torch.testing.assert_close(out.image_embeds[:, :hidden], plain)
+    first_level = torch.stack([levels[0].mean(0) for levels in out.image_hidden_states.deepstack])
+    torch.testing.assert_close(out.image_embeds[:, hidden : 2 * hidden], first_level)
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+    assert EmoVLMKDConfig(id2label={0: "a", 1: "b"}).head_input_deepstack is False
+    with pytest.raises(ValueError, match="head_input_deepstack needs a VLM with deepstack"):
+        build_tiny_model(["a", "b"], head_input_deepstack=True)

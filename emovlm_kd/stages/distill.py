@@ -55,6 +55,13 @@ class DistillArguments(
         default_factory=lambda: EmoVLMKDConfig().head_hidden_sizes, metadata={"help": "Hidden layers of the MLP head"}
     )
     head_dropout: float = field(default=EmoVLMKDConfig.head_dropout, metadata={"help": "Dropout of the head"})
+    head_input_deepstack: bool = field(
+        default=EmoVLMKDConfig.head_input_deepstack,
+        metadata={
+            "help": "Qwen3-VL only: the head's input is the pooled image embeddings concatenated with the pooled "
+            "deepstack levels (default: the pooled image embeddings alone, as the paper)"
+        },
+    )
     kd_alpha: float = field(
         default=EmoVLMKDConfig.kd_alpha, metadata={"help": "Weight of the KL term (1 - alpha: cross-entropy)"}
     )
@@ -87,6 +94,7 @@ def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> di
             "generate_top_p": args.generate_top_p,
             "head_hidden_sizes": list(args.head_hidden_sizes),
             "head_dropout": args.head_dropout,
+            "head_input_deepstack": args.head_input_deepstack,
             "kd_alpha": args.kd_alpha,
             "kd_temperature": args.kd_temperature,
         },

@@ -41,6 +41,7 @@ from emovlm_kd.run_dir import (
 )
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
 from emovlm_kd.training import begin_stage, complete_stage, load_stage_data
+from emovlm_kd.vlm import TINY_VLM_FAMILIES, is_tiny_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def _base_model(run_dir, args: ExportArguments, head_spec: dict) -> str | None:
     if args.base_model:
         return args.base_model
     base = _tuned_base(run_dir, head_spec)[1]
-    return None if base is None or base == "tiny" or Path(base).exists() else base
+    return None if base is None or is_tiny_vlm(base) or Path(base).exists() else base
 
 
 def _vlm_description(run_dir, head_spec: dict) -> str:
@@ -244,7 +245,7 @@ def _vlm_description(run_dir, head_spec: dict) -> str:
     base = base or "base VLM"
     if Path(base).exists():
         base = Path(base).name
-    base = "the built-in tiny random-init Qwen2-VL" if base == "tiny" else base
+    base = f"the built-in tiny random-init {TINY_VLM_FAMILIES[base]} VLM" if is_tiny_vlm(base) else base
     return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
 
 

@@ -164,8 +164,10 @@ def _check_4bit(args):
         return
     if not torch.cuda.is_available():
         raise ValueError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); drop it to train on CPU")
-    if args.vlm == "tiny":
-        raise ValueError("--load-in-4bit loads a saved checkpoint; the built-in 'tiny' VLM is not one")
+    from emovlm_kd.vlm import is_tiny_vlm
+
+    if is_tiny_vlm(args.vlm):
+        raise ValueError(f"--load-in-4bit loads a saved checkpoint; the built-in {args.vlm!r} VLM is not one")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
