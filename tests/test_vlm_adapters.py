@@ -245,16 +245,18 @@ def test_attention_implementations_that_drop_custom_masks_are_refused():
 
 
 def test_stage_1_lora_targets_come_from_the_adapter():
-    from peft import LoraConfig, get_peft_model
+    from types import SimpleNamespace
+
+    from emovlm_kd.stages.instruction_tuning import add_lora
 
     processor = build_tiny_vlm_processor(family="qwen3_vl")
     vlm = build_tiny_vlm(processor, family="qwen3_vl")
-    adapter = get_adapter(vlm.config)
-    peft_model = get_peft_model(vlm, LoraConfig(r=2, target_modules=adapter.lora_target_modules))
+    settings = SimpleNamespace(lora_r=2, lora_alpha=2, lora_dropout=0.0, load_in_4bit=False, gradient_checkpointing=False)
+    peft_model = add_lora(vlm, settings)
     wrapped = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_parameters() if ".lora_A" in name}
-    assert len(wrapped) == 4 * vlm.config.text_config.num_hidden_layers
-    assert all(".language_model." in name and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")
-               for name in wrapped)
+    assert len(wrapped) == 4 * vlm.config.text_config.num_hidden_layers  # q, k, v, o of every layer, nothing else
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert all(".language_model." in name and name.split(".")[-1] in projections for name in wrapped)
 
 
 def test_saved_folder_ships_the_adapter_file_and_a_resave_keeps_it(tmp_path):
@@ -293,3 +295,104 @@ def test_head_input_can_concatenate_the_pooled_deepstack_levels():
     assert EmoVLMKDConfig(id2label={0: "a", 1: "b"}).head_input_deepstack is False
     with pytest.raises(ValueError, match="head_input_deepstack needs a VLM with deepstack"):
         build_tiny_model(["a", "b"], head_input_deepstack=True)
+
+
+# Runs in a fresh interpreter with this package's modules (remote-code files included) made unimportable: the
+# exported folder must bring its own code, the adapter file with it.
+BLOCKED_RELOAD = """
+import json, sys
+BLOCKED = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd",
+           "pipeline_emovlm_kd", "vlm_adapters_emovlm_kd"}
+
+class BlockProjectModules:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, BlockProjectModules())
+from transformers import AutoModelForImageClassification, pipeline
+
+folder, images = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+results = classifier(images, batch_size=2, top_k=None, explain=True, max_new_tokens=8)
+print(json.dumps({"family": model.config.vlm_config.model_type, "module": type(model).__module__,
+                  "results": results}))
+"""
+
+
+@pytest.mark.slow
+def test_quickstart_with_tiny_qwen3_vl_exports_a_model_that_loads_without_the_package(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "quickstart.py"), "--vlm", "tiny-qwen3-vl", "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"The model folder is {run_dir / 'model'}" in result.stdout
+    model_dir = run_dir / "model"
+    assert (model_dir / "vlm_adapters_emovlm_kd.py").exists() and (model_dir / "handler.py").exists()
+    assert json.loads((model_dir / "config.json").read_text())["vlm_config"]["model_type"] == "qwen3_vl"
+    images = sorted(str(path) for path in (run_dir / "data" / "test").rglob("*.png"))[:3]
+    reload = subprocess.run(
+        [sys.executable, "-c", BLOCKED_RELOAD, str(model_dir), json.dumps(images)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": ""},
+    )
+    assert reload.returncode == 0, reload.stderr[-4000:]
+    loaded = json.loads(reload.stdout.strip().splitlines()[-1])
+    assert loaded["family"] == "qwen3_vl" and loaded["module"].startswith("transformers_modules")
+    assert len(loaded["results"]) == 3
+    for result in loaded["results"]:
+        scores = [prediction["score"] for prediction in result["predictions"]]
+        assert len(scores) == 3 and abs(sum(scores) - 1) < 1e-4 and isinstance(result["explanation"], str)
+
+
+def test_qwen3_vl_folder_serves_through_the_pipeline_the_handler_and_the_space(tmp_path):
+    """Export's three ways of serving a model, on a Qwen3-VL folder: the same probabilities, explanations from
+    the forward's own image embeddings (deepstack features kept)."""
+    import base64
+    import sys
+
+    from transformers import pipeline
+
+    from emovlm_kd.tiny import save_tiny_model_folder
+    from helpers_repo_template import HANDLER, SPACE_DIR, image_bytes, load_module
+
+    folder = save_tiny_model_folder(tmp_path / "model", vlm_kwargs={"family": "qwen3_vl"})
+    image = make_images()[0]
+    raw = image_bytes(image, "PNG")
+    classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+    piped = classifier(image, top_k=None, explain=True, max_new_tokens=4)
+    handler = load_module(HANDLER, "qwen3_handler").EndpointHandler(folder)
+    served = handler({"inputs": base64.b64encode(raw).decode(), "parameters": {"explain": True, "max_new_tokens": 4}})
+    assert {p["label"]: round(p["score"], 5) for p in piped["predictions"]} == {
+        p["label"]: round(p["score"], 5) for p in served["predictions"]
+    }
+    assert piped["explanation"] == served["explanation"]
+    sys.path.insert(0, str(SPACE_DIR))
+    try:
+        space = load_module(SPACE_DIR / "app.py", "qwen3_space_app")
+    finally:
+        sys.path.remove(str(SPACE_DIR))
+    output = space.EmotionPredictor(folder, max_new_tokens=4)(image, explain_task="inference")
+    fused = dict(zip(classifier.model.config.labels, output["fused"].tolist()))
+    assert {label: round(score, 5) for label, score in fused.items()} == {
+        p["label"]: round(p["score"], 5) for p in piped["predictions"]
+    }
+    assert output["explanation"] == piped["explanation"]

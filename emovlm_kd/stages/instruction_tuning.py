@@ -41,12 +41,11 @@ from emovlm_kd.instruction_tasks import LOSS_ON, TASKS, InstructionDataset, Inst
 from emovlm_kd.run_dir import fault_point, file_digest, hash_json, read_json, stage_output, write_atomic
 from emovlm_kd.sources import source_hash
 from emovlm_kd.training import begin_stage, close_trackers, complete_stage, train_one_epoch
+from vlm_adapters_emovlm_kd import get_adapter
 
 logger = logging.getLogger(__name__)
 
 STAGE = "instruction_tuning"
-# The language model's attention projections, never the vision tower's (`visual.blocks.*.attn.qkv/proj`).
-LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 TRAINING_LOG = "training_log.json"  # per-epoch losses, next to an epoch checkpoint
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -205,7 +204,7 @@ def add_lora(vlm, args):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=get_adapter(vlm.config).lora_target_modules,  # the language model's q/k/v/o projections
         bias="none",
         task_type="CAUSAL_LM",
     )
