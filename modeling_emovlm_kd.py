@@ -319,6 +319,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     ```
     """
 
+    # The scoring pass (prompt + trie) is padded to a multiple of this many tokens (1: no padding); see score_answers.
+    scoring_pad_multiple = 8
+
     def __init__(self, config: EmoVLMKDConfig):
         super().__init__(config)
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
@@ -481,7 +484,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         One language-model pass over `[prompt ; trie of all answers]`: trie nodes attend to the prompt and to their
         own ancestors only, and sit at the text positions they would have right after the prompt, so each node's
         hidden state equals the one of a separate forward over prompt + that answer. Leaves are left out of the pass
-        (nothing is predicted from them).
+        (nothing is predicted from them). The pass is padded to a multiple of `scoring_pad_multiple` tokens with
+        dummy nodes that attend to themselves only and are never read (CPU bf16 kernels are slow on odd row counts).
         """
         if self._trie is None:
             raise ValueError("config.answer_token_ids is empty; build the model with `from_vlm` to tokenise answers")
@@ -490,12 +494,13 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
         batch, length, _ = prompt_embeds.shape
-        nodes = len(trie["context_tokens"])
+        node_tokens, node_depths, node_ancestors = self._padded_trie_nodes(trie, length)
+        nodes = len(node_tokens)
 
-        node_embeds = self.vlm.get_input_embeddings()(trie["context_tokens"]).unsqueeze(0).expand(batch, -1, -1)
+        node_embeds = self.vlm.get_input_embeddings()(node_tokens).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompt_embeds, node_embeds.to(prompt_embeds.dtype)], dim=1)
         next_position = position_ids.amax(dim=(0, 2)) + 1  # (batch,): first text position after the prompt
-        node_positions = (next_position[:, None] + trie["context_depths"][None, :]).unsqueeze(0).expand(3, -1, -1)
+        node_positions = (next_position[:, None] + node_depths[None, :]).unsqueeze(0).expand(3, -1, -1)
         position_ids = torch.cat([position_ids, node_positions], dim=2)
 
         keys_valid = attention_mask.bool()
@@ -503,7 +508,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         allowed[:, :length, :length] = causal & keys_valid[:, None, :]
         allowed[:, length:, :length] = keys_valid[:, None, :]
-        allowed[:, length:, length:] = trie["context_ancestors"]
+        allowed[:, length:, length:] = node_ancestors
         allowed |= torch.eye(length + nodes, dtype=torch.bool, device=input_ids.device)  # padding rows: no NaN
         mask = self._attention_mask_for_backend(allowed.unsqueeze(1), inputs_embeds.dtype)
 
@@ -518,6 +523,17 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         log_probs = self.vlm.get_output_embeddings()(hidden[:, positions]).float().log_softmax(dim=-1)
         node_log_probs = log_probs[:, which, trie["tokens"]]  # (batch, nodes)
         return node_log_probs @ trie["paths"].T
+
+    def _padded_trie_nodes(self, trie: dict, prompt_length: int):
+        """The trie's context nodes (tokens, depths, ancestor mask) followed by the dummy nodes that round the scoring
+        pass up to a multiple of `scoring_pad_multiple`: each its own only ancestor, at depth 0, never attended to."""
+        tokens, depths, ancestors = trie["context_tokens"], trie["context_depths"], trie["context_ancestors"]
+        pad = -(prompt_length + len(tokens)) % max(1, self.scoring_pad_multiple)
+        if pad == 0 or len(tokens) == 0:
+            return tokens, depths, ancestors
+        padded = torch.eye(len(tokens) + pad, dtype=torch.bool, device=ancestors.device)
+        padded[: len(tokens), : len(tokens)] = ancestors
+        return torch.cat([tokens, tokens[:1].expand(pad)]), torch.cat([depths, depths.new_zeros(pad)]), padded
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a generated answer: the end-of-turn token and the VLM's end-of-sequence tokens."""

@@ -396,3 +396,27 @@ def test_qwen3_vl_folder_serves_through_the_pipeline_the_handler_and_the_space(t
         p["label"]: round(p["score"], 5) for p in piped["predictions"]
     }
     assert output["explanation"] == piped["explanation"]
+
+
+def test_padding_the_scoring_pass_to_a_multiple_of_8_changes_no_score_in_float32():
+    """The dummy nodes that round the pass up are never attended to: every score is the unpadded one."""
+    model, image_processor, _ = tiny_model("qwen3_vl")
+    inputs = image_processor(make_images())
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    seen = []
+    handle = model.vlm.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    scores = {}
+    try:
+        with torch.no_grad():
+            embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+            for multiple in (1, 8, 5):
+                model.scoring_pad_multiple = multiple
+                scores[multiple] = model.score_answers(*branch, embeds)
+    finally:
+        handle.remove()
+        model.scoring_pad_multiple = EmoVLMKDForImageClassification.scoring_pad_multiple
+    assert seen[1] % 8 == 0 and seen[2] % 5 == 0 and seen[0] <= seen[1] < seen[0] + 8 and seen[0] % 8 != 0
+    torch.testing.assert_close(scores[8], scores[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[5], scores[1], atol=1e-5, rtol=0)
