@@ -325,6 +325,7 @@ print(json.dumps({"family": model.config.vlm_config.model_type, "module": type(m
 def test_quickstart_with_tiny_qwen3_vl_exports_a_model_that_loads_without_the_package(tmp_path):
     import json
     import os
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -345,7 +346,12 @@ def test_quickstart_with_tiny_qwen3_vl_exports_a_model_that_loads_without_the_pa
     model_dir = run_dir / "model"
     assert (model_dir / "vlm_adapters_emovlm_kd.py").exists() and (model_dir / "handler.py").exists()
     assert json.loads((model_dir / "config.json").read_text())["vlm_config"]["model_type"] == "qwen3_vl"
-    images = sorted(str(path) for path in (run_dir / "data" / "test").rglob("*.png"))[:3]
+    # stage 1 taught the tiny Qwen3-VL the colour signal: every branch beats the majority class on held-out images
+    baseline = float(re.search(r"\| majority-class baseline \| [\d.]+ \| – \| ([\d.]+) \|", result.stdout).group(1))
+    for row in ("VLM branch", "Distilled head", "EmoVLM-KD \\(fused\\)"):
+        accuracy = float(re.search(rf"\| {row} \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", result.stdout).group(1))
+        assert accuracy > baseline + 0.2, (row, accuracy, baseline)
+    images = sorted(str(path) for path in (run_dir / "data" / "test").rglob("*") if path.is_file())[:3]
     reload = subprocess.run(
         [sys.executable, "-c", BLOCKED_RELOAD, str(model_dir), json.dumps(images)],
         capture_output=True,
