@@ -121,13 +121,11 @@ class Qwen3VLArchitecture:
         )
 
 
-# Qwen3-VL totals: the checkpoints' safetensors parameter counts as the Hub API reports them (`safetensors.total`;
-# Qwen3-VL-8B's model.safetensors.index.json holds total_size 17,534,247,392 bytes of bfloat16 = 8,767,123,696),
-# equal to `sum(p.numel())` of the loaded checkpoints as reported in public code; the Hub pages round them to
-# 2.13B / 4.44B / 8.77B params.
-_QWEN3_VL_SOURCE = (
-    "the Hub API's safetensors parameter total of {} (bfloat16), as quoted by public code that loads the checkpoint"
-)
+# Qwen3-VL totals, as public code quotes them (the checkpoints themselves cannot be downloaded here): the Hub API's
+# safetensors total (2B, 8B) or `sum(p.numel())` of the loaded checkpoint (4B); Qwen3-VL-8B's
+# model.safetensors.index.json holds total_size 17,534,247,392 bytes of bfloat16 = 8,767,123,696. The Hub pages
+# round them to 2.13B / 4.44B / 8.77B params.
+_QWEN3_VL_SOURCE = "the parameter total of {} (bfloat16) as public code quotes it (Hub API / loaded checkpoint)"
 
 ARCHITECTURES = {
     "qwen2-vl-2b": Qwen2VLArchitecture(
