@@ -24,6 +24,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
+try:
+    from .vlm_adapters_emovlm_kd import get_adapter
+except ImportError:  # imported from the installed package rather than from a model folder
+    from vlm_adapters_emovlm_kd import get_adapter
+
 # Qwen2-VL's resizer rejects aspect ratios above 200; images are padded to stay below this.
 MAX_ASPECT_RATIO = 100
 # Raster formats only: PIL's EPS plugin runs Ghostscript (an interpreter) on the file's bytes, so no decode here
@@ -388,6 +393,9 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
                 f"from_vlm_processor takes the model's EmoVLMKDConfig (it defines the whole chat), got {type(config)}"
             )
         tokenizer = vlm_processor.tokenizer
+        # the geometry (patch and merge sizes, normalisation, pixel limits) is the VLM processor's, checked against
+        # the vision tower's by the family's adapter
+        get_adapter(config.vlm_config).check_processor(config.vlm_config, vlm_processor.image_processor)
         prefix_ids, suffix_ids = config.prompt_token_ids("classification", vlm_processor)
         image_processor_config = vlm_processor.image_processor.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):

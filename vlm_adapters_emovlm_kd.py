@@ -85,6 +85,22 @@ class QwenVLAdapter:
             use_cache=cache is not None,
         ).last_hidden_state
 
+    def check_processor(self, vlm_config, image_processor) -> dict:
+        """The processor's geometry, refused when it does not cut images the way the VLM's vision tower reads them
+        (a processor of another family or checkpoint would silently feed it wrong patches)."""
+        geometry = self.processor_geometry(image_processor)
+        vision = vlm_config.vision_config
+        expected = {
+            "patch_size": vision.patch_size,
+            "merge_size": vision.spatial_merge_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+        }
+        wrong = {name: (geometry[name], value) for name, value in expected.items() if geometry[name] != value}
+        if wrong:
+            details = ", ".join(f"{name} {got} (the VLM's: {want})" for name, (got, want) in wrong.items())
+            raise ValueError(f"The image processor does not fit the {self.family} VLM: {details}")
+        return geometry
+
     def processor_geometry(self, image_processor) -> dict:
         """How the VLM's image processor cuts images, read from it (never assumed): patch and merge sizes, the
         resize factor (pixels per LM token side), normalisation and the pixel limits."""

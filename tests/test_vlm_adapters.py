@@ -426,3 +426,12 @@ def test_padding_the_scoring_pass_to_a_multiple_of_8_changes_no_score_in_float32
     assert seen[1] % 8 == 0 and seen[2] % 5 == 0 and seen[0] <= seen[1] < seen[0] + 8 and seen[0] % 8 != 0
     torch.testing.assert_close(scores[8], scores[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(scores[5], scores[1], atol=1e-5, rtol=0)
+
+
+def test_an_image_processor_of_another_geometry_is_refused():
+    from image_processing_emovlm_kd import EmoVLMKDImageProcessor
+
+    model, _, _ = tiny_model("qwen3_vl")
+    qwen2_processor = build_tiny_vlm_processor()  # 14-px patches: not what the Qwen3-VL vision tower reads
+    with pytest.raises(ValueError, match=r"does not fit the qwen3_vl VLM: patch_size 14 \(the VLM's: 16\)"):
+        EmoVLMKDImageProcessor.from_vlm_processor(qwen2_processor, model.config)
