@@ -278,7 +278,7 @@ def test_saved_folder_ships_the_adapter_file_and_a_resave_keeps_it(tmp_path):
         torch.testing.assert_close(again(**inputs).logits, reloaded(**inputs).logits)
 
 
-def test_head_input_can_concatenate_the_pooled_deepstack_levels():
+def test_head_input_can_concatenate_the_pooled_deepstack_levels(tmp_path):
     """Stage 3's optional head input (off by default): pooled embeddings + every pooled deepstack level."""
     model, image_processor, _ = build_tiny_model(["a", "b"], vlm_kwargs={"family": "qwen3_vl"}, head_input_deepstack=True)
     inputs = image_processor(make_images())
@@ -290,6 +290,10 @@ def test_head_input_can_concatenate_the_pooled_deepstack_levels():
     torch.testing.assert_close(out.image_embeds[:, :hidden], plain)
     first_level = torch.stack([levels[0].mean(0) for levels in out.image_hidden_states.deepstack])
     torch.testing.assert_close(out.image_embeds[:, hidden : 2 * hidden], first_level)
+    model.save_pretrained(tmp_path / "saved")  # the setting travels in the config: the head loads at its width
+    reloaded = EmoVLMKDForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, out.logits)
     from configuration_emovlm_kd import EmoVLMKDConfig
 
     assert EmoVLMKDConfig(id2label={0: "a", 1: "b"}).head_input_deepstack is False
