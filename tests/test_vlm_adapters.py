@@ -244,6 +244,7 @@ def test_attention_implementations_that_drop_custom_masks_are_refused():
     EmoVLMKDForImageClassification.from_vlm(vlm, processor, ["a", "b"], vlm_branch_mode="generate")
 
 
+@pytest.mark.slow  # peft's import; stage 1 on Qwen3-VL also runs in the quickstart test
 def test_stage_1_lora_targets_come_from_the_adapter():
     from types import SimpleNamespace
 
@@ -373,6 +374,7 @@ def test_quickstart_with_tiny_qwen3_vl_exports_a_model_that_loads_without_the_pa
         assert len(scores) == 3 and abs(sum(scores) - 1) < 1e-4 and isinstance(result["explanation"], str)
 
 
+@pytest.mark.slow  # ~10 s: three ways of loading the folder
 def test_qwen3_vl_folder_serves_through_the_pipeline_the_handler_and_the_space(tmp_path):
     """Export's three ways of serving a model, on a Qwen3-VL folder: the same probabilities, explanations from
     the forward's own image embeddings (deepstack features kept)."""
