@@ -58,7 +58,8 @@ class InstructionTuningArguments(
     ),
 ):
     vlm: str = field(
-        default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
+        default="Qwen/Qwen2-VL-7B-Instruct",
+        metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (offline)"},
     )
     instruction_data: str | None = field(
         default=None,
