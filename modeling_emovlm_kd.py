@@ -663,8 +663,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             seed (`int`, *optional*):
                 Seed of the sampling: the same seed gives the same texts.
             image_hidden_states (`tuple[torch.Tensor]`, *optional*):
-                A forward's `image_hidden_states` (`output_image_hidden_states=True`) for the same images: reused,
-                so the visual encoder does not run again.
+                A forward's `image_hidden_states` (`output_image_hidden_states=True`) for the same images, as
+                returned (Qwen3-VL's carry their deepstack features): reused, so the visual encoder does not run again.
             input_ids, attention_mask, mm_token_type_ids:
                 The image processor's classification prompt, accepted so that `**image_processor(images)` can be
                 passed; the task's own prompt replaces it.
