@@ -137,6 +137,40 @@ def build_tiny_vlm_processor(
     )
 
 
+def _qwen2_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    return {"embed_dim": vision_dim, "hidden_size": hidden_size, "mlp_ratio": 2}, {}, {}
+
+
+def _qwen2_5_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    vision = {
+        "hidden_size": vision_dim,
+        "intermediate_size": 2 * vision_dim,
+        "out_hidden_size": hidden_size,
+        "window_size": 56,
+        "fullatt_block_indexes": [vision_depth - 1],
+    }
+    return vision, {}, {}
+
+
+def _qwen3_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    vision = {
+        "hidden_size": vision_dim,
+        "intermediate_size": 2 * vision_dim,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64,  # an 8 x 8 learned grid, resampled to each image's
+        "deepstack_visual_indexes": list(range(vision_depth)),  # deepstack features from every block
+    }
+    return vision, {"head_dim": head_dim}, {"mrope_interleaved": True}
+
+
+# family -> (config class, its (vision config, text config, rope parameters) settings at a tiny size)
+TINY_FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, _qwen2_vl_settings),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, _qwen2_5_vl_settings),
+    "qwen3_vl": (Qwen3VLConfig, _qwen3_vl_settings),
+}
+
+
 def build_tiny_vlm(
     processor: Qwen2VLProcessor,
     hidden_size: int = 64,
@@ -168,32 +202,12 @@ def build_tiny_vlm(
         "spatial_merge_size": processor.image_processor.merge_size,
         "temporal_patch_size": processor.image_processor.temporal_patch_size,
     }
-    text_config = {}
-    if family == "qwen2_vl":
-        config_class = Qwen2VLConfig
-        vision_config.update(embed_dim=vision_dim, hidden_size=hidden_size, mlp_ratio=2)
-    elif family == "qwen2_5_vl":
-        config_class = Qwen2_5_VLConfig
-        vision_config.update(
-            hidden_size=vision_dim,
-            intermediate_size=2 * vision_dim,
-            out_hidden_size=hidden_size,
-            window_size=56,
-            fullatt_block_indexes=[vision_depth - 1],
-        )
-    elif family == "qwen3_vl":
-        config_class = Qwen3VLConfig
-        vision_config.update(
-            hidden_size=vision_dim,
-            intermediate_size=2 * vision_dim,
-            out_hidden_size=hidden_size,
-            num_position_embeddings=64,  # an 8 x 8 learned grid, resampled to each image's
-            deepstack_visual_indexes=list(range(vision_depth)),
-        )
-        rope.update(mrope_interleaved=True)
-        text_config["head_dim"] = head_dim
-    else:
-        raise ValueError(f"Unknown tiny VLM family {family!r}; use one of {sorted(PROCESSOR_GEOMETRY)}")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; use one of {sorted(TINY_FAMILIES)}")
+    config_class, family_settings = TINY_FAMILIES[family]
+    vision_settings, text_config, rope_settings = family_settings(hidden_size, vision_dim, vision_depth, head_dim)
+    vision_config.update(vision_settings)
+    rope.update(rope_settings)
     config = config_class(
         text_config={
             **text_config,
