@@ -12,15 +12,17 @@ import re
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+try:
+    from .vlm_adapters_emovlm_kd import SUPPORTED_VLM_FAMILIES, get_adapter
+except ImportError:  # imported from the installed package rather than from a model folder
+    from vlm_adapters_emovlm_kd import SUPPORTED_VLM_FAMILIES, get_adapter
+
 GATE_TYPES = ("concat_linear", "bilinear", "moe", "dynamic_weighting", "cross_gating")
 VLM_BRANCH_MODES = ("score", "generate")
 VLM_BRANCH_INPUTS = ("probs", "one_hot")
 TASKS = ("observation", "inference", "classification")
 # The tasks whose answers explain an image (what `explain` is asked for by the pipeline, the Endpoint and the Space).
 EXPLANATION_TASKS = ("inference", "observation")
-# VLM families whose internals (3D rope index, LM-ready image features, language model) the model drives directly.
-# Qwen3-VL injects "deepstack" visual features inside the language model and needs its own scoring path.
-SUPPORTED_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 # Where a saved folder finds this package's classes: the Auto classes and the image-classification pipeline.
 AUTO_MAP = {
@@ -121,6 +123,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
             Hidden layers of the distilled head (Linear-GELU-Dropout each, then Linear to the classes).
         head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout after every hidden layer of the head.
+        head_input_deepstack (`bool`, *optional*, defaults to `False`):
+            The head's input: the per-image mean of the LM-ready image embeddings (the paper's, default), or, for
+            VLMs with deepstack features (Qwen3-VL), that mean concatenated with the mean of every deepstack level
+            (`hidden_size * (1 + levels)` features).
         gate_type (`str`, *optional*, defaults to `"concat_linear"`):
             One of `concat_linear`, `bilinear`, `moe`, `dynamic_weighting`, `cross_gating` (the reference's gates).
         gate_num_experts (`int`, *optional*, defaults to 3):
@@ -175,6 +181,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
     answer_token_ids: list | None = None
     head_hidden_sizes: list | None = None
     head_dropout: float = 0.1
+    head_input_deepstack: bool = False
     gate_type: str = "concat_linear"
     gate_num_experts: int = 3
     kd_temperature: float = 2.0
@@ -189,10 +196,9 @@ class EmoVLMKDConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.vlm_config.model_type not in SUPPORTED_VLM_FAMILIES:
-            raise ValueError(
-                f"VLM family {self.vlm_config.model_type!r} is not supported; supported: {SUPPORTED_VLM_FAMILIES}"
-            )
+        adapter = get_adapter(self.vlm_config)  # refuses a family no adapter knows, or one scored wrongly
+        if self.head_input_deepstack and not adapter.has_deepstack:
+            raise ValueError(f"head_input_deepstack needs a VLM with deepstack features; {adapter.family} has none")
         if self.head_hidden_sizes is None:
             self.head_hidden_sizes = [1024]
         if self.gate_type not in GATE_TYPES:
@@ -273,4 +279,4 @@ class EmoVLMKDConfig(PreTrainedConfig):
         return [{"role": "system", "content": [{"type": "text", "text": self.system_message}]}, user]
 
 
-__all__ = ["EXPLANATION_TASKS", "EmoVLMKDConfig", "example_labels", "label_pattern"]
+__all__ = ["EXPLANATION_TASKS", "SUPPORTED_VLM_FAMILIES", "EmoVLMKDConfig", "example_labels", "label_pattern"]

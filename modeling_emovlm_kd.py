@@ -32,11 +32,25 @@ try:
     # Imported so that transformers copies the pipeline file (a relative import) into every saved model folder and
     # into its module cache when loading one; `config.custom_pipelines` names it.
     from .pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
+    from .vlm_adapters_emovlm_kd import (
+        NO_SPLIT_MODULES,
+        ImageEmbeds,
+        check_attention_backend,
+        check_sliding_window,
+        get_adapter,
+    )
 except ImportError:  # imported from the installed package rather than from a model folder
     from configuration_emovlm_kd import GATE_TYPES, TASKS, EmoVLMKDConfig
     from image_processing_emovlm_kd import left_padded_prompts, padding_token_id
     from processing_emovlm_kd import chat_token_ids
     from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline  # noqa: F401
+    from vlm_adapters_emovlm_kd import (
+        NO_SPLIT_MODULES,
+        ImageEmbeds,
+        check_attention_backend,
+        check_sliding_window,
+        get_adapter,
+    )
 
 # The file whose presence in a model folder or repo means the VLM's tokenizer was saved with the model.
 TOKENIZER_FILE = "tokenizer_config.json"
@@ -68,7 +82,8 @@ class EmoVLMKDOutput(ModelOutput):
         Mean-pooled LM-ready image embeddings, the head's input.
     image_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
         The LM-ready image embeddings of every image, `(num_image_tokens_i, hidden_size)` each (when
-        `output_image_hidden_states=True`): pass them to `explain` to reuse this forward's vision pass.
+        `output_image_hidden_states=True`), as an `ImageEmbeds` tuple that also carries the deepstack features of
+        the VLMs that have them (Qwen3-VL): pass it as it is to `explain` to reuse this forward's vision pass.
     distillation_loss (`torch.FloatTensor` of shape `()`, *optional*):
         The head's KD loss, when `teacher_logits` are given.
     """
@@ -273,12 +288,7 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     # The losses are means over the batch, not sums to be divided by Trainer's `num_items_in_batch`: Trainer then
     # passes no loss kwargs and scales the loss for gradient accumulation itself.
     accepts_loss_kwargs = False
-    _no_split_modules = [
-        "Qwen2VLDecoderLayer",
-        "Qwen2VLVisionBlock",
-        "Qwen2_5_VLDecoderLayer",
-        "Qwen2_5_VLVisionBlock",
-    ]
+    _no_split_modules = NO_SPLIT_MODULES  # every VLM family's (vlm_adapters_emovlm_kd)
 
     def _init_weights(self, module):
         # Only the head and the gates live here (the VLM, a PreTrainedModel, initialises its own modules). Their
@@ -321,11 +331,15 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     ```
     """
 
+    # The scoring pass (prompt + trie) is padded to a multiple of this many tokens (1: no padding); see score_answers.
+    scoring_pad_multiple = 8
+
     def __init__(self, config: EmoVLMKDConfig):
         super().__init__(config)
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        hidden_size = config.vlm_config.get_text_config().hidden_size
-        self.head = EmoVLMKDHead(hidden_size, config.head_hidden_sizes, config.num_labels, config.head_dropout)
+        self.head = EmoVLMKDHead(
+            head_in_features(config), config.head_hidden_sizes, config.num_labels, config.head_dropout
+        )
         self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
         self._trie = AnswerTrie(config.answer_token_ids) if config.answer_token_ids else None
         self.tokenizer = None  # the VLM's; attached by `from_vlm` and `from_pretrained`
@@ -364,6 +378,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             vlm = AutoModelForImageTextToText.from_pretrained(vlm, dtype=config_kwargs.pop("dtype", "auto"))
         if processor is None:
             raise ValueError("from_vlm needs the VLM's processor to tokenise the class answers")
+        if config_kwargs.get("vlm_branch_mode", "score") == "score":  # checked before the config takes vlm.config
+            check_attention_backend(get_adapter(vlm.config).language_model(vlm))
         id2label = dict(enumerate(labels)) if isinstance(labels, (list, tuple)) else dict(labels)
         config = EmoVLMKDConfig(
             vlm_config=vlm.config,
@@ -409,13 +425,26 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.vlm.requires_grad_(vlm)
         self.config.freeze_vlm = not vlm
 
-    def get_image_embeds(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The single pass of the visual encoder: LM-ready embeddings, one `(tokens_i, hidden)` tensor per image."""
-        return self.vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+    @property
+    def vlm_adapter(self):
+        """What this model knows about its VLM's family (`vlm_adapters_emovlm_kd`)."""
+        return get_adapter(self.config.vlm_config)
 
-    @staticmethod
-    def pool_image_embeds(image_embeds: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.stack([embeds.mean(dim=0) for embeds in image_embeds])
+    def get_image_embeds(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> ImageEmbeds:
+        """The single pass of the visual encoder: LM-ready embeddings, one `(tokens_i, hidden)` tensor per image
+        (an `ImageEmbeds` tuple, which also carries Qwen3-VL's deepstack features)."""
+        return self.vlm_adapter.image_features(self.vlm, pixel_values, image_grid_thw)
+
+    def pool_image_embeds(self, image_embeds: ImageEmbeds) -> torch.Tensor:
+        """The head's input `(batch, features)`: the per-image mean of the LM-ready image embeddings, followed by
+        the mean of every deepstack level when `config.head_input_deepstack`."""
+        pooled = torch.stack([embeds.mean(dim=0) for embeds in image_embeds])
+        if not self.config.head_input_deepstack:
+            return pooled
+        if getattr(image_embeds, "deepstack", None) is None:
+            raise ValueError("head_input_deepstack needs the image embeddings' deepstack features (get_image_embeds)")
+        levels = torch.stack([levels.mean(dim=1).flatten() for levels in image_embeds.deepstack])
+        return torch.cat([pooled, levels.to(pooled.dtype)], dim=-1)
 
     def forward_head(self, pooled_image_embeds: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_image_embeds.to(self.head.mlp[0].weight.dtype))
@@ -424,38 +453,34 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return self.gate(head_logits, vlm_scores.to(head_logits.dtype))
 
     def _prompt_embeds(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds):
-        """Prompt embeddings with the image embeddings scattered in, and Qwen2-VL's 3D rope positions."""
+        """Prompt embeddings with the image embeddings scattered in, the family's 3D rope positions
+        `(3, batch, seq_len)`, and the image positions `(batch, seq_len)` (where deepstack features go)."""
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("EmoVLM-KD expects left-padded prompts (the processor's default)")
         inputs_embeds = self.vlm.get_input_embeddings()(input_ids)
-        image_mask = (input_ids == self.config.vlm_config.image_token_id).unsqueeze(-1)
-        flat = torch.cat(image_embeds, dim=0).to(inputs_embeds.dtype)
+        image_mask = input_ids == self.config.vlm_config.image_token_id
+        flat = torch.cat(tuple(image_embeds), dim=0).to(inputs_embeds.dtype)
         if int(image_mask.sum()) != flat.shape[0]:
             raise ValueError(f"{int(image_mask.sum())} image placeholder tokens but {flat.shape[0]} image embeddings")
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask, flat)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat)
         if mm_token_type_ids is None:
-            mm_token_type_ids = image_mask.squeeze(-1).long()
-        position_ids, _ = self.vlm.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask,
+            mm_token_type_ids = image_mask.long()
+        position_ids = self.vlm_adapter.rope_index(
+            self.vlm, input_ids, mm_token_type_ids, image_grid_thw, attention_mask
         )
-        return inputs_embeds, position_ids
+        return inputs_embeds, position_ids, image_mask
 
     def _attention_mask_for_backend(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The tree-shaped 4D mask in the form the attention backend takes (boolean for SDPA, additive for eager)."""
-        backend = self.vlm.model.language_model.config._attn_implementation
-        if backend in (None, "sdpa"):
-            return allowed
-        if backend == "eager":
+        """The tree-shaped 4D mask in the form the attention backend takes (boolean for SDPA, additive for eager);
+        an implementation that would drop it is refused."""
+        language_model = self.vlm_adapter.language_model(self.vlm)
+        check_attention_backend(language_model)
+        check_sliding_window(language_model, allowed.shape[-1])
+        if language_model.config._attn_implementation == "eager":
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )
-        raise ValueError(
-            f"The 'score' VLM branch needs a custom attention mask, which attn_implementation={backend!r} does not "
-            "take; load the model with attn_implementation='sdpa' (default) or 'eager'."
-        )
+        return allowed
 
     def score_answers(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds):
         """Exact log-likelihood `(batch, num_labels)` of every class's answer given image and prompt.
@@ -463,21 +488,23 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         One language-model pass over `[prompt ; trie of all answers]`: trie nodes attend to the prompt and to their
         own ancestors only, and sit at the text positions they would have right after the prompt, so each node's
         hidden state equals the one of a separate forward over prompt + that answer. Leaves are left out of the pass
-        (nothing is predicted from them).
+        (nothing is predicted from them). The pass is padded to a multiple of `scoring_pad_multiple` tokens with
+        dummy nodes that attend to themselves only and are never read (CPU bf16 kernels are slow on odd row counts).
         """
         if self._trie is None:
             raise ValueError("config.answer_token_ids is empty; build the model with `from_vlm` to tokenise answers")
         trie = self._trie.tensors(input_ids.device)
-        prompt_embeds, position_ids = self._prompt_embeds(
+        prompt_embeds, position_ids, image_mask = self._prompt_embeds(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
         batch, length, _ = prompt_embeds.shape
-        nodes = len(trie["context_tokens"])
+        node_tokens, node_depths, node_ancestors = self._padded_trie_nodes(trie, length)
+        nodes = len(node_tokens)
 
-        node_embeds = self.vlm.get_input_embeddings()(trie["context_tokens"]).unsqueeze(0).expand(batch, -1, -1)
+        node_embeds = self.vlm.get_input_embeddings()(node_tokens).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompt_embeds, node_embeds.to(prompt_embeds.dtype)], dim=1)
         next_position = position_ids.amax(dim=(0, 2)) + 1  # (batch,): first text position after the prompt
-        node_positions = (next_position[:, None] + trie["context_depths"][None, :]).unsqueeze(0).expand(3, -1, -1)
+        node_positions = (next_position[:, None] + node_depths[None, :]).unsqueeze(0).expand(3, -1, -1)
         position_ids = torch.cat([position_ids, node_positions], dim=2)
 
         keys_valid = attention_mask.bool()
@@ -485,19 +512,32 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         allowed[:, :length, :length] = causal & keys_valid[:, None, :]
         allowed[:, length:, :length] = keys_valid[:, None, :]
-        allowed[:, length:, length:] = trie["context_ancestors"]
+        allowed[:, length:, length:] = node_ancestors
         allowed |= torch.eye(length + nodes, dtype=torch.bool, device=input_ids.device)  # padding rows: no NaN
         mask = self._attention_mask_for_backend(allowed.unsqueeze(1), inputs_embeds.dtype)
 
-        hidden = self.vlm.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        # deepstack features (Qwen3-VL) go to the prompt's image positions only, never to trie nodes
+        image_mask = torch.cat([image_mask, image_mask.new_zeros(batch, nodes)], dim=1)
+        hidden = self.vlm_adapter.run_language_model(
+            self.vlm, inputs_embeds, mask, position_ids, image_mask=image_mask, image_embeds=image_embeds
+        )
         # node i is predicted from its parent's hidden state (the last prompt token for first answer tokens)
         predicted_from = torch.where(trie["parents"] < 0, length - 1, length + trie["parent_slot"])
         positions, which = torch.unique(predicted_from, return_inverse=True)
         log_probs = self.vlm.get_output_embeddings()(hidden[:, positions]).float().log_softmax(dim=-1)
         node_log_probs = log_probs[:, which, trie["tokens"]]  # (batch, nodes)
         return node_log_probs @ trie["paths"].T
+
+    def _padded_trie_nodes(self, trie: dict, prompt_length: int):
+        """The trie's context nodes (tokens, depths, ancestor mask) followed by the dummy nodes that round the scoring
+        pass up to a multiple of `scoring_pad_multiple`: each its own only ancestor, at depth 0, never attended to."""
+        tokens, depths, ancestors = trie["context_tokens"], trie["context_depths"], trie["context_ancestors"]
+        pad = -(prompt_length + len(tokens)) % max(1, self.scoring_pad_multiple)
+        if pad == 0 or len(tokens) == 0:
+            return tokens, depths, ancestors
+        padded = torch.eye(len(tokens) + pad, dtype=torch.bool, device=ancestors.device)
+        padded[: len(tokens), : len(tokens)] = ancestors
+        return torch.cat([tokens, tokens[:1].expand(pad)]), torch.cat([depths, depths.new_zeros(pad)]), padded
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a generated answer: the end-of-turn token and the VLM's end-of-sequence tokens."""
@@ -530,23 +570,20 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         """
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         do_sample = self.config.generate_do_sample if do_sample is None else do_sample
-        inputs_embeds, position_ids = self._prompt_embeds(
+        inputs_embeds, position_ids, image_mask = self._prompt_embeds(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
-        language_model, embed = self.vlm.model.language_model, self.vlm.get_input_embeddings()
+        adapter, embed = self.vlm_adapter, self.vlm.get_input_embeddings()
+        language_model = adapter.language_model(self.vlm)
         stop = torch.tensor(self.stop_token_ids(), device=input_ids.device)
         cache = DynamicCache(config=language_model.config)
         next_position = position_ids.amax(dim=(0, 2)) + 1
         mask = attention_mask
         generated, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
-            hidden = language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
+            hidden = adapter.run_language_model(  # the image (and its deepstack features) only in the prompt step
+                self.vlm, inputs_embeds, mask, position_ids, image_mask if step == 0 else None, image_embeds, cache
+            )
             logits = self.vlm.get_output_embeddings()(hidden[:, -1]).float()
             token = self._next_token(logits, do_sample, generator)
             token = torch.where(done, stop[0], token)
@@ -633,8 +670,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             seed (`int`, *optional*):
                 Seed of the sampling: the same seed gives the same texts.
             image_hidden_states (`tuple[torch.Tensor]`, *optional*):
-                A forward's `image_hidden_states` (`output_image_hidden_states=True`) for the same images: reused,
-                so the visual encoder does not run again.
+                A forward's `image_hidden_states` (`output_image_hidden_states=True`) for the same images, as
+                returned (Qwen3-VL's carry their deepstack features): reused, so the visual encoder does not run again.
             input_ids, attention_mask, mm_token_type_ids:
                 The image processor's classification prompt, accepted so that `**image_processor(images)` can be
                 passed; the task's own prompt replaces it.
@@ -754,7 +791,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             vlm_log_likelihoods=log_likelihoods,
             gate_weights=gate_weights,
             image_embeds=pooled,
-            image_hidden_states=tuple(image_embeds) if output_image_hidden_states else None,
+            image_hidden_states=image_embeds if output_image_hidden_states else None,
             distillation_loss=kd_loss,
         )
 
@@ -771,6 +808,14 @@ def unknown_arguments_message(function, kwargs: dict) -> str:
         close = difflib.get_close_matches(name, accepted, n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"{function.__qualname__} got unexpected keyword argument(s) {', '.join(hints)}; it takes {accepted}"
+
+
+def head_in_features(config: EmoVLMKDConfig) -> int:
+    """Width of the head's input: the LM's hidden size, times `1 + deepstack levels` with `head_input_deepstack`."""
+    hidden_size = config.vlm_config.get_text_config().hidden_size
+    if not config.head_input_deepstack:
+        return hidden_size
+    return hidden_size * (1 + get_adapter(config.vlm_config).deepstack_levels(config.vlm_config))
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -13,8 +13,10 @@ from transformers.feature_extraction_utils import BatchFeature
 
 try:
     from .image_processing_emovlm_kd import EmoVLMKDImageProcessor, padding_token_id
+    from .vlm_adapters_emovlm_kd import get_adapter
 except ImportError:  # imported from the installed package rather than from a model folder
     from image_processing_emovlm_kd import EmoVLMKDImageProcessor, padding_token_id
+    from vlm_adapters_emovlm_kd import get_adapter
 
 
 def render_chat(config, task: str, chat) -> str:
@@ -79,6 +81,9 @@ class EmoVLMKDProcessor(ProcessorMixin):
             raise TypeError(
                 f"from_vlm_processor takes the model's EmoVLMKDConfig (it defines the whole chat), got {type(config)}"
             )
+        # the geometry (patch and merge sizes, normalisation, pixel limits) is the VLM processor's, checked against
+        # the vision tower's by the family's adapter
+        get_adapter(config.vlm_config).check_processor(config.vlm_config, vlm_processor.image_processor)
         prefix_ids, suffix_ids = chat_token_ids(config, "classification", vlm_processor)
         image_processor_config = vlm_processor.image_processor.to_dict()
         for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):

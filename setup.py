@@ -9,6 +9,7 @@ REMOTE_CODE = [
     "image_processing_emovlm_kd",
     "processing_emovlm_kd",
     "pipeline_emovlm_kd",
+    "vlm_adapters_emovlm_kd",
 ]
 
 # Version ranges are declared once, in emovlm_kd/dependencies.py (run, not imported: nothing is installed yet).

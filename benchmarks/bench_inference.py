@@ -211,7 +211,7 @@ class Contenders:
         return module_bytes(*self.reference.modules())
 
     def uncapped_image_tokens(self, image_size) -> int:
-        """LM image tokens the Qwen2-VL processor alone (no 1024-px cap) would give an image of this size."""
+        """LM image tokens the VLM's processor alone (no 1024-px cap) would give an image of this size."""
         processor = self.image_processor
         factor = processor.patch_size * processor.merge_size
         height, width = smart_resize(
@@ -479,8 +479,9 @@ def preprocessing_section(result: dict) -> list[str]:
     limits = result["settings"].get("processor_limits", {})
     return [
         f"Images: synthetic RGB of each size, longest side capped at 1024 px with LANCZOS (the paper's cap; applied "
-        f"by {rows[0]['image_cap']}), then resized by the Qwen2-VL processor (min_pixels "
-        f"{limits.get('min_pixels', '–'):,}, max_pixels {limits.get('max_pixels', '–'):,}, multiples of 28 px). "
+        f"by {rows[0]['image_cap']}), then resized by the VLM's processor (min_pixels "
+        f"{limits.get('min_pixels', '–'):,}, max_pixels {limits.get('max_pixels', '–'):,}, multiples of "
+        f"{limits.get('resize_factor', 28)} px). "
         "Sizes that reach the model as the same inputs are timed once. Preprocessing: median ms per image, "
         f"{result['settings'].get('preprocessing_runs', PREPROCESSING_RUNS)} runs (not part of the times below; "
         "the reference repeats it for every image it scores).",
@@ -626,6 +627,7 @@ def main(argv=None):
             "processor_limits": {
                 "min_pixels": processor.size["shortest_edge"],
                 "max_pixels": processor.size["longest_edge"],
+                "resize_factor": processor.patch_size * processor.merge_size,
             },
             "preprocessing_runs": PREPROCESSING_RUNS,
             "reference_sampling": {"do_sample": True, "temperature": 0.8, "top_p": 1.0},

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDImageProcessor
-from emovlm_kd.architectures import ARCHITECTURES, QWEN2_VL_IMAGE_LIMITS, Qwen2VLArchitecture, build_architecture_vlm
+from emovlm_kd.architectures import ARCHITECTURES, QWEN2_VL_IMAGE_LIMITS, build_architecture_vlm
 from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
 from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, limit_longest_side
 
@@ -88,7 +88,7 @@ MODEL_PRESETS = {
 
 def is_real_scale(preset: str) -> bool:
     """Whether a preset has a published checkpoint's architecture (as opposed to a small test model)."""
-    return isinstance(MODEL_PRESETS[preset], Qwen2VLArchitecture)
+    return preset in ARCHITECTURES
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -126,8 +126,8 @@ def add_common_arguments(parser):
         "--preset",
         choices=list(MODEL_PRESETS),
         default=None,
-        help="model: small test models (cpu, gpu) or a published architecture (qwen2-vl-2b, qwen2-vl-7b); default: "
-        "cpu, or gpu on cuda",
+        help="model: small test models (cpu, gpu) or a published architecture (qwen2-vl-2b, qwen2-vl-7b, qwen3-vl-2b, "
+        "qwen3-vl-4b, qwen3-vl-8b); default: cpu, or gpu on cuda",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -186,12 +186,15 @@ def setup(args):
 def build_vlm(spec, device="cpu", dtype=torch.float32, seed: int = 0):
     """(vlm, vlm_processor) on `device` in `dtype`: the same weights for every call with the same spec and seed.
 
-    The processor has the Qwen2-VL checkpoints' image limits (an image keeps its size, rounded to 28 px, up to
-    12.8 MP); the paper's 1024-px cap (`limit_longest_side`) is applied before it: by the EmoVLM-KD image
-    processor itself or `cap_images`, and by the reference pipeline.
+    The processor has the checkpoints' geometry and image limits (Qwen2-VL: an image keeps its size, rounded to 28 px,
+    up to 12.8 MP; Qwen3-VL: rounded to 32 px, between 256^2 and 4096^2 px); the paper's 1024-px cap
+    (`limit_longest_side`) is applied before it: by the EmoVLM-KD image processor itself or `cap_images`, and by the
+    reference pipeline.
     """
-    processor = build_tiny_vlm_processor(**QWEN2_VL_IMAGE_LIMITS)
-    if isinstance(spec, Qwen2VLArchitecture):
+    if isinstance(spec, ModelSpec):
+        processor = build_tiny_vlm_processor(**QWEN2_VL_IMAGE_LIMITS)
+    else:
+        processor = build_tiny_vlm_processor(family=spec.family, **spec.image_limits)
         return build_architecture_vlm(spec, processor, device=device, dtype=dtype, seed=seed), processor
     vlm = build_tiny_vlm(
         processor,
@@ -455,7 +458,12 @@ def machine_info(device) -> dict:
 def code_version() -> dict:
     """The repository commit the numbers belong to, and whether the model's files had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
-    model_files = ["modeling_emovlm_kd.py", "configuration_emovlm_kd.py", "image_processing_emovlm_kd.py"]
+    model_files = [
+        "modeling_emovlm_kd.py",
+        "configuration_emovlm_kd.py",
+        "image_processing_emovlm_kd.py",
+        "vlm_adapters_emovlm_kd.py",
+    ]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         changed = subprocess.run(

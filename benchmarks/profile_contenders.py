@@ -116,7 +116,7 @@ def breakdown(contenders: Contenders, run, runs: int, warmup: int, device, clock
     timer = ComponentTimer(device, clock)
     timer.watch(model.vlm.model.visual, "visual encoder")
     timer.watch(contenders.reference.visual_encoder_copy, "visual encoder copy (reference)")
-    timer.watch(model.vlm.model.language_model, None, language_model_phase)
+    timer.watch(model.vlm_adapter.language_model(model.vlm), None, language_model_phase)
     timer.watch(model.vlm.lm_head, "LM head")
     timer.watch(model.head, "distilled head")
     timer.watch(model.gate, "gate")
@@ -154,7 +154,7 @@ def replay_language_model(contenders: Contenders, callables: dict, runs: int, de
     """The trie tokens' cost, measured directly: `emovlm_kd`'s language-model pass (prompt + trie, tree mask) and
     the floor's (prompt only, causal) replayed on their captured inputs, interleaved; medians and their paired
     ratio. A difference of two whole-call components would drown a few percent in the vision pass's noise."""
-    language_model = contenders.model.vlm.model.language_model
+    language_model = contenders.model.vlm_adapter.language_model(contenders.model.vlm)
     passes = {
         "prompt + trie (emovlm_kd)": capture_language_model_call(language_model, callables["emovlm_kd"]),
         "prompt only (floor)": capture_language_model_call(language_model, callables["vlm_floor"]),

@@ -230,6 +230,7 @@ class VLMBranchArguments:
         "generate_do_sample": VLM_FEATURES | MODEL_CONFIG | CARD,
         "generate_temperature": VLM_FEATURES | MODEL_CONFIG | CARD,
         "generate_top_p": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "head_input_deepstack": VLM_FEATURES | MODEL_CONFIG | CARD,  # what the cache keeps per image
     }
 
     vlm_branch_mode: Literal[VLM_BRANCH_MODES] = field(
@@ -247,6 +248,13 @@ class VLMBranchArguments:
     )
     generate_top_p: float = field(
         default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
+    )
+    head_input_deepstack: bool = field(
+        default=EmoVLMKDConfig.head_input_deepstack,
+        metadata={
+            "help": "Qwen3-VL only: the head's input is the pooled image embeddings concatenated with the pooled "
+            "deepstack levels (default: the pooled image embeddings alone, as the paper)"
+        },
     )
 
 

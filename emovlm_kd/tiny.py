@@ -8,9 +8,12 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from configuration_emovlm_kd import (
     CLASSIFICATION_PROMPT,
@@ -55,6 +58,15 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 LM_HEAD_SCALE = 10.0
+
+# The processor geometry of each family's released checkpoints (their preprocessor_config.json): Qwen2(.5)-VL cut
+# 14 px patches normalised with the CLIP mean/std (the image processor's defaults); Qwen3-VL cuts 16 px patches
+# normalised with mean = std = 0.5. Both merge 2 x 2 patches into one LM token.
+PROCESSOR_GEOMETRY = {
+    "qwen2_vl": {"patch_size": 14, "merge_size": 2},
+    "qwen2_5_vl": {"patch_size": 14, "merge_size": 2},
+    "qwen3_vl": {"patch_size": 16, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+}
 
 _CORPUS = [
     "You are a helpful assistant.",
@@ -101,16 +113,62 @@ def _merges(bpe: Tokenizer) -> list:
     return json.loads(bpe.to_str())["model"]["merges"]
 
 
-def build_tiny_vlm_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56) -> Qwen2VLProcessor:
-    """Qwen2VLProcessor with the tiny tokenizer; images resized to at most `max_pixels` (112^2 -> 16 image tokens)."""
+def build_tiny_vlm_processor(
+    max_pixels: int | None = None, min_pixels: int | None = None, family: str = "qwen2_vl"
+) -> Qwen2VLProcessor:
+    """The family's processor (Qwen2VLProcessor, or Qwen3VLProcessor for `qwen3_vl`) with the tiny tokenizer and
+    the released checkpoints' patch geometry; images resized to at most `max_pixels` (default: 4 x 4 merged
+    patches, 16 image tokens: 112^2 px with 14 px patches, 128^2 px with Qwen3-VL's 16 px ones)."""
+    if family not in PROCESSOR_GEOMETRY:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; use one of {sorted(PROCESSOR_GEOMETRY)}")
+    geometry = PROCESSOR_GEOMETRY[family]
+    factor = geometry["patch_size"] * geometry["merge_size"]
+    size = {"shortest_edge": min_pixels or (2 * factor) ** 2, "longest_edge": max_pixels or (4 * factor) ** 2}
     tokenizer = build_tiny_tokenizer()
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
+    if family == "qwen3_vl":
+        processor_class, video_processor = Qwen3VLProcessor, Qwen3VLVideoProcessor(size=size, **geometry)
+    else:
+        processor_class, video_processor = Qwen2VLProcessor, Qwen2VLVideoProcessor(size=size, **geometry)
+    return processor_class(
+        image_processor=Qwen2VLImageProcessor(size=size, **geometry),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(size=size),
+        video_processor=video_processor,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
+
+
+def _qwen2_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    return {"embed_dim": vision_dim, "hidden_size": hidden_size, "mlp_ratio": 2}, {}, {}
+
+
+def _qwen2_5_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    vision = {
+        "hidden_size": vision_dim,
+        "intermediate_size": 2 * vision_dim,
+        "out_hidden_size": hidden_size,
+        "window_size": 56,
+        "fullatt_block_indexes": [vision_depth - 1],
+    }
+    return vision, {}, {}
+
+
+def _qwen3_vl_settings(hidden_size, vision_dim, vision_depth, head_dim):
+    vision = {
+        "hidden_size": vision_dim,
+        "intermediate_size": 2 * vision_dim,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64,  # an 8 x 8 learned grid, resampled to each image's
+        "deepstack_visual_indexes": list(range(vision_depth)),  # deepstack features from every block
+    }
+    return vision, {"head_dim": head_dim}, {"mrope_interleaved": True}
+
+
+# family -> (config class, its (vision config, text config, rope parameters) settings at a tiny size)
+TINY_FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, _qwen2_vl_settings),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, _qwen2_5_vl_settings),
+    "qwen3_vl": (Qwen3VLConfig, _qwen3_vl_settings),
+}
 
 
 def build_tiny_vlm(
@@ -124,9 +182,11 @@ def build_tiny_vlm(
     seed: int = 0,
     family: str = "qwen2_vl",
 ):
-    """A random-init Qwen2-VL-architecture model whose vocabulary matches `processor.tokenizer`.
+    """A random-init Qwen-VL-family model whose vocabulary matches `processor.tokenizer`.
 
-    `family` is `"qwen2_vl"` or `"qwen2_5_vl"` (same processor; windowed-attention vision tower).
+    `family` is `"qwen2_vl"`, `"qwen2_5_vl"` (windowed-attention vision tower) or `"qwen3_vl"` (deepstack features
+    from every vision block, interleaved M-RoPE; build its processor with `family="qwen3_vl"`). The patch geometry
+    is the processor's.
     """
     import torch
 
@@ -134,29 +194,23 @@ def build_tiny_vlm(
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
     vision_config = {
         "depth": vision_depth,
         "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
+        "patch_size": processor.image_processor.patch_size,
+        "spatial_merge_size": processor.image_processor.merge_size,
+        "temporal_patch_size": processor.image_processor.temporal_patch_size,
     }
-    if family == "qwen2_vl":
-        config_class = Qwen2VLConfig
-        vision_config.update(embed_dim=vision_dim, hidden_size=hidden_size, mlp_ratio=2)
-    elif family == "qwen2_5_vl":
-        config_class = Qwen2_5_VLConfig
-        vision_config.update(
-            hidden_size=vision_dim,
-            intermediate_size=2 * vision_dim,
-            out_hidden_size=hidden_size,
-            window_size=56,
-            fullatt_block_indexes=[vision_depth - 1],
-        )
-    else:
-        raise ValueError(f"Unknown tiny VLM family {family!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; use one of {sorted(TINY_FAMILIES)}")
+    config_class, family_settings = TINY_FAMILIES[family]
+    vision_settings, text_config, rope_settings = family_settings(hidden_size, vision_dim, vision_depth, head_dim)
+    vision_config.update(vision_settings)
+    rope.update(rope_settings)
     config = config_class(
         text_config={
+            **text_config,
             "vocab_size": len(tokenizer),
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
@@ -164,7 +218,7 @@ def build_tiny_vlm(
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_kv_heads,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            "rope_parameters": rope,
             "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
             "pad_token_id": tokenizer.pad_token_id,
@@ -193,8 +247,9 @@ def build_tiny_model(labels=("negative", "neutral", "positive"), seed: int = 0, 
     """
     import torch
 
-    processor = build_tiny_vlm_processor()
-    vlm = build_tiny_vlm(processor, seed=seed, **(vlm_kwargs or {}))
+    vlm_kwargs = vlm_kwargs or {}
+    processor = build_tiny_vlm_processor(family=vlm_kwargs.get("family", "qwen2_vl"))
+    vlm = build_tiny_vlm(processor, seed=seed, **vlm_kwargs)
     config_kwargs.setdefault("head_hidden_sizes", [32])
     torch.manual_seed(seed)
     model = EmoVLMKDForImageClassification.from_vlm(vlm, processor, list(labels), **config_kwargs)

@@ -3,20 +3,34 @@
 import os
 
 TINY = "tiny"
+# The built-in tiny VLMs by name (`--vlm tiny-qwen3-vl`) and their family (built by `emovlm_kd.tiny`, imported lazily).
+TINY_VLM_FAMILIES = {
+    "tiny": "qwen2_vl",
+    "tiny-qwen2-vl": "qwen2_vl",
+    "tiny-qwen2.5-vl": "qwen2_5_vl",
+    "tiny-qwen3-vl": "qwen3_vl",
+}
+
+
+def is_tiny_vlm(name_or_path) -> bool:
+    """Whether `name_or_path` names a built-in tiny VLM (`tiny`, `tiny-qwen3-vl`, ...) rather than a checkpoint."""
+    return name_or_path in TINY_VLM_FAMILIES
 
 
 def load_vlm_and_processor(name_or_path: str, dtype="auto", seed: int = 0, **model_kwargs):
     """Return `(vlm, vlm_processor)`.
 
     `name_or_path` is an `AutoModelForImageTextToText` checkpoint (e.g. `Qwen/Qwen2-VL-7B-Instruct`, the paper's VLM,
-    or a folder written by a previous stage), or `"tiny"` for a random-init Qwen2-VL-architecture model with an
-    offline tokenizer (seconds on CPU; used by the tests and the quickstart).
+    `Qwen/Qwen3-VL-2B-Instruct`, or a folder written by a previous stage), or a built-in tiny random-init model with
+    an offline tokenizer (seconds on CPU; used by the tests and the quickstart): `"tiny"` (Qwen2-VL architecture),
+    `"tiny-qwen2.5-vl"`, `"tiny-qwen3-vl"`.
     """
-    if name_or_path == TINY:
+    if is_tiny_vlm(name_or_path):
         from emovlm_kd.tiny import build_tiny_vlm, build_tiny_vlm_processor
 
-        processor = build_tiny_vlm_processor()
-        return build_tiny_vlm(processor, seed=seed), processor
+        family = TINY_VLM_FAMILIES[name_or_path]
+        processor = build_tiny_vlm_processor(family=family)
+        return build_tiny_vlm(processor, seed=seed, family=family), processor
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -43,4 +57,4 @@ def build_emovlm_kd(
     return model.eval(), image_processor, vlm_processor
 
 
-__all__ = ["TINY", "build_emovlm_kd", "load_vlm_and_processor"]
+__all__ = ["TINY", "TINY_VLM_FAMILIES", "build_emovlm_kd", "is_tiny_vlm", "load_vlm_and_processor"]

@@ -9,6 +9,7 @@ and the pipeline, and prints per-branch accuracy, a few predictions and the VLM'
     python examples/quickstart.py                                  # everything offline
     python examples/quickstart.py --data path/to/imagefolder        # your data (train/[val/]test/<class>/*)
     python examples/quickstart.py --data path/to/parquet-folder     # or any `datasets` source (see --dataset)
+    python examples/quickstart.py --vlm tiny-qwen3-vl               # the same with a tiny Qwen3-VL (deepstack)
     python examples/quickstart.py --vlm Qwen/Qwen2-VL-2B-Instruct --teacher vit_base_patch16_384  # real models
 
 With real checkpoints the paper's hyper-parameters are used (needs Hub access, and a GPU to be practical).
@@ -31,6 +32,7 @@ from emovlm_kd.metrics import results_table
 from emovlm_kd.run_dir import read_results, stage_output
 from emovlm_kd.stages import run_all
 from emovlm_kd.testing import make_imagefolder, write_instruction_data
+from emovlm_kd.vlm import is_tiny_vlm
 
 # Runs in a fresh interpreter: only transformers and the model folder (remote code), as a user on the Hub would.
 RELOAD_SCRIPT = textwrap.dedent(
@@ -63,7 +65,11 @@ def parse_args(argv=None):
         "its Image and ClassLabel columns); default: generate a small dataset",
     )
     parser.add_argument("--run-dir", default=None, help="Where the run goes; default: a new temporary folder")
-    parser.add_argument("--vlm", default="tiny", help="VLM checkpoint, or 'tiny' (offline)")
+    parser.add_argument(
+        "--vlm",
+        default="tiny",
+        help="VLM checkpoint, or a built-in tiny one (offline): 'tiny' (Qwen2-VL), 'tiny-qwen2.5-vl', 'tiny-qwen3-vl'",
+    )
     parser.add_argument("--teacher", default="tiny", help="timm model name, or 'tiny' (offline)")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
@@ -72,8 +78,8 @@ def parse_args(argv=None):
 def run_all_argv(args, data: str, run_dir: Path) -> list[str]:
     """The quickstart recipe; with real checkpoints, the paper's hyper-parameters (every stage's defaults)."""
     argv = ["--dataset", data, "--run-dir", str(run_dir), "--seed", str(args.seed)]
-    if args.vlm == "tiny" and args.teacher == "tiny":
-        return argv + ["--config", "quickstart"]
+    if is_tiny_vlm(args.vlm) and args.teacher == "tiny":  # e.g. --vlm tiny-qwen3-vl: the recipe, that VLM
+        return argv + ["--config", "quickstart"] + ([] if args.vlm == "tiny" else ["--set", f"vlm={args.vlm}"])
     stages = ["instruction_tuning", "teacher", "distill", "gate", "evaluate", "export"]
     pretrained = str(args.teacher != "tiny").lower()
     return argv + [

@@ -14,6 +14,7 @@ REMOTE_CODE = (
     "image_processing_emovlm_kd",
     "processing_emovlm_kd",
     "pipeline_emovlm_kd",
+    "vlm_adapters_emovlm_kd",
 )
 
 # ARCHITECTURE.md's layers: a module may import modules of its own layer or below, never above.

@@ -108,3 +108,41 @@ def test_unknown_preset_and_oversized_tokenizer_are_clear_errors(processor):
         get_architecture("qwen2-vl-72b")
     with pytest.raises(ValueError, match="more than the 100 of Qwen/Qwen2-VL-2B-Instruct's vocabulary"):
         architecture_config(get_architecture("qwen2-vl-2b", vocab_size=100), processor.tokenizer)
+
+
+# Qwen3-VL totals (`sum(p.numel())` of the released checkpoints; the Hub API's safetensors total, e.g. Qwen3-VL-8B's
+# model.safetensors.index.json: 17,534,247,392 bytes of bfloat16); the Hub pages round them to 2.13B / 4.44B / 8.77B.
+PUBLISHED_QWEN3_VL = {"qwen3-vl-2b": 2_127_532_032, "qwen3-vl-4b": 4_437_815_808, "qwen3-vl-8b": 17_534_247_392 // 2}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_QWEN3_VL))
+def test_qwen3_vl_presets_count_the_published_parameters_on_the_meta_device(name):
+    architecture = get_architecture(name)
+    processor = build_tiny_vlm_processor(family=architecture.family, **architecture.image_limits)
+    counted = count_architecture_parameters(name, processor)
+    assert abs(counted / PUBLISHED_QWEN3_VL[name] - 1) < 0.001, (name, counted)
+    assert architecture.published_parameters == PUBLISHED_QWEN3_VL[name]
+    vlm = build_architecture_vlm(name, processor, device="meta")
+    assert type(vlm).__name__ == "Qwen3VLForConditionalGeneration" and all(p.is_meta for p in vlm.parameters())
+    assert processor.image_processor.patch_size == 16 and processor.image_processor.size["shortest_edge"] == 65536
+
+
+def test_qwen3_vl_8b_preset_holds_the_published_config():
+    architecture = get_architecture("qwen3-vl-8b")
+    config = architecture_config(architecture, build_tiny_vlm_processor(family="qwen3_vl").tokenizer)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        4096,
+        36,
+        32,
+        8,
+    )
+    assert (text.head_dim, text.intermediate_size, text.vocab_size, config.tie_word_embeddings) == (
+        128,
+        12288,
+        151936,
+        False,
+    )
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["rope_theta"] == 5e6
+    assert (vision.hidden_size, vision.depth, list(vision.deepstack_visual_indexes)) == (1152, 27, [8, 16, 24])
+    assert get_architecture("qwen3-vl-2b").tie_word_embeddings and "deepstack" in architecture.summary()

@@ -246,8 +246,10 @@ def test_profile_splits_the_time_into_components(tmp_path):
     ours, floor = replay["tokens"].values()
     from emovlm_kd.tiny import build_tiny_model
 
-    trie = build_tiny_model(MIKELS_LABELS)[0]._trie  # the same tokenizer as the benchmark's model
-    assert ours - floor == len(trie.tensors(torch.device("cpu"))["context_tokens"])  # the trie's inner nodes
+    model = build_tiny_model(MIKELS_LABELS)[0]  # the same tokenizer as the benchmark's model
+    inner = len(model._trie.tensors(torch.device("cpu"))["context_tokens"])
+    padding = -(floor + inner) % model.scoring_pad_multiple  # dummy nodes up to a multiple of 8 tokens
+    assert ours - floor == inner + padding and ours % model.scoring_pad_multiple == 0  # the trie's inner nodes
     assert replay["trie_s"] == pytest.approx(
         replay["median_s"]["prompt + trie (emovlm_kd)"] - replay["median_s"]["prompt only (floor)"]
     )

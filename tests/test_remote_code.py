@@ -16,7 +16,8 @@ from emovlm_kd.testing import make_images
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import importlib.util, json, sys
-    BLOCKED = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd"}
+    BLOCKED = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd",
+               "vlm_adapters_emovlm_kd"}
 
     class BlockProjectModules:
         def find_spec(self, name, path=None, target=None):
@@ -104,6 +105,7 @@ def test_folder_contents(tiny_folder):
         "image_processing_emovlm_kd.py",
         "processing_emovlm_kd.py",
         "pipeline_emovlm_kd.py",
+        "vlm_adapters_emovlm_kd.py",
         "tokenizer.json",
     }
     assert expected <= files

@@ -28,6 +28,7 @@ REPO_FILES = (
     "image_processing_emovlm_kd.py",
     "processing_emovlm_kd.py",
     "processor_config.json",
+    "vlm_adapters_emovlm_kd.py",
     "tokenizer.json",
     "README.md",
     "handler.py",

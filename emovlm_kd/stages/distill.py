@@ -67,8 +67,8 @@ class DistillArguments(
     vlm: str = field(
         default="Qwen/Qwen2-VL-7B-Instruct",
         metadata={
-            "help": "VLM checkpoint or folder when the run has no instruction-tuned vlm/ (stage 1); 'tiny' works "
-            "offline"
+            "help": "VLM checkpoint or folder when the run has no instruction-tuned vlm/ (stage 1); 'tiny' and "
+            "'tiny-qwen3-vl' work offline"
         },
     )
     vlm_dtype: str = field(

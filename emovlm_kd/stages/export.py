@@ -45,6 +45,7 @@ from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
 from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 from emovlm_kd.training import load_stage_data
+from emovlm_kd.vlm import TINY_VLM_FAMILIES, is_tiny_vlm
 from modeling_emovlm_kd import tokenizer_with_chat_template
 from processing_emovlm_kd import EmoVLMKDProcessor
 
@@ -255,7 +256,7 @@ def _base_model(run_dir, args: ExportArguments, head_spec: dict) -> str | None:
     if args.base_model:
         return args.base_model
     base = _tuned_base(run_dir, head_spec)[1]
-    return None if base is None or base == "tiny" or Path(base).exists() else base
+    return None if base is None or is_tiny_vlm(base) or Path(base).exists() else base
 
 
 def _vlm_description(run_dir, head_spec: dict) -> str:
@@ -264,7 +265,7 @@ def _vlm_description(run_dir, head_spec: dict) -> str:
     base = base or "base VLM"
     if Path(base).exists():
         base = Path(base).name
-    base = "the built-in tiny random-init Qwen2-VL" if base == "tiny" else base
+    base = f"the built-in tiny random-init {TINY_VLM_FAMILIES[base]} VLM" if is_tiny_vlm(base) else base
     return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
 
 

@@ -44,12 +44,11 @@ from emovlm_kd.run_dir import file_digest, hash_json, stage_output
 from emovlm_kd.settings import CARD, CONTENT, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import source_hash
 from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
+from vlm_adapters_emovlm_kd import get_adapter
 
 logger = get_logger(__name__)
 
 STAGE = "instruction_tuning"
-# The language model's attention projections, never the vision tower's (`visual.blocks.*.attn.qkv/proj`).
-LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -77,7 +76,8 @@ class InstructionTuningArguments(
     }
 
     vlm: str = field(
-        default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' (offline)"}
+        default="Qwen/Qwen2-VL-7B-Instruct",
+        metadata={"help": "Base VLM: Hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (offline)"},
     )
     instruction_data: str | None = field(
         default=None,
@@ -166,8 +166,10 @@ def _check_4bit(args):
         return
     if not torch.cuda.is_available():
         raise ValueError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); drop it to train on CPU")
-    if args.vlm == "tiny":
-        raise ValueError("--load-in-4bit loads a saved checkpoint; the built-in 'tiny' VLM is not one")
+    from emovlm_kd.vlm import is_tiny_vlm
+
+    if is_tiny_vlm(args.vlm):
+        raise ValueError(f"--load-in-4bit loads a saved checkpoint; the built-in {args.vlm!r} VLM is not one")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -205,7 +207,7 @@ def add_lora(vlm, args):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=get_adapter(vlm.config).lora_target_modules,  # the language model's q/k/v/o projections
         bias="none",
         task_type="CAUSAL_LM",
     )
