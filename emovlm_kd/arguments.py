@@ -61,6 +61,7 @@ DATASET_PRESETS = {
     "artphoto": DatasetPreset(MIKELS_EMOTIONS, val_folder=False),
 }
 PRESET_VAL_FRACTION = 0.1
+PRESET_SPLIT_SEED = 42  # the reference's `random_state` of that holdout
 
 
 @dataclass
@@ -116,7 +117,8 @@ class RunArguments:
         metadata={
             "help": "A dataset of the paper: fixes its classes and their order (also in the prompt) as the "
             "reference has them, and its split (val/ for fi, flickr, instagram; else 10 %% of train held out, "
-            "stratified by class, with --seed). A folder with other classes is an error"
+            "stratified by class, seed 42, and any val/ folder or validation split ignored). A folder with other "
+            "classes is an error"
         },
     )
     recipe_name: str | None = field(
@@ -422,6 +424,7 @@ __all__ = [
     "CheckpointArguments",
     "DATASET_PRESETS",
     "DatasetPreset",
+    "PRESET_SPLIT_SEED",
     "PROMPT_FIELDS",
     "RECIPES_DIR",
     "REDACTED",

@@ -222,6 +222,7 @@ def load_imagefolder(
     seed: int = 42,
     class_names: list[str] | None = None,
     check_images: bool = True,
+    read_val: bool = True,
 ) -> ImageFolderData:
     """List an ImageFolder dataset (see the module docstring) into train / val (/ test) splits.
 
@@ -232,6 +233,8 @@ def load_imagefolder(
         class_names: the classes in label order; by default the sorted folder names. Must be the same set as the
             folders.
         check_images: decode every image once and leave out (and report) the unreadable ones.
+        read_val: read a `val/` folder when there is one; False ignores it and holds out of train (the reference's
+            split of some datasets, `--dataset-preset`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -242,7 +245,7 @@ def load_imagefolder(
 
     listed, ignored = {}, []
     for split in SPLITS:
-        if (root / split).is_dir():
+        if (root / split).is_dir() and (read_val or split != "val"):
             listed[split], ignored_here = _list_split(root / split)
             ignored += ignored_here
     folder_classes = sorted(listed["train"])

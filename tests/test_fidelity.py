@@ -20,7 +20,8 @@ from emovlm_kd.instruction_tasks import IGNORE_INDEX, InstructionEncoder
 from emovlm_kd.run_dir import DataError, read_class_names, read_complete, write_complete
 from emovlm_kd.stages import distill, instruction_tuning, run_all
 from emovlm_kd.teachers import DEFAULT_TEACHER, create_teacher, teacher_transforms
-from emovlm_kd.testing import launch_two_processes, make_imagefolder
+from emovlm_kd.sources import source_hash
+from emovlm_kd.testing import imagefolder_to_dataset, launch_two_processes, make_imagefolder, save_dataset
 from emovlm_kd.training import load_stage_data, preset_class_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,35 @@ def test_preset_mismatches_are_clear_errors(tmp_path):
         preset_class_names(RunArguments(run_dir="r", dataset_preset="flickr"), ["negative", "positive"])
     assert run_all.plan(["--run-dir", "R", "--dataset-preset", "fi", "--stages", "teacher"])[1].preset.val_folder
 
+
+
+@pytest.mark.parametrize("source", ["folder", "datasets"])
+def test_holdout_presets_ignore_a_given_val_split(source, tmp_path, caplog):
+    """EmoSet, Emotion6, Abstract and ArtPhoto: the reference validates on a stratified 10 % of train/ with
+    `random_state=42` and never reads a val split (data_utils.py:109-122); a preset does the same, says so, and
+    holds out the same images whatever --seed is."""
+    classes = sorted(DATASET_PRESETS["emotion6"].class_names)
+    splits = {"train": 10, "val": 2, "test": 1}
+    data_dir = make_imagefolder(tmp_path / "data", classes, splits, splits=tuple(splits), size=(8, 8))
+    location = {"data_dir": str(data_dir)}
+    if source == "datasets":
+        location = {"dataset": str(save_dataset(imagefolder_to_dataset(data_dir), tmp_path / "disk", "disk"))}
+
+    def load(run_dir, **options):
+        run_args = RunArguments(run_dir=str(tmp_path / run_dir), dataset_preset="emotion6", **location, **options)
+        data = load_stage_data(run_args, PartialState(), "teacher")
+        return data, sorted(data.key("val", i) for i in range(len(data.splits["val"]))), source_hash(run_args)
+
+    with caplog.at_level("WARNING", logger="emovlm_kd.sources"):
+        data, val_keys, data_hash = load("r1")
+    assert data.val_from_train and len(data.splits["val"]) == 6  # 10 % of 60, one per class at least
+    assert len(data.splits["train"]) == 54 and "/val/" not in "".join(val_keys)
+    assert "the val split of" in caplog.text and "is ignored" in caplog.text
+    _, val_keys_seed_7, data_hash_seed_7 = load("r2", seed=7)  # --seed still seeds the rest, not this split
+    assert (val_keys_seed_7, data_hash_seed_7) == (val_keys, data_hash)
+    if source == "datasets":
+        with pytest.raises(DataError, match="--dataset-preset emotion6 holds out val from train .* --val-split val"):
+            load("r3", val_split="val")
 
 def test_vlm_inputs_are_one_setting_for_stages_1_and_3(tmp_path):
     """A bare `--set` reaches both stages; it is in their fingerprints, in the cache key, and stage 3 refuses a VLM
