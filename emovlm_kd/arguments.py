@@ -216,6 +216,13 @@ class VLMBranchArguments:
     generate_top_p: float = field(
         default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
     )
+    generate_top_k: int | None = field(
+        default=EmoVLMKDConfig.generate_top_k,
+        metadata={
+            "help": "Top-k of sampling: default the VLM's generation config's (Qwen2-VL: 1, which makes the "
+            "reference's sampling greedy); 0 turns it off (true sampling)"
+        },
+    )
 
 
 @dataclass

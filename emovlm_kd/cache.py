@@ -41,6 +41,7 @@ VLM_FEATURE_FIELDS = (
     "generate_do_sample",
     "generate_temperature",
     "generate_top_p",
+    "generate_top_k",
 )
 
 

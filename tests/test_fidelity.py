@@ -21,7 +21,15 @@ from emovlm_kd.run_dir import DataError, read_class_names, read_complete, write_
 from emovlm_kd.stages import distill, instruction_tuning, run_all
 from emovlm_kd.teachers import DEFAULT_TEACHER, create_teacher, teacher_transforms
 from emovlm_kd.sources import source_hash
-from emovlm_kd.testing import imagefolder_to_dataset, launch_two_processes, make_imagefolder, save_dataset
+from emovlm_kd.testing import (
+    imagefolder_to_dataset,
+    launch_two_processes,
+    make_imagefolder,
+    make_images,
+    save_dataset,
+)
+from emovlm_kd.tiny import build_tiny_model
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from emovlm_kd.training import load_stage_data, preset_class_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +269,10 @@ def test_paper_recipe_selects_every_reference_behaviour():
     scoring = paper["distill"]
     assert (scoring.vlm_branch_mode, scoring.generate_do_sample, scoring.vlm_dtype) == ("generate", True, "float32")
     assert (scoring.generate_temperature, scoring.generate_top_p, scoring.max_new_tokens) == (0.8, 1.0, 256)
-    assert paper["gate"].resample_vlm_answers and paper["gate"].vlm_branch_input == "one_hot"
+    # top_k and the repetition penalty from the VLM's generation config, as generate() took them: the "sample" is
+    # the same every epoch, so the gate trains on the cached answer
+    assert scoring.generate_top_k is None and not paper["gate"].resample_vlm_answers
+    assert paper["gate"].vlm_branch_input == "one_hot"
     # what both share: the stages' defaults are the reference's
     _, default_run, plans = run_all.plan(["--run-dir", "R", "--stages", *stages])
     default = {plan.stage: plan.args for plan in plans}
@@ -374,3 +385,73 @@ def test_custom_prompt_and_sampled_generation_from_stage_1_to_the_exported_model
         torch.testing.assert_close(load_file(path)["vlm_generated"], drawn[path.name], rtol=0, atol=0)
     for key, value in load_file(run_dir / "gate" / "gate.safetensors").items():
         torch.testing.assert_close(value, gate_weights[key], rtol=0, atol=0, msg=key)
+
+
+def paper_recipe_generation_settings() -> dict:
+    """The `generate` mode's settings of `--recipe paper` (stage 3), as the exported model config holds them."""
+    recipe = yaml.safe_load((REPO_ROOT / "emovlm_kd" / "recipes" / "paper.yaml").read_text())
+    names = ("vlm_branch_mode", "generate_do_sample", "generate_temperature", "generate_top_p", "max_new_tokens")
+    return {name: recipe["distill"][name] for name in names if name in recipe["distill"]}
+
+
+def test_generate_mode_under_the_paper_recipe_is_vlm_generate_token_for_token():
+    """train_gate.py:67-73 calls `generate(do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256)` and
+    transformers fills every other field from the checkpoint's generation config (Qwen2-VL's: `top_k: 1`,
+    `repetition_penalty: 1.05`), so the reference's "sampling" keeps only the best, penalised token. The `generate`
+    mode runs the same logits processors on the same token history: it equals `vlm.generate` token for token."""
+    settings = paper_recipe_generation_settings()
+    assert settings == {
+        "vlm_branch_mode": "generate",
+        "generate_do_sample": True,
+        "generate_temperature": 0.8,
+        "generate_top_p": 1.0,
+        "max_new_tokens": 256,
+    }
+    settings["max_new_tokens"] = 12  # the tiny random VLM never stops on its own; 12 steps show the same
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], **settings)
+    model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)
+    model.config.vlm_generation_config = model.vlm.generation_config.to_diff_dict()
+    inputs = image_processor(make_images()[:2])  # two sizes: left padding in the batch
+    image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    stop = set(model.stop_token_ids())
+
+    def until_stop(row):
+        return row[: next((i for i, token in enumerate(row) if token in stop), len(row))]
+
+    kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 12}
+    assert model.generate_kwargs() == kwargs
+    with torch.no_grad():
+        ours = [model.generate_tokens(*branch, image_embeds, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+        torch.manual_seed(0)
+        stock = model.vlm.generate(**inputs, **kwargs)
+    stock = [until_stop(row) for row in stock[:, inputs["input_ids"].shape[1] :].tolist()]
+    assert ours[0] == ours[1] == stock and all(len(row) > 3 for row in stock)  # top_k=1: the same for any seed
+    config = model.generation_config()
+    assert (config.top_k, config.repetition_penalty, config.do_sample, config.temperature) == (1, 1.05, True, 0.8)
+
+    # the repetition penalty is applied (on the prompt and the tokens so far): without it other tokens come out
+    model.vlm.generation_config.repetition_penalty = 1.0
+    with torch.no_grad():
+        unpenalised = model.generate_tokens(*branch, image_embeds)
+    assert unpenalised != stock
+    # true sampling stays an explicit choice: top-k off, seeded draws differ
+    model.vlm.generation_config.repetition_penalty = 1.05
+    model.config.generate_top_k = 0
+    with torch.no_grad():
+        draws = [model.generate_tokens(*branch, image_embeds, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    assert draws[0] != draws[1] and draws[0] != stock
+
+
+def test_exported_config_keeps_the_vlms_generation_config(tmp_path):
+    """The exported model has no generation_config.json of its own: the VLM's travels in config.json and is the one
+    the loaded model generates with."""
+    from transformers import AutoModelForImageClassification
+
+    model, _, processor = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate")
+    model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)
+    model = EmoVLMKDForImageClassification.from_vlm(model.vlm, processor, ["negative", "positive"])
+    assert model.config.vlm_generation_config["top_k"] == 1
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert (loaded.generation_config().top_k, loaded.generation_config().repetition_penalty) == (1, 1.05)

@@ -85,6 +85,7 @@ def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> di
             "generate_do_sample": args.generate_do_sample,
             "generate_temperature": args.generate_temperature,
             "generate_top_p": args.generate_top_p,
+            "generate_top_k": args.generate_top_k,
             "head_hidden_sizes": list(args.head_hidden_sizes),
             "head_dropout": args.head_dropout,
             "kd_alpha": args.kd_alpha,
