@@ -3,6 +3,7 @@ becomes an exported model folder. The reference's files are written out here wit
 (distill_model.py `QwenDistillationModel`, train_gate.py:105-181), over a tiny Qwen2-VL, and the converted model's
 head and gate are checked against the reference modules' formulas."""
 
+import json
 import logging
 import os
 import pickle
@@ -229,3 +230,37 @@ def test_conversion_refuses_what_does_not_fit_and_never_unpickles_objects(refere
     ).class_names() == ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
     with pytest.raises(ValueError, match="--labels or --dataset-preset"):
         ConvertArguments(distill="d", gate="g", output="o")
+
+
+def test_reference_annotations_become_stage_0_records(tmp_path):
+    """`<data>_annotations_train.json` (generate_instruction.py) is stage 0's output, split with the reference's
+    patterns (train_vlm.py:46-54); unparseable, unmatched and malformed entries are reported, not guessed."""
+    from emovlm_kd.arguments import RunArguments
+    from emovlm_kd.instruction_records import done_examples, read_records
+    from emovlm_kd.run_dir import read_complete
+    from emovlm_kd.stages.instruction_data import InstructionDataArguments, enabled, run
+    from emovlm_kd.testing import make_imagefolder
+
+    data_dir = make_imagefolder(tmp_path / "data", ["negative", "positive"], per_class=2, size=(8, 8))
+    answer = "1. **Key elements**\nDark clouds over an empty road.\n\n2. **Reasoning**\nThe gloom suggests loss."
+    entries = [
+        {"gpt_response": answer, "img": "negative_000.jpg", "label": "negative"},
+        {"gpt_response": "It looks sad.", "img": "positive_000.jpg", "label": "positive"},
+        {"gpt_response": answer, "img": "gone.jpg", "label": "positive"},
+        {"img": "negative_001.png"},
+    ]
+    for entry in entries[:3]:
+        entry["img_path"] = f"images/data/train/{entry['label']}/{entry['img']}"
+    annotations = tmp_path / "data_annotations_train.json"
+    annotations.write_text(json.dumps(entries))
+    run_args = RunArguments(run_dir=str(tmp_path / "run"), data_dir=str(data_dir), report_to="none")
+    args = InstructionDataArguments(import_annotations=str(annotations))
+    assert enabled(args)
+    summary = run(run_args, args)
+    assert (summary["imported"], summary["unparseable"], summary["problems"]) == (1, 1, 3)
+    records = read_records(tmp_path / "run" / "instruction_data.jsonl")
+    done = records["train/negative/negative_000.jpg"]
+    assert (done["observation"], done["reasoning"]) == ("Dark clouds over an empty road.", "The gloom suggests loss.")
+    assert records["train/positive/positive_000.jpg"]["status"] == "failed"
+    assert list(done_examples(tmp_path / "run" / "instruction_data.jsonl")) == ["train/negative/negative_000.jpg"]
+    assert read_complete(tmp_path / "run", "instruction_data")["summary"]["imported"] == 1
