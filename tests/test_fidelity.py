@@ -260,6 +260,29 @@ def test_teacher_is_the_references_vit_with_its_transforms():
         torch.testing.assert_close(ours, reference_train(image), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("preset, weights", [("vgg", "timm/vgg16.tv_in1k"), ("resnet", "timm/resnet50.tv_in1k")])
+def test_torchvision_teachers_are_timms_ports_with_the_references_transforms(preset, weights):
+    """`train_ViT.py --model vgg|resnet` (train_ViT.py:12-23): torchvision's VGG16 / ResNet50 ImageNet weights, here
+    timm's ports of them, fed as the reference feeds every teacher (384 px, mean = std = 0.5, data_utils.py)."""
+    from torchvision import transforms
+
+    with torch.device("meta"):
+        model = create_teacher(preset, 8, pretrained=False)
+    assert model.pretrained_cfg["hf_hub_id"] == weights and model.num_classes == 8
+    train, evaluation = teacher_transforms(model)
+    normalize = [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
+    image = Image.effect_mandelbrot((500, 420), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    reference_test = transforms.Compose([transforms.Resize(384), transforms.CenterCrop(384)] + normalize)
+    torch.testing.assert_close(evaluation(image), reference_test(image), rtol=0, atol=0)
+    reference_train = transforms.Compose(
+        [transforms.RandomResizedCrop(384), transforms.RandomHorizontalFlip()] + normalize
+    )
+    torch.manual_seed(0)
+    ours = train(image)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, reference_train(image), rtol=0, atol=0)
+
+
 def test_paper_recipe_selects_every_reference_behaviour():
     stages = ["instruction_tuning", "teacher", "distill", "gate", "export"]
     _, run_args, plans = run_all.plan(["--recipe", "paper", "--run-dir", "R", "--stages", *stages])
