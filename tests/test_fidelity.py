@@ -284,11 +284,16 @@ def test_torchvision_teachers_are_timms_ports_with_the_references_transforms(pre
 
 
 def test_paper_recipe_selects_every_reference_behaviour():
-    stages = ["instruction_tuning", "teacher", "distill", "gate", "export"]
+    stages = ["instruction_data", "instruction_tuning", "teacher", "distill", "gate", "export"]
     _, run_args, plans = run_all.plan(["--recipe", "paper", "--run-dir", "R", "--stages", *stages])
     paper = {plan.stage: plan.args for plan in plans}
+    asking = paper["instruction_data"]  # generate_instruction.py get_answer: gpt-4, no temperature, max_tokens 600
+    assert (asking.model, asking.temperature, asking.max_tokens, asking.max_image_side) == ("gpt-4", 1.0, 600, 10**6)
     assert run_args.recipe_name == "paper"
-    assert (paper["instruction_tuning"].loss_on, paper["instruction_tuning"].load_in_4bit) == ("all", True)
+    tuning = paper["instruction_tuning"]
+    assert (tuning.loss_on, tuning.load_in_4bit, tuning.tf32, tuning.full_size_images) == ("all", True, True, True)
+    assert tuning.warmup_ratio == 0  # "constant" ignores the reference's warmup_ratio=0.03 (train_vlm.py:102-103)
+    assert tuning.max_image_side == paper["distill"].max_image_side == 1024  # capped in stages 3-5 only
     scoring = paper["distill"]
     assert (scoring.vlm_branch_mode, scoring.generate_do_sample, scoring.vlm_dtype) == ("generate", True, "float32")
     assert (scoring.generate_temperature, scoring.generate_top_p, scoring.max_new_tokens) == (0.8, 1.0, 256)

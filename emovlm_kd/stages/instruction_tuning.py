@@ -79,6 +79,17 @@ class InstructionTuningArguments(
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
+    full_size_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on uncapped images (the VLM processor's own pixel limit), as the reference's stage 1 does, "
+            "while stages 3-6 keep --max-image-side (default: this stage sees what scoring sees)"
+        },
+    )
+    tf32: bool = field(
+        default=False,
+        metadata={"help": "TF32 matmuls and convolutions on NVIDIA GPUs (the reference's `tf32=True`); no-op on CPU"},
+    )
 
 
 ARGUMENTS = InstructionTuningArguments
@@ -98,6 +109,8 @@ FINGERPRINT_FIELDS = (
     "max_answer_tokens",
     "loss_on",
     "load_in_4bit",
+    "full_size_images",
+    "tf32",
     *VLM_INPUT_FIELDS,
 )
 
@@ -284,6 +297,9 @@ def warmup_schedule(optimizer, args: InstructionTuningArguments, updates_per_epo
 def run(run_args, args: InstructionTuningArguments) -> dict:
     """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
     _check_4bit(args)
+    if args.tf32 and torch.cuda.is_available():  # what TrainingArguments(tf32=True) sets (train_vlm.py:100)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
     stage_run = begin_stage(
         run_args, args, STAGE, fingerprint, gradient_accumulation_steps=args.gradient_accumulation_steps
@@ -299,7 +315,7 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         processor,
         data.class_names,
         args.max_answer_tokens,
-        max_image_side=args.max_image_side,
+        max_image_side=0 if args.full_size_images else args.max_image_side,
         loss_on=args.loss_on,
         **args.prompt_settings(),
     )
