@@ -108,14 +108,20 @@ def adam(parameters, args, device):
     return torch.optim.Adam(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
 
 
-def cached_data_loader(accelerator, dataset, batch_size: int):
+def cached_data_loader(accelerator, dataset, batch_size: int, reshuffle: bool = True):
     """A shuffled, prepared DataLoader over cached tensors (stages 3 and 4). The global batch is split across
     processes when it divides evenly; otherwise (one image per update, the published setting, on several processes)
     every process goes through every batch in the same order, so that with the gradients averaged over processes
-    the updates are exactly those of one process (cheap on cached tensors)."""
+    the updates are exactly those of one process (cheap on cached tensors). `reshuffle=False`: one shuffle (seeded by
+    the run's seed), then the same order every epoch, as the reference iterates its datasets."""
     from accelerate.data_loader import prepare_data_loader
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    if reshuffle:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    else:
+        generator = torch.Generator().manual_seed(accelerator.dataloader_config.data_seed or 0)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order)
     if batch_size % accelerator.num_processes == 0:
         return accelerator.prepare(loader)
     return prepare_data_loader(
@@ -283,7 +289,7 @@ def train_epochs(
 
 
 def train_on_cached_tensors(
-    stage_run: StageRun, build_module, train_set, compute_loss, validate, on_epoch_start=None
+    stage_run: StageRun, build_module, train_set, compute_loss, validate, on_epoch_start=None, reshuffle: bool = True
 ) -> tuple[torch.nn.Module, dict, dict | None]:
     """Stages 3 and 4: train a small module on cached tensors. Every RNG is reseeded, then `build_module()` makes the
     module, Adam (the paper's) its optimiser, and the epoch loop runs over `train_set` (a `TensorDataset`, shuffled)
@@ -294,7 +300,7 @@ def train_on_cached_tensors(
     module = build_module()
     optimizer = adam(module.parameters(), stage_run.args, accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
-    loader = cached_data_loader(accelerator, train_set, stage_run.args.batch_size)
+    loader = cached_data_loader(accelerator, train_set, stage_run.args.batch_size, reshuffle)
     with one_thread_on_cpu(accelerator):
         metrics, stopped = train_epochs(
             stage_run,

@@ -301,6 +301,7 @@ def test_paper_recipe_selects_every_reference_behaviour():
     # the same every epoch, so the gate trains on the cached answer
     assert scoring.generate_top_k is None and not paper["gate"].resample_vlm_answers
     assert paper["gate"].vlm_branch_input == "one_hot"
+    assert not paper["distill"].shuffle_each_epoch and not paper["gate"].shuffle_each_epoch
     # what both share: the stages' defaults are the reference's
     _, default_run, plans = run_all.plan(["--run-dir", "R", "--stages", *stages])
     default = {plan.stage: plan.args for plan in plans}
@@ -483,3 +484,29 @@ def test_exported_config_keeps_the_vlms_generation_config(tmp_path):
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", trust_remote_code=True)
     assert (loaded.generation_config().top_k, loaded.generation_config().repetition_penalty) == (1, 1.05)
+
+
+def test_cached_epochs_can_keep_one_order_as_the_reference_does():
+    """train_distillation.py:33 and train_gate.py:189 go through one list in the same order every epoch; with
+    `shuffle_each_epoch=False` stages 3-4 do (one shuffle, seeded by the run's seed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from emovlm_kd.training import cached_data_loader
+
+    config = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=42)
+    accelerator = Accelerator(cpu=True, dataloader_config=config)
+    dataset = torch.utils.data.TensorDataset(torch.arange(12))
+
+    def epochs(reshuffle):
+        loader = cached_data_loader(accelerator, dataset, 1, reshuffle=reshuffle)
+        orders = []
+        for epoch in range(2):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            orders.append([int(batch[0]) for batch in loader])
+        return orders
+
+    fixed, reshuffled = epochs(False), epochs(True)
+    assert fixed[0] == fixed[1] != list(range(12)) and sorted(fixed[0]) == list(range(12))
+    assert reshuffled[0] != reshuffled[1]

@@ -59,11 +59,18 @@ class DistillArguments(
         default=EmoVLMKDConfig.kd_alpha, metadata={"help": "Weight of the KL term (1 - alpha: cross-entropy)"}
     )
     kd_temperature: float = field(default=EmoVLMKDConfig.kd_temperature, metadata={"help": "Distillation temperature"})
+    shuffle_each_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": "Reshuffle the training images every epoch; --no-shuffle-each-epoch: one seeded shuffle, then the "
+            "same order every epoch, as the reference iterates its data (train_distillation.py:33)"
+        },
+    )
 
 
 ARGUMENTS = DistillArguments
 # Settings the trained head depends on beyond the feature spec.
-FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size")
+FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size", "shuffle_each_epoch")
 
 
 def feature_spec(run_args, args: DistillArguments, class_names: list[str]) -> dict:
@@ -164,6 +171,7 @@ def run(run_args, args: DistillArguments) -> dict:
         torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
         kd_loss,
         validate,
+        reshuffle=args.shuffle_each_epoch,
     )
     if stopped:
         return stopped

@@ -46,10 +46,24 @@ class GateArguments(
         },
     )
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward if features are not cached"})
+    shuffle_each_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": "Reshuffle the training images every epoch; --no-shuffle-each-epoch: one seeded shuffle, then the "
+            "same order every epoch, as the reference iterates its data (train_gate.py:189)"
+        },
+    )
 
 
 ARGUMENTS = GateArguments
-FINGERPRINT_FIELDS = ("learning_rate", "weight_decay", "epochs", "batch_size", "resample_vlm_answers")
+FINGERPRINT_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "resample_vlm_answers",
+    "shuffle_each_epoch",
+)
 
 
 def gate_spec(args: GateArguments, class_names: list[str]) -> dict:
@@ -138,6 +152,7 @@ def run(run_args, args: GateArguments) -> dict:
         cross_entropy_loss,
         validate,
         on_epoch_start=draw_vlm_answers,
+        reshuffle=args.shuffle_each_epoch,
     )
     if stopped:
         return stopped
