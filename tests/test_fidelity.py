@@ -292,6 +292,7 @@ def test_paper_recipe_selects_every_reference_behaviour():
     assert run_args.recipe_name == "paper"
     tuning = paper["instruction_tuning"]
     assert (tuning.loss_on, tuning.load_in_4bit, tuning.tf32, tuning.full_size_images) == ("all", True, True, True)
+    assert tuning.max_answer_tokens == 4096
     assert tuning.warmup_ratio == 0  # "constant" ignores the reference's warmup_ratio=0.03 (train_vlm.py:102-103)
     assert tuning.max_image_side == paper["distill"].max_image_side == 1024  # capped in stages 3-5 only
     scoring = paper["distill"]
