@@ -363,8 +363,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         config.answer_token_ids = tokenize_answers(processor.tokenizer, config)
         if getattr(vlm, "generation_config", None) is not None:
-            config.vlm_generation_config = vlm.generation_config.to_diff_dict()
-            config.vlm_generation_config.pop("transformers_version", None)
+            settings = vlm.generation_config.to_diff_dict().items()
+            metadata = ("_from_model_config", "transformers_version")
+            config.vlm_generation_config = {key: value for key, value in settings if key not in metadata}
         with torch.device("meta"):  # skip building (and initialising) a second, random VLM
             model = cls(config)
         model.vlm = vlm
