@@ -257,7 +257,8 @@ def run(run_args, args: InstructionDataArguments) -> dict:
     from accelerate import PartialState
 
     state = PartialState()  # under `accelerate launch`, the main process alone talks to the endpoint
-    summary = _run_main(run_args, args) if state.is_main_process else {}
+    main = import_annotations if args.import_annotations else _run_main
+    summary = main(run_args, args) if state.is_main_process else {}
     state.wait_for_everyone()
     return summary
 
@@ -265,8 +266,6 @@ def run(run_args, args: InstructionDataArguments) -> dict:
 def _run_main(run_args, args: InstructionDataArguments) -> dict:
     from tqdm.auto import tqdm
 
-    if args.import_annotations:
-        return import_annotations(run_args, args)
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.base_url and args.provider:

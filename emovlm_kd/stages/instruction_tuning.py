@@ -294,12 +294,17 @@ def warmup_schedule(optimizer, args: InstructionTuningArguments, updates_per_epo
     return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps), warmup_steps
 
 
+def _allow_tf32(tf32: bool):
+    """What `TrainingArguments(tf32=True)` of the reference sets (train_vlm.py:100), on NVIDIA GPUs only."""
+    if tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def run(run_args, args: InstructionTuningArguments) -> dict:
     """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
     _check_4bit(args)
-    if args.tf32 and torch.cuda.is_available():  # what TrainingArguments(tf32=True) sets (train_vlm.py:100)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    _allow_tf32(args.tf32)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
     stage_run = begin_stage(
         run_args, args, STAGE, fingerprint, gradient_accumulation_steps=args.gradient_accumulation_steps
