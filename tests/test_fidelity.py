@@ -511,3 +511,29 @@ def test_cached_epochs_can_keep_one_order_as_the_reference_does():
     fixed, reshuffled = epochs(False), epochs(True)
     assert fixed[0] == fixed[1] != list(range(12)) and sorted(fixed[0]) == list(range(12))
     assert reshuffled[0] != reshuffled[1]
+
+
+def test_full_size_images_uncap_stage_1_only(tmp_path):
+    """The reference caps images at 1024 px in stages 3-5 but trains stage 1 on full-size ones (data_utils.py
+    `format_data`): `--full-size-images` gives stage 1's encoder no cap while the shared `max_image_side` stays."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def encoder(*args, max_image_side=None, **kwargs):
+        seen["max_image_side"] = max_image_side
+        raise Stop
+
+    data_dir = make_imagefolder(tmp_path / "data", per_class=2, size=(8, 8))
+    argv = ["--run-dir", str(tmp_path / "run"), "--data-dir", str(data_dir), "--stages", "instruction_tuning"]
+    argv += ["--report-to", "none", "--num-workers", "0"]
+    for full_size, expected in ((True, 0), (False, 1024)):
+        _, run_args, (plan,) = run_all.plan([*argv, "--set", f"instruction_tuning.full_size_images={full_size}"])
+        args = plan.args
+        assert args.max_image_side == 1024 and args.vlm == "Qwen/Qwen2-VL-7B-Instruct"
+        args.vlm = "tiny"
+        with mock.patch.object(instruction_tuning, "InstructionEncoder", encoder), pytest.raises(Stop):
+            instruction_tuning.run(run_args, args)
+        assert seen["max_image_side"] == expected
