@@ -40,7 +40,10 @@ CUSTOM_PIPELINES = {
 }
 
 # The published prompts (github.com/sange1104/EmoVLM-KD: data_utils.py SYSTEM_MESSAGE and get_final_task_message,
-# train_vlm.py OBS_TASK_MESSAGE and INF_TASK_MESSAGE), character for character.
+# train_vlm.py OBS_TASK_MESSAGE and INF_TASK_MESSAGE), character for character as the reference's source writes them.
+# What its VLM saw differs in one place: `get_final_task_message` (data_utils.py:131-146) builds the classification
+# prompt and returns nothing, so the reference's stage 1 and gate sent the text "None"; this package sends the prompt
+# it builds (docs/fidelity.md).
 SYSTEM_MESSAGE = "You are an AI visual assistant, and you are seeing a single image."
 OBSERVATION_PROMPT = (
     "Observe the image and describe key elements of the image. "
@@ -144,11 +147,21 @@ class EmoVLMKDConfig(PreTrainedConfig):
         max_new_tokens (`int`, *optional*, defaults to 256):
             Generation budget of the `"generate"` mode and of `explain` (the reference's).
         generate_do_sample (`bool`, *optional*, defaults to `False`):
-            Sample in the `"generate"` mode (the reference does) instead of decoding greedily.
+            Sample in the `"generate"` mode (the reference asks for it) instead of decoding greedily. Generation runs
+            as `vlm.generate(do_sample=..., temperature=..., top_p=..., max_new_tokens=...)` would: these explicit
+            settings over the VLM's own generation config (`vlm_generation_config`), through transformers' logits
+            processors. With Qwen2-VL's (`top_k: 1`, `repetition_penalty: 1.05`) "sampling" keeps only the best
+            token, which is what the reference really ran; `generate_top_k=0` samples for real.
         generate_temperature (`float`, *optional*, defaults to 0.8):
             Sampling temperature (the reference's).
         generate_top_p (`float`, *optional*, defaults to 1.0):
             Nucleus sampling mass (the reference's 1.0 keeps every token).
+        generate_top_k (`int`, *optional*):
+            Top-k of sampling; `None` keeps the VLM's generation config's (as the reference's `generate` call did),
+            0 turns top-k off (true sampling with the temperature and top-p above).
+        vlm_generation_config (`dict`, *optional*):
+            The VLM's own generation config (its `generation_config.json`), recorded by
+            `EmoVLMKDForImageClassification.from_vlm` so that an exported model generates as the VLM did.
         freeze_vlm (`bool`, *optional*, defaults to `True`):
             Keep the VLM frozen (no gradients, always in eval mode); only the head and the gate train.
 
@@ -192,6 +205,8 @@ class EmoVLMKDConfig(PreTrainedConfig):
     generate_do_sample: bool = False
     generate_temperature: float = 0.8
     generate_top_p: float = 1.0
+    generate_top_k: int | None = None
+    vlm_generation_config: dict | None = None
     freeze_vlm: bool = True
 
     def __post_init__(self, **kwargs):
@@ -225,6 +240,8 @@ class EmoVLMKDConfig(PreTrainedConfig):
                 f"generate_temperature must be > 0 and generate_top_p in (0, 1], got {self.generate_temperature} "
                 f"and {self.generate_top_p}"
             )
+        if self.generate_top_k is not None and self.generate_top_k < 0:
+            raise ValueError(f"generate_top_k must be None (the VLM's) or >= 0 (0: off), got {self.generate_top_k}")
         # Saved folders load through the Auto classes and the pipeline by these entries (kept when already set, e.g.
         # by a config loaded from the Hub).
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import ModelOutput, cached_file, can_return_tuple
 
 try:
@@ -343,6 +343,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
         self._trie = AnswerTrie(config.answer_token_ids) if config.answer_token_ids else None
         self.tokenizer = None  # the VLM's; attached by `from_vlm` and `from_pretrained`
+        if config.vlm_generation_config:  # the VLM's generation_config.json, which a model built from config lacks
+            self.vlm.generation_config = GenerationConfig.from_dict(config.vlm_generation_config)
         if config.freeze_vlm:
             self.vlm.requires_grad_(False)
         self.post_init()
@@ -388,6 +390,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             **config_kwargs,
         )
         config.answer_token_ids = tokenize_answers(processor.tokenizer, config)
+        if getattr(vlm, "generation_config", None) is not None:
+            settings = vlm.generation_config.to_diff_dict().items()
+            metadata = ("_from_model_config", "transformers_version")
+            config.vlm_generation_config = {key: value for key, value in settings if key not in metadata}
         with torch.device("meta"):  # skip building (and initialising) a second, random VLM
             model = cls(config)
         model.vlm = vlm
@@ -563,13 +569,17 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     ) -> list[list[int]]:
         """Generate after the prompt from already computed image embeddings (no second vision pass).
 
-        Greedy, or sampled with `config.generate_temperature` and `config.generate_top_p` (the reference's 0.8 and
-        1.0) when `do_sample` (default: `config.generate_do_sample`); `generator` makes sampling reproducible (a list
-        of one generator per row makes each row's sample independent of the batch it is in).
+        Tokens are chosen as `self.vlm.generate(**self.generate_kwargs(do_sample, max_new_tokens))` chooses them:
+        the VLM's generation config under these explicit settings, through transformers' own logits processors
+        (repetition penalty, top-k, ...; see [`generation_config`]), greedy or sampled (`do_sample`, default
+        `config.generate_do_sample`); `generator` makes sampling reproducible. A list of one generator per row makes
+        each row's sample independent of the batch it is in.
         Returns every row's new tokens up to, not including, its first stop token.
         """
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         do_sample = self.config.generate_do_sample if do_sample is None else do_sample
+        generation_config, processors = self.token_selection(input_ids, do_sample, max_new_tokens)
+        history = input_ids  # what generate() shows the logits processors: prompt and tokens so far
         inputs_embeds, position_ids, image_mask = self._prompt_embeds(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, image_embeds
         )
@@ -585,8 +595,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
                 self.vlm, inputs_embeds, mask, position_ids, image_mask if step == 0 else None, image_embeds, cache
             )
             logits = self.vlm.get_output_embeddings()(hidden[:, -1]).float()
-            token = self._next_token(logits, do_sample, generator)
+            token = self._next_token(history, logits, processors, generation_config.do_sample, generator)
             token = torch.where(done, stop[0], token)
+            history = torch.cat([history, token[:, None]], dim=1)
             generated.append(token)
             done |= torch.isin(token, stop)
             if bool(done.all()):
@@ -598,14 +609,53 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(input_ids.shape[0])]
         return [row[: next((i for i, token in enumerate(row) if token in stop_ids), len(row))] for row in rows]
 
-    def _next_token(self, logits: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:
+    def generate_kwargs(self, do_sample: Optional[bool] = None, max_new_tokens: Optional[int] = None) -> dict:
+        """The keyword arguments of `vlm.generate` that the `"generate"` mode stands for (the reference passes
+        `do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256`, train_gate.py:67-73); the sampling ones
+        only when sampling, as they mean nothing otherwise."""
+        do_sample = self.config.generate_do_sample if do_sample is None else do_sample
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens or self.config.max_new_tokens}
+        if do_sample:
+            kwargs.update(temperature=self.config.generate_temperature, top_p=self.config.generate_top_p)
+            if self.config.generate_top_k is not None:
+                kwargs["top_k"] = self.config.generate_top_k
+        return kwargs
+
+    def generation_config(self, do_sample: Optional[bool] = None, max_new_tokens: Optional[int] = None):
+        """The `GenerationConfig` that `vlm.generate(**generate_kwargs)` runs with: every field not passed comes
+        from the VLM's own generation config (`config.vlm_generation_config`), e.g. Qwen2-VL's `top_k: 1` and
+        `repetition_penalty: 1.05`."""
+        # generate()'s own merge (private API, pinned by tests/test_fidelity.py against `vlm.generate`)
+        kwargs = self.generate_kwargs(do_sample, max_new_tokens)
+        generation_config, _ = self.vlm._prepare_generation_config(None, **kwargs)
+        return generation_config
+
+    def token_selection(self, input_ids, do_sample: bool, max_new_tokens: int):
+        """`(generation config, logits processors)` as `vlm.generate` builds them for this prompt."""
+        generation_config = self.generation_config(do_sample, max_new_tokens)
+        self.vlm._prepare_special_tokens(generation_config, True, device=input_ids.device)
+        processors = self.vlm._get_logits_processor(
+            generation_config,
+            input_ids_seq_length=input_ids.shape[1],
+            encoder_input_ids=input_ids,
+            device=input_ids.device,
+        )
+        return generation_config, processors
+
+    @staticmethod
+    def _next_token(
+        history: torch.Tensor,
+        logits: torch.Tensor,
+        processors: LogitsProcessorList,
+        do_sample: bool,
+        generator,
+    ) -> torch.Tensor:
+        """generate()'s token choice: processed scores, then argmax or a draw (from this loop's seeded `generator`,
+        which generate() cannot take)."""
+        scores = processors(history, logits)
         if not do_sample:
-            return logits.argmax(-1)
-        # generate()'s own warpers; the draw takes this loop's seeded generator, which generate() cannot
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.config.generate_temperature)])
-        if self.config.generate_top_p < 1.0:
-            warpers.append(TopPLogitsWarper(self.config.generate_top_p))
-        probs = warpers(None, logits).softmax(dim=-1)
+            return scores.argmax(-1)
+        probs = scores.softmax(dim=-1)
         if isinstance(generator, (list, tuple)):  # one per row: a row's draws do not depend on its batch
             return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -666,7 +716,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             max_new_tokens (`int`, *optional*):
                 Generation budget per image; `config.max_new_tokens` (256) by default.
             do_sample (`bool`, *optional*, defaults to `False`):
-                Sample with the config's temperature and top-p (the reference's 0.8 and 1.0) instead of greedy.
+                Sample with the config's temperature and top-p (the reference's 0.8 and 1.0) instead of greedy; the
+                VLM's generation config applies either way, as in `vlm.generate` (see `generate_tokens`).
             seed (`int`, *optional*):
                 Seed of the sampling: the same seed gives the same texts.
             image_hidden_states (`tuple[torch.Tensor]`, *optional*):

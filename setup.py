@@ -52,6 +52,7 @@ setup(
             "emovlm-kd-export = emovlm_kd.cli:export_command",
             "emovlm-kd-predict = emovlm_kd.cli:predict_command",
             "emovlm-kd-demo = emovlm_kd.cli:demo_command",
+            "emovlm-kd-convert-reference = emovlm_kd.cli:convert_reference_command",
         ]
     },
 )

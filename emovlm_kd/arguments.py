@@ -62,6 +62,7 @@ DATASET_PRESETS = {
     "artphoto": DatasetPreset(MIKELS_EMOTIONS, val_folder=False),
 }
 PRESET_VAL_FRACTION = 0.1
+PRESET_SPLIT_SEED = 42  # the reference's `random_state` of that holdout
 
 
 @dataclass
@@ -138,7 +139,8 @@ class RunArguments:
         metadata={
             "help": "A dataset of the paper: fixes its classes and their order (also in the prompt) as the "
             "reference has them, and its split (val/ for fi, flickr, instagram; else 10 %% of train held out, "
-            "stratified by class, with --seed). A folder with other classes is an error"
+            "stratified by class, seed 42, and any val/ folder or validation split ignored). A folder with other "
+            "classes is an error"
         },
     )
     recipe_name: str | None = field(
@@ -230,6 +232,7 @@ class VLMBranchArguments:
         "generate_do_sample": VLM_FEATURES | MODEL_CONFIG | CARD,
         "generate_temperature": VLM_FEATURES | MODEL_CONFIG | CARD,
         "generate_top_p": VLM_FEATURES | MODEL_CONFIG | CARD,
+        "generate_top_k": VLM_FEATURES | MODEL_CONFIG | CARD,
         "head_input_deepstack": VLM_FEATURES | MODEL_CONFIG | CARD,  # what the cache keeps per image
     }
 
@@ -248,6 +251,13 @@ class VLMBranchArguments:
     )
     generate_top_p: float = field(
         default=EmoVLMKDConfig.generate_top_p, metadata={"help": "Nucleus sampling mass (the reference's)"}
+    )
+    generate_top_k: int | None = field(
+        default=EmoVLMKDConfig.generate_top_k,
+        metadata={
+            "help": "Top-k of sampling: default the VLM's generation config's (Qwen2-VL: 1, which makes the "
+            "reference's sampling greedy); 0 turns it off (true sampling)"
+        },
     )
     head_input_deepstack: bool = field(
         default=EmoVLMKDConfig.head_input_deepstack,
@@ -478,6 +488,7 @@ __all__ = [
     "CheckpointArguments",
     "DATASET_PRESETS",
     "DatasetPreset",
+    "PRESET_SPLIT_SEED",
     "PROMPT_FIELDS",
     "RECIPES_DIR",
     "REDACTED",

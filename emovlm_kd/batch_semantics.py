@@ -97,13 +97,20 @@ def check_batch_fits(plan: BatchPlan, num_train_images: int):
     )
 
 
-def cached_data_loader(accelerator, dataset, batch_size: int):
+def cached_data_loader(accelerator, dataset, batch_size: int, reshuffle: bool = True):
     """A shuffled DataLoader over cached tensors (stages 3 and 4) with `SAME_UPDATES`: the global batch split across
     processes when it divides evenly, else every batch on every process in the same order. Shuffling follows the
-    run's seed and the epoch (`set_epoch`), so a resumed run sees the same order without a saved sampler state."""
+    run's seed and the epoch (`set_epoch`), so a resumed run sees the same order without a saved sampler state.
+    `reshuffle=False`: one shuffle (seeded by the run's seed), then the same order every epoch, as the reference
+    iterates its datasets."""
     from accelerate.data_loader import prepare_data_loader
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    if reshuffle:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    else:
+        generator = torch.Generator().manual_seed(accelerator.dataloader_config.data_seed or 0)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order)
     shards = accelerator.num_processes if batch_size % accelerator.num_processes == 0 else 1
     return prepare_data_loader(
         loader,

@@ -5,6 +5,8 @@
                                      distill, gate, evaluate, export
     emovlm-kd-predict                batch prediction (`train/predict.py`, `emovlm_kd.predict`)
     emovlm-kd-demo                   the Gradio demo app of a model (`examples/space/app.py`)
+    emovlm-kd-convert-reference      a model of the paper's reference code to a model folder
+                                     (`train/convert_reference.py`, `emovlm_kd.convert_reference`)
 
 Each takes `--help`. The stages live above this module (`emovlm_kd.stages`), so they are imported by name.
 """
@@ -71,6 +73,12 @@ def predict_command():
     main()
 
 
+def convert_reference_command():
+    """The `emovlm-kd-convert-reference` command: a model of the paper's reference code to a model folder
+    (`train/convert_reference.py`)."""
+    importlib.import_module("emovlm_kd.convert_reference").main()
+
+
 def demo_command():
     """The `emovlm-kd-demo` command: the Gradio demo app shipped in every model repo (`space/app.py`)."""
     app = Path(__file__).resolve().parent / "repo_template" / "space" / "app.py"
@@ -79,6 +87,7 @@ def demo_command():
 
 __all__ = [
     "cli_main",
+    "convert_reference_command",
     "demo_command",
     "distill_command",
     "evaluate_command",

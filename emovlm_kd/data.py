@@ -227,6 +227,7 @@ def load_imagefolder(
     class_names: list[str] | None = None,
     check_images: bool = True,
     known_bad_images: list | None = None,
+    read_val: bool = True,
 ) -> ImageFolderData:
     """List an ImageFolder dataset (see the module docstring) into train / val (/ test) splits.
 
@@ -239,6 +240,8 @@ def load_imagefolder(
         check_images: decode every image once and leave out (and report) the unreadable ones.
         known_bad_images: `(path, reason)` of the unreadable images, when an earlier check of the same files found
             them (no image is decoded then).
+        read_val: read a `val/` folder when there is one; False ignores it and holds out of train (the reference's
+            split of some datasets, `--dataset-preset`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -249,7 +252,7 @@ def load_imagefolder(
 
     listed, ignored = {}, []
     for split in SPLITS:
-        if (root / split).is_dir():
+        if (root / split).is_dir() and (read_val or split != "val"):
             listed[split], ignored_here = _list_split(root / split)
             ignored += ignored_here
     folder_classes = sorted(listed["train"])

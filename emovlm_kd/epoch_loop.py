@@ -130,7 +130,7 @@ def one_thread_on_cpu(accelerator):
 
 
 def train_on_cached_tensors(
-    stage_run: StageRun, build_module, train_set, compute_loss, validate, on_epoch_start=None
+    stage_run: StageRun, build_module, train_set, compute_loss, validate, on_epoch_start=None, reshuffle: bool = True
 ) -> tuple[torch.nn.Module, dict, dict | None]:
     """Stages 3 and 4: train a small module on cached tensors. Every RNG is reseeded, then `build_module()` makes the
     module, Adam (the paper's) its optimiser, and the epoch loop runs over `train_set` (a `TensorDataset`, shuffled;
@@ -145,7 +145,7 @@ def train_on_cached_tensors(
     module = build_module()
     optimizer = build_adam_optimizer(module.parameters(), stage_run.args, accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
-    loader = cached_data_loader(accelerator, train_set, stage_run.args.batch_size)
+    loader = cached_data_loader(accelerator, train_set, stage_run.args.batch_size, reshuffle)
     with one_thread_on_cpu(accelerator):
         metrics, stopped = train_epochs(
             stage_run,

@@ -13,6 +13,7 @@ for an ImageFolder tree, `<split>[<row>]` for a `datasets` source.
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from emovlm_kd.run_dir import write_atomic
@@ -52,4 +53,53 @@ def done_examples(path: str | os.PathLike) -> dict[str, dict]:
     return {image: record for image, record in read_records(path).items() if record.get("status") == "done"}
 
 
-__all__ = ["done_examples", "read_records", "rewrite_records"]
+# The reference's split of a GPT answer into its two parts (train_vlm.py:46-54, `prepare_datasets`): "1. Key elements"
+# up to "2. Reasoning", and what follows; bold markers allowed, case-insensitive.
+REFERENCE_KEY_ELEMENTS = re.compile(
+    r"1\.\s\*?\*?Key elements\*?\*?\s+(.*?)(?=\n2\.\s\*?\*?Reasoning\*?\*?)", re.DOTALL | re.IGNORECASE
+)
+REFERENCE_REASONING = re.compile(r"2\.\s\*?\*?Reasoning\*?\*?\s+(.*)", re.DOTALL | re.IGNORECASE)
+REFERENCE_ANNOTATION_FIELDS = ("gpt_response", "img", "img_path", "label")
+
+
+def split_reference_answer(text: str) -> tuple[str, str] | None:
+    """`(observation, reasoning)` of a reference GPT answer, split as the reference splits it; None when either part
+    is missing (the reference then trained on the text "None")."""
+    key_elements, reasoning = REFERENCE_KEY_ELEMENTS.search(text), REFERENCE_REASONING.search(text)
+    if key_elements is None or reasoning is None:
+        return None
+    return key_elements.group(1).strip(), reasoning.group(1).strip()
+
+
+def reference_annotation_records(entries: list, train_keys: dict[tuple[str, str], str], source: str):
+    """Stage-0 records from the reference's `<data>_annotations_train.json` entries (`gpt_response`, `img`,
+    `img_path`, `label`; generate_instruction.py). `train_keys` maps `(class folder, file name)` to the row key of
+    this run's training image. Returns `(records by key, problems)`: one line per entry that is malformed, matches
+    no training image, or whose answer does not split."""
+    records, problems = {}, []
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in REFERENCE_ANNOTATION_FIELDS):
+            problems.append(f"entry {number}: not an annotation with the fields {list(REFERENCE_ANNOTATION_FIELDS)}")
+            continue
+        key = train_keys.get((entry["label"], entry["img"]))
+        if key is None:
+            where = f"{entry['label']}/{entry['img']}"
+            problems.append(f"entry {number} ({entry['img_path']!r}): this run has no training image {where}")
+            continue
+        parts = split_reference_answer(entry["gpt_response"])
+        record = {"image": key, "label": entry["label"], "model": f"reference annotations ({source})", "attempts": 0}
+        if parts is None:
+            problems.append(f"entry {number} ({entry['img_path']!r}): 'Key elements' / 'Reasoning' not found")
+            records[key] = {**record, "status": "failed", "reason": "unparseable", "raw": entry["gpt_response"][:2000]}
+        else:
+            records[key] = {**record, "status": "done", "observation": parts[0], "reasoning": parts[1]}
+    return records, problems
+
+
+__all__ = [
+    "done_examples",
+    "read_records",
+    "reference_annotation_records",
+    "rewrite_records",
+    "split_reference_answer",
+]

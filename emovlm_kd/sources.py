@@ -35,6 +35,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
+from emovlm_kd.arguments import PRESET_SPLIT_SEED
 from emovlm_kd.data import (
     ImageData,
     check_image,
@@ -286,13 +287,34 @@ def dataset_fingerprint(dataset) -> str:
     return dataset._fingerprint
 
 
+def preset_holds_out(run_args) -> bool:
+    """Whether `--dataset-preset` names a dataset the reference validates on a held-out part of train (EmoSet,
+    Emotion6, Abstract, ArtPhoto: a stratified 10 %, `random_state=42`, `data_utils.py:109-122`); the reference reads
+    no `val/` for those, so neither does this package."""
+    preset = getattr(run_args, "preset", None)
+    return preset is not None and not preset.val_folder
+
+
+def split_seed(run_args) -> int:
+    """Seed of the held-out val split: the reference's 42 under a preset that holds out (whatever `--seed` says, which
+    still seeds initialisation and shuffling), else `--seed`."""
+    return PRESET_SPLIT_SEED if preset_holds_out(run_args) else run_args.seed
+
+
+def warn_ignored_val(run_args, where: str):
+    logger.warning(
+        f"--dataset-preset {run_args.dataset_preset}: the val split of {where!r} is ignored; as in the reference, "
+        f"val is a stratified {run_args.val_fraction:.0%} of train (seed {PRESET_SPLIT_SEED})"
+    )
+
+
 def source_hash(run_args) -> str:
     """A hash of what the run's data is and how it is split, cheaply (nothing decoded): the `data` entry of every
     stage's fingerprint. An ImageFolder tree's is the same as before `--dataset` existed."""
     kind, location = source_of(run_args)
     if kind == "imagefolder":
         _check_imagefolder_options(run_args, location)
-        return dataset_hash(location, run_args.val_fraction, run_args.seed)
+        return dataset_hash(location, run_args.val_fraction, split_seed(run_args))
     if kind == "files":
         identity = _files_identity(location)
     else:
@@ -307,7 +329,7 @@ def source_hash(run_args) -> str:
             "options": options,
             "splits": splits,
             "val_fraction": run_args.val_fraction,
-            "seed": run_args.seed,
+            "seed": split_seed(run_args),
         }
     )
 
@@ -353,13 +375,16 @@ def load_source(run_args, class_names: list[str] | None = None, check_images: bo
     record_path, data_hash, known = _image_check_record(run_args) if check_images else (None, None, None)
     if kind == "imagefolder":
         _check_imagefolder_options(run_args, location)
+        if preset_holds_out(run_args) and (Path(location) / "val").is_dir():
+            warn_ignored_val(run_args, str(Path(location) / "val"))
         data = load_imagefolder(
             location,
             val_fraction=run_args.val_fraction,
-            seed=run_args.seed,
+            seed=split_seed(run_args),
             class_names=class_names,
             check_images=check_images,
             known_bad_images=known,
+            read_val=not preset_holds_out(run_args),
         )
         found = [list(item) for item in data.bad_images]
     else:
@@ -404,7 +429,7 @@ def _load_datasets_source(run_args, kind, location, class_names, check_images, k
             {"row": rows, "label": [label_ids[to_name(labels[row])] for row in rows]}, features=features
         )
     splits, val_from_train = finish_splits(
-        splits, class_names, run_args.val_fraction, run_args.seed, where, f"{where}: {chosen['train']}"
+        splits, class_names, run_args.val_fraction, split_seed(run_args), where, f"{where}: {chosen['train']}"
     )
     if val_from_train:
         images["val"] = images["train"]
@@ -432,7 +457,15 @@ def pick_splits(available: list[str], run_args, where: str) -> dict[str, str]:
         return split
 
     chosen = {"train": named(run_args.train_split, "--train-split")}
-    if run_args.val_split:
+    if preset_holds_out(run_args):
+        if run_args.val_split:
+            raise DataError(
+                f"--dataset-preset {run_args.dataset_preset} holds out val from train as the reference does; drop "
+                f"--val-split {run_args.val_split} or the preset"
+            )
+        if any(split in available for split in VAL_SPLITS):
+            warn_ignored_val(run_args, f"{where}: {next(s for s in VAL_SPLITS if s in available)}")
+    elif run_args.val_split:
         chosen["val"] = named(run_args.val_split, "--val-split")
     elif any(split in available for split in VAL_SPLITS):
         chosen["val"] = next(split for split in VAL_SPLITS if split in available)

@@ -4,10 +4,20 @@
 # on ImageNet-1k). timm's untagged `vit_base_patch16_384` is another checkpoint (AugReg); this tag is those weights.
 DEFAULT_TEACHER = "vit_base_patch16_384.orig_in21k_ft_in1k"
 
-# Named presets: (timm model name, create_model kwargs). `tiny` is a 2-block ViT at 32 px for offline tests.
+# The reference's data config for every teacher (data_utils.py: INPUT_SIZE 384 of config.json, the ViT feature
+# extractor's mean = std = 0.5), also for its torchvision VGG16 and ResNet50 (`--model vgg|resnet`, train_ViT.py:12-23).
+REFERENCE_DATA_CONFIG = {"input_size": (3, 384, 384), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+# Named presets: (timm model name, create_model kwargs). `tiny` is a 2-block ViT at 32 px for offline tests (never
+# pretrained). `vgg` and `resnet` are the reference's torchvision teachers through timm's ports of the torchvision
+# ImageNet-1k weights (`.tv_in1k`: `models.vgg16(pretrained=True)`, `models.resnet50(pretrained=True)`), with the
+# reference's input size and normalisation.
 TEACHER_PRESETS = {
     "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+    "vgg": ("vgg16.tv_in1k", {"pretrained_cfg_overlay": REFERENCE_DATA_CONFIG}),
+    "resnet": ("resnet50.tv_in1k", {"pretrained_cfg_overlay": REFERENCE_DATA_CONFIG}),
 }
+RANDOM_INIT_PRESETS = ("tiny",)
 
 
 def create_teacher(name: str, num_classes: int, pretrained: bool = True):
@@ -17,7 +27,7 @@ def create_teacher(name: str, num_classes: int, pretrained: bool = True):
     from timm.models import parse_model_name
 
     model_name, kwargs = TEACHER_PRESETS.get(name, (name, {}))
-    pretrained = pretrained and name not in TEACHER_PRESETS
+    pretrained = pretrained and name not in RANDOM_INIT_PRESETS
     source, _ = parse_model_name(model_name)
     if source is None and not timm.is_model(model_name):  # `hf-hub:` / `local-dir:` names are timm's to resolve
         raise ValueError(f"--teacher {name!r} is not a timm model name (see timm.list_models())")
@@ -58,4 +68,11 @@ def teacher_transforms(model):
     return train, evaluation
 
 
-__all__ = ["DEFAULT_TEACHER", "TEACHER_PRESETS", "create_teacher", "load_teacher", "teacher_transforms"]
+__all__ = [
+    "DEFAULT_TEACHER",
+    "REFERENCE_DATA_CONFIG",
+    "TEACHER_PRESETS",
+    "create_teacher",
+    "load_teacher",
+    "teacher_transforms",
+]

@@ -51,6 +51,7 @@ LAYERS = {
     "console": 2,
     "predict": 2,
     "stages": 3,
+    "convert_reference": 4,  # a converted model folder is written by stage 6's export
 }
 
 
@@ -97,7 +98,7 @@ def test_imports_point_down(path):
 
 def test_lower_modules_never_import_the_stages():
     for path in package_files():
-        if layer_of(path)[0] != "stages":
+        if layer_of(path)[1] < LAYERS["stages"]:
             assert not any(name.startswith("emovlm_kd.stages") for name in imported_modules(path)), path
 
 

@@ -24,9 +24,11 @@ def console_scripts() -> dict[str, str]:
 
 def test_a_command_for_every_job():
     stages = {f"emovlm-kd-{stage.replace('_', '-')}" for stage in STAGES}
-    assert set(console_scripts()) == {"emovlm-kd-train", "emovlm-kd-predict", "emovlm-kd-demo", *stages}
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert all(command in readme for command in console_scripts())
+    jobs = {"emovlm-kd-train", "emovlm-kd-predict", "emovlm-kd-demo", "emovlm-kd-convert-reference"}
+    assert set(console_scripts()) == {*jobs, *stages}
+    docs = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    documented = "".join(path.read_text() for path in docs)
+    assert all(command in documented for command in console_scripts())
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,16 @@ from emovlm_kd.instruction_tasks import IGNORE_INDEX, InstructionEncoder
 from emovlm_kd.run_dir import DataError, read_class_names, read_complete, write_complete
 from emovlm_kd.stages import distill, instruction_tuning, run_all
 from emovlm_kd.teachers import DEFAULT_TEACHER, create_teacher, teacher_transforms
-from emovlm_kd.testing import launch_two_processes, make_imagefolder
+from emovlm_kd.sources import source_hash
+from emovlm_kd.testing import (
+    imagefolder_to_dataset,
+    launch_two_processes,
+    make_imagefolder,
+    make_images,
+    save_dataset,
+)
+from emovlm_kd.tiny import build_tiny_model
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from emovlm_kd.training import load_stage_data, preset_class_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +88,35 @@ def test_preset_mismatches_are_clear_errors(tmp_path):
         preset_class_names(RunArguments(run_dir="r", dataset_preset="flickr"), ["negative", "positive"])
     assert run_all.plan(["--run-dir", "R", "--dataset-preset", "fi", "--stages", "teacher"])[1].preset.val_folder
 
+
+
+@pytest.mark.parametrize("source", ["folder", "datasets"])
+def test_holdout_presets_ignore_a_given_val_split(source, tmp_path, caplog):
+    """EmoSet, Emotion6, Abstract and ArtPhoto: the reference validates on a stratified 10 % of train/ with
+    `random_state=42` and never reads a val split (data_utils.py:109-122); a preset does the same, says so, and
+    holds out the same images whatever --seed is."""
+    classes = sorted(DATASET_PRESETS["emotion6"].class_names)
+    splits = {"train": 10, "val": 2, "test": 1}
+    data_dir = make_imagefolder(tmp_path / "data", classes, splits, splits=tuple(splits), size=(8, 8))
+    location = {"data_dir": str(data_dir)}
+    if source == "datasets":
+        location = {"dataset": str(save_dataset(imagefolder_to_dataset(data_dir), tmp_path / "disk", "disk"))}
+
+    def load(run_dir, **options):
+        run_args = RunArguments(run_dir=str(tmp_path / run_dir), dataset_preset="emotion6", **location, **options)
+        data = load_stage_data(run_args, PartialState(), "teacher")
+        return data, sorted(data.key("val", i) for i in range(len(data.splits["val"]))), source_hash(run_args)
+
+    with caplog.at_level("WARNING", logger="emovlm_kd.sources"):
+        data, val_keys, data_hash = load("r1")
+    assert data.val_from_train and len(data.splits["val"]) == 6  # 10 % of 60, one per class at least
+    assert len(data.splits["train"]) == 54 and "/val/" not in "".join(val_keys)
+    assert "the val split of" in caplog.text and "is ignored" in caplog.text
+    _, val_keys_seed_7, data_hash_seed_7 = load("r2", seed=7)  # --seed still seeds the rest, not this split
+    assert (val_keys_seed_7, data_hash_seed_7) == (val_keys, data_hash)
+    if source == "datasets":
+        with pytest.raises(DataError, match="--dataset-preset emotion6 holds out val from train .* --val-split val"):
+            load("r3", val_split="val")
 
 def test_vlm_inputs_are_one_setting_for_stages_1_and_3(tmp_path):
     """A bare `--set` reaches both stages; it is in their fingerprints, in the cache key, and stage 3 refuses a VLM
@@ -227,16 +265,49 @@ def test_teacher_is_the_references_vit_with_its_transforms():
         torch.testing.assert_close(ours, reference_train(image), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("preset, weights", [("vgg", "timm/vgg16.tv_in1k"), ("resnet", "timm/resnet50.tv_in1k")])
+def test_torchvision_teachers_are_timms_ports_with_the_references_transforms(preset, weights):
+    """`train_ViT.py --model vgg|resnet` (train_ViT.py:12-23): torchvision's VGG16 / ResNet50 ImageNet weights, here
+    timm's ports of them, fed as the reference feeds every teacher (384 px, mean = std = 0.5, data_utils.py)."""
+    from torchvision import transforms
+
+    with torch.device("meta"):
+        model = create_teacher(preset, 8, pretrained=False)
+    assert model.pretrained_cfg["hf_hub_id"] == weights and model.num_classes == 8
+    train, evaluation = teacher_transforms(model)
+    normalize = [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
+    image = Image.effect_mandelbrot((500, 420), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    reference_test = transforms.Compose([transforms.Resize(384), transforms.CenterCrop(384)] + normalize)
+    torch.testing.assert_close(evaluation(image), reference_test(image), rtol=0, atol=0)
+    reference_train = transforms.Compose(
+        [transforms.RandomResizedCrop(384), transforms.RandomHorizontalFlip()] + normalize
+    )
+    torch.manual_seed(0)
+    ours = train(image)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, reference_train(image), rtol=0, atol=0)
+
+
 def test_paper_recipe_selects_every_reference_behaviour():
-    stages = ["instruction_tuning", "teacher", "distill", "gate", "export"]
+    stages = ["instruction_data", "instruction_tuning", "teacher", "distill", "gate", "export"]
     _, run_args, plans = run_all.plan(["--recipe", "paper", "--run-dir", "R", "--stages", *stages])
     paper = {plan.stage: plan.args for plan in plans}
+    asking = paper["instruction_data"]  # generate_instruction.py get_answer: gpt-4, no temperature, max_tokens 600
+    assert (asking.model, asking.temperature, asking.max_tokens, asking.max_image_side) == ("gpt-4", 1.0, 600, 10**6)
     assert run_args.recipe_name == "paper"
-    assert (paper["instruction_tuning"].loss_on, paper["instruction_tuning"].load_in_4bit) == ("all", True)
+    tuning = paper["instruction_tuning"]
+    assert (tuning.loss_on, tuning.load_in_4bit, tuning.tf32, tuning.full_size_images) == ("all", True, True, True)
+    assert tuning.max_answer_tokens == 4096
+    assert tuning.warmup_ratio == 0  # "constant" ignores the reference's warmup_ratio=0.03 (train_vlm.py:102-103)
+    assert tuning.max_image_side == paper["distill"].max_image_side == 1024  # capped in stages 3-5 only
     scoring = paper["distill"]
     assert (scoring.vlm_branch_mode, scoring.generate_do_sample, scoring.vlm_dtype) == ("generate", True, "float32")
     assert (scoring.generate_temperature, scoring.generate_top_p, scoring.max_new_tokens) == (0.8, 1.0, 256)
-    assert paper["gate"].resample_vlm_answers and paper["gate"].vlm_branch_input == "one_hot"
+    # top_k and the repetition penalty from the VLM's generation config, as generate() took them: the "sample" is
+    # the same every epoch, so the gate trains on the cached answer
+    assert scoring.generate_top_k is None and not paper["gate"].resample_vlm_answers
+    assert paper["gate"].vlm_branch_input == "one_hot"
+    assert not paper["distill"].shuffle_each_epoch and not paper["gate"].shuffle_each_epoch
     # what both share: the stages' defaults are the reference's
     _, default_run, plans = run_all.plan(["--run-dir", "R", "--stages", *stages])
     default = {plan.stage: plan.args for plan in plans}
@@ -349,3 +420,125 @@ def test_custom_prompt_and_sampled_generation_from_stage_1_to_the_exported_model
         torch.testing.assert_close(load_file(path)["vlm_generated"], drawn[path.name], rtol=0, atol=0)
     for key, value in load_file(run_dir / "gate" / "gate.safetensors").items():
         torch.testing.assert_close(value, gate_weights[key], rtol=0, atol=0, msg=key)
+
+
+def paper_recipe_generation_settings() -> dict:
+    """The `generate` mode's settings of `--recipe paper` (stage 3), as the exported model config holds them."""
+    recipe = yaml.safe_load((REPO_ROOT / "emovlm_kd" / "recipes" / "paper.yaml").read_text())
+    names = ("vlm_branch_mode", "generate_do_sample", "generate_temperature", "generate_top_p", "max_new_tokens")
+    return {name: recipe["distill"][name] for name in names if name in recipe["distill"]}
+
+
+def test_generate_mode_under_the_paper_recipe_is_vlm_generate_token_for_token():
+    """train_gate.py:67-73 calls `generate(do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256)` and
+    transformers fills every other field from the checkpoint's generation config (Qwen2-VL's: `top_k: 1`,
+    `repetition_penalty: 1.05`), so the reference's "sampling" keeps only the best, penalised token. The `generate`
+    mode runs the same logits processors on the same token history: it equals `vlm.generate` token for token."""
+    settings = paper_recipe_generation_settings()
+    assert settings == {
+        "vlm_branch_mode": "generate",
+        "generate_do_sample": True,
+        "generate_temperature": 0.8,
+        "generate_top_p": 1.0,
+        "max_new_tokens": 256,
+    }
+    settings["max_new_tokens"] = 12  # the tiny random VLM never stops on its own; 12 steps show the same
+    model, image_processor, _ = build_tiny_model(["negative", "positive"], **settings)
+    model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)
+    model.config.vlm_generation_config = model.vlm.generation_config.to_diff_dict()
+    inputs = image_processor(make_images()[:2])  # two sizes: left padding in the batch
+    image_embeds = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+    branch = (inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    stop = set(model.stop_token_ids())
+
+    def until_stop(row):
+        return row[: next((i for i, token in enumerate(row) if token in stop), len(row))]
+
+    kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 12}
+    assert model.generate_kwargs() == kwargs
+    with torch.no_grad():
+        ours = [model.generate_tokens(*branch, image_embeds, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+        torch.manual_seed(0)
+        stock = model.vlm.generate(**inputs, **kwargs)
+    stock = [until_stop(row) for row in stock[:, inputs["input_ids"].shape[1] :].tolist()]
+    assert ours[0] == ours[1] == stock and all(len(row) > 3 for row in stock)  # top_k=1: the same for any seed
+    config = model.generation_config()
+    assert (config.top_k, config.repetition_penalty, config.do_sample, config.temperature) == (1, 1.05, True, 0.8)
+
+    # the repetition penalty is applied (on the prompt and the tokens so far): without it other tokens come out
+    model.vlm.generation_config.repetition_penalty = 1.0
+    with torch.no_grad():
+        unpenalised = model.generate_tokens(*branch, image_embeds)
+    assert unpenalised != stock
+    # true sampling stays an explicit choice: top-k off, seeded draws differ
+    model.vlm.generation_config.repetition_penalty = 1.05
+    model.config.generate_top_k = 0
+    with torch.no_grad():
+        draws = [model.generate_tokens(*branch, image_embeds, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    assert draws[0] != draws[1] and draws[0] != stock
+
+
+def test_exported_config_keeps_the_vlms_generation_config(tmp_path):
+    """The exported model has no generation_config.json of its own: the VLM's travels in config.json and is the one
+    the loaded model generates with."""
+    from transformers import AutoModelForImageClassification
+
+    model, _, processor = build_tiny_model(["negative", "positive"], vlm_branch_mode="generate")
+    model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)
+    model = EmoVLMKDForImageClassification.from_vlm(model.vlm, processor, ["negative", "positive"])
+    assert model.config.vlm_generation_config["top_k"] == 1
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert (loaded.generation_config().top_k, loaded.generation_config().repetition_penalty) == (1, 1.05)
+
+
+def test_cached_epochs_can_keep_one_order_as_the_reference_does():
+    """train_distillation.py:33 and train_gate.py:189 go through one list in the same order every epoch; with
+    `shuffle_each_epoch=False` stages 3-4 do (one shuffle, seeded by the run's seed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from emovlm_kd.training import cached_data_loader
+
+    config = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=42)
+    accelerator = Accelerator(cpu=True, dataloader_config=config)
+    dataset = torch.utils.data.TensorDataset(torch.arange(12))
+
+    def epochs(reshuffle):
+        loader = cached_data_loader(accelerator, dataset, 1, reshuffle=reshuffle)
+        orders = []
+        for epoch in range(2):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            orders.append([int(batch[0]) for batch in loader])
+        return orders
+
+    fixed, reshuffled = epochs(False), epochs(True)
+    assert fixed[0] == fixed[1] != list(range(12)) and sorted(fixed[0]) == list(range(12))
+    assert reshuffled[0] != reshuffled[1]
+
+
+def test_full_size_images_uncap_stage_1_only(tmp_path):
+    """The reference caps images at 1024 px in stages 3-5 but trains stage 1 on full-size ones (data_utils.py
+    `format_data`): `--full-size-images` gives stage 1's encoder no cap while the shared `max_image_side` stays."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def encoder(*args, max_image_side=None, **kwargs):
+        seen["max_image_side"] = max_image_side
+        raise Stop
+
+    data_dir = make_imagefolder(tmp_path / "data", per_class=2, size=(8, 8))
+    argv = ["--run-dir", str(tmp_path / "run"), "--data-dir", str(data_dir), "--stages", "instruction_tuning"]
+    argv += ["--report-to", "none", "--num-workers", "0"]
+    for full_size, expected in ((True, 0), (False, 1024)):
+        _, run_args, (plan,) = run_all.plan([*argv, "--set", f"instruction_tuning.full_size_images={full_size}"])
+        args = plan.args
+        assert args.max_image_side == 1024 and args.vlm == "Qwen/Qwen2-VL-7B-Instruct"
+        args.vlm = "tiny"
+        with mock.patch.object(instruction_tuning, "InstructionEncoder", encoder), pytest.raises(Stop):
+            instruction_tuning.run(run_args, args)
+        assert seen["max_image_side"] == expected

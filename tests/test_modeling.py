@@ -156,11 +156,18 @@ def test_sampling_is_seeded_and_follows_the_reference_settings():
 def test_top_p_keeps_the_smallest_nucleus():
     model, _, _ = build_tiny_model(["a", "b"], generate_do_sample=True, generate_top_p=0.5)
     logits = torch.tensor([[2.0, 1.9, -5.0, -5.0]]) * model.config.generate_temperature  # probs ~0.52, 0.47, ...
-    draws = {model._next_token(logits, True, torch.Generator().manual_seed(seed)).item() for seed in range(50)}
-    assert draws == {0}
+    history = torch.tensor([[3]])
+
+    def draws():
+        _, processors = model.token_selection(history, True, 4)
+        return {
+            model._next_token(history, logits, processors, True, torch.Generator().manual_seed(seed)).item()
+            for seed in range(50)
+        }
+
+    assert draws() == {0}
     model.config.generate_top_p = 0.9
-    draws = {model._next_token(logits, True, torch.Generator().manual_seed(seed)).item() for seed in range(50)}
-    assert draws == {0, 1}
+    assert draws() == {0, 1}
 
 
 def test_distillation_loss_matches_formula_by_hand():

@@ -62,6 +62,7 @@ class DistillArguments(
         "head_dropout": RESULT | MODEL_CONFIG,
         "kd_alpha": RESULT | MODEL_CONFIG | CARD,
         "kd_temperature": RESULT | MODEL_CONFIG | CARD,
+        "shuffle_each_epoch": RESULT | CARD,
     }
 
     vlm: str = field(
@@ -83,6 +84,13 @@ class DistillArguments(
         default=EmoVLMKDConfig.kd_alpha, metadata={"help": "Weight of the KL term (1 - alpha: cross-entropy)"}
     )
     kd_temperature: float = field(default=EmoVLMKDConfig.kd_temperature, metadata={"help": "Distillation temperature"})
+    shuffle_each_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": "Reshuffle the training images every epoch; --no-shuffle-each-epoch: one seeded shuffle, then the "
+            "same order every epoch, as the reference iterates its data (train_distillation.py:33)"
+        },
+    )
 
 
 ARGUMENTS = DistillArguments
@@ -168,6 +176,7 @@ def run(run_args, args: DistillArguments) -> dict:
         torch.utils.data.TensorDataset(train["image_embeds"], train["teacher_logits"], train["labels"]),
         kd_loss,
         validate,
+        reshuffle=args.shuffle_each_epoch,
     )
     if stopped:
         return stopped

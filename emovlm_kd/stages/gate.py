@@ -39,6 +39,7 @@ class GateArguments(
         "vlm_branch_input": RESULT | MODEL_CONFIG | CARD,
         "resample_vlm_answers": RESULT | CARD,
         "feature_batch_size": NOTHING,  # sampled answers are seeded per image, whatever the batch
+        "shuffle_each_epoch": RESULT | CARD,
     }
 
     gate_type: Literal[GATE_TYPES] = field(
@@ -57,6 +58,13 @@ class GateArguments(
         },
     )
     feature_batch_size: int = field(default=8, metadata={"help": "Images per VLM forward if features are not cached"})
+    shuffle_each_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": "Reshuffle the training images every epoch; --no-shuffle-each-epoch: one seeded shuffle, then the "
+            "same order every epoch, as the reference iterates its data (train_gate.py:189)"
+        },
+    )
 
 
 ARGUMENTS = GateArguments
@@ -127,6 +135,7 @@ def run(run_args, args: GateArguments) -> dict:
         cross_entropy_loss,
         validate,
         on_epoch_start=draw_vlm_answers,
+        reshuffle=args.shuffle_each_epoch,
     )
     if stopped:
         return stopped

@@ -30,14 +30,23 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from configuration_emovlm_kd import label_pattern
 from emovlm_kd.arguments import settings_dict
 from emovlm_kd.chat import ChatClient, ChatRequestArguments, ChatRequestError, image_data_url
-from emovlm_kd.instruction_records import read_records, rewrite_records
-from emovlm_kd.run_dir import DataError, clear_complete, ensure_class_names, hash_json, stage_output, write_complete
-from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
+from emovlm_kd.instruction_records import read_records, reference_annotation_records, rewrite_records
+from emovlm_kd.run_dir import (
+    DataError,
+    clear_complete,
+    ensure_class_names,
+    file_digest,
+    hash_json,
+    stage_output,
+    write_complete,
+)
+from emovlm_kd.settings import CONTENT, NOTHING, RESULT, Affects, fingerprint_fields
 from emovlm_kd.sources import has_source, load_source, source_hash
 from emovlm_kd.training import preset_class_names
 
@@ -160,6 +169,7 @@ class InstructionDataArguments(ChatRequestArguments):
         "json_mode": NOTHING,
         "max_image_side": NOTHING,
         "limit": RESULT,
+        "import_annotations": CONTENT,  # hashed by the file's digest
     }
 
     base_url: str | None = field(
@@ -189,6 +199,13 @@ class InstructionDataArguments(ChatRequestArguments):
     )
     max_image_side: int = field(default=1024, metadata={"help": "Larger images are sent downscaled (px)"})
     limit: int | None = field(default=None, metadata={"help": "Only the first N training images (trial runs)"})
+    import_annotations: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference's <data>_annotations_train.json instead of an endpoint: its GPT answers, split as "
+            "the reference splits them, become this stage's records (unparseable or unmatched entries reported)"
+        },
+    )
 
 
 ARGUMENTS = InstructionDataArguments
@@ -196,7 +213,7 @@ ARGUMENTS = InstructionDataArguments
 
 def enabled(args: InstructionDataArguments) -> bool:
     """The all-stages command runs stage 0 only when an endpoint is configured (`base_url` or `provider`)."""
-    return args.base_url is not None or args.provider is not None
+    return args.base_url is not None or args.provider is not None or args.import_annotations is not None
 
 
 def fingerprint(run_args, args: InstructionDataArguments) -> str:
@@ -207,6 +224,7 @@ def fingerprint(run_args, args: InstructionDataArguments) -> str:
             "data": source_hash(run_args),
             **{name: getattr(args, name) for name in fingerprint_fields(args)},
             "prompt": [SYSTEM_PROMPT, INSTRUCTION_PROMPT, EXAMPLE_ANSWER],
+            "import_annotations": file_digest(args.import_annotations) if args.import_annotations else None,
         }
     )
 
@@ -253,7 +271,8 @@ def run(run_args, args: InstructionDataArguments) -> dict:
     from accelerate import PartialState
 
     state = PartialState()  # under `accelerate launch`, the main process alone talks to the endpoint
-    summary = _run_main(run_args, args) if state.is_main_process else {}
+    main = import_annotations if args.import_annotations else _run_main
+    summary = main(run_args, args) if state.is_main_process else {}
     state.wait_for_everyone()
     return summary
 
@@ -337,6 +356,54 @@ def _run_main(run_args, args: InstructionDataArguments) -> dict:
     else:
         settings = settings_dict(run_args, args)
         write_complete(run_args.run_dir, STAGE, fingerprint(run_args, args), summary=summary, settings=settings)
+    return summary
+
+
+def import_annotations(run_args, args: InstructionDataArguments) -> dict:
+    """Stage 0 from the reference's annotation file (so nobody pays for GPT-4 twice): every entry matched to the
+    image `train/<label>/<img>` of an ImageFolder tree; the problems are logged and counted. The reference annotated
+    every image of train/, also those held out for validation (`held_out`: kept, but stage 1 trains on train only)."""
+    path = Path(args.import_annotations)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"--import-annotations {str(path)!r}: not a readable JSON file ({error})") from None
+    if not isinstance(entries, list):
+        raise DataError(f"--import-annotations {str(path)!r}: expected a JSON list of annotations")
+    if not has_source(run_args):
+        raise DataError(f"Stage {STAGE!r} needs the dataset the annotations were made for: pass --data-dir")
+    data = load_source(run_args, class_names=preset_class_names(run_args))
+    ensure_class_names(run_args.run_dir, data.class_names)
+    splits = ["train", "val"] if data.val_from_train else ["train"]
+    keys = [data.key(split, row) for split in splits for row in range(len(data.splits[split]))]
+    held_out = {data.key("val", row) for row in range(len(data.splits["val"]))} if data.val_from_train else set()
+    train_keys = {(Path(key).parts[1], Path(key).name): key for key in keys if len(Path(key).parts) >= 3}
+    if not train_keys:
+        raise DataError("--import-annotations matches images by train/<label>/<file>: it needs an ImageFolder tree")
+    records, problems = reference_annotation_records(entries, train_keys, path.name)
+    for problem in problems:
+        logger.warning(f"--import-annotations: {problem}")
+    output = stage_output(run_args.run_dir, STAGE)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    clear_complete(run_args.run_dir, STAGE)
+    rewrite_records(output, records)
+    done = sum(record["status"] == "done" for record in records.values())
+    summary = {
+        "stage": STAGE,
+        "output": str(output),
+        "total": len(keys),
+        "imported": done,
+        "unparseable": len(records) - done,
+        "held_out": sum(key in held_out for key in records),
+        "problems": len(problems),
+        "complete": True,
+    }
+    print(
+        f"Imported {done} of {len(entries)} reference annotations for {len(keys)} training images; "
+        f"{len(problems)} problem(s) logged -> {output}"
+    )
+    settings = settings_dict(run_args, args)
+    write_complete(run_args.run_dir, STAGE, fingerprint(run_args, args), summary=summary, settings=settings)
     return summary
 
 

@@ -73,6 +73,8 @@ class InstructionTuningArguments(
         "loss_on": RESULT | CARD,
         "load_in_4bit": RESULT | CARD,
         "gradient_checkpointing": NOTHING,
+        "full_size_images": RESULT | CARD,
+        "tf32": RESULT,  # TF32 matmuls change the numbers on GPU
     }
 
     vlm: str = field(
@@ -97,6 +99,17 @@ class InstructionTuningArguments(
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (CUDA + bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Less memory, more compute"})
+    full_size_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on uncapped images (the VLM processor's own pixel limit), as the reference's stage 1 does, "
+            "while stages 3-6 keep --max-image-side (default: this stage sees what scoring sees)"
+        },
+    )
+    tf32: bool = field(
+        default=False,
+        metadata={"help": "TF32 matmuls and convolutions on NVIDIA GPUs (the reference's `tf32=True`); no-op on CPU"},
+    )
 
 
 ARGUMENTS = InstructionTuningArguments
@@ -331,9 +344,17 @@ def _save_merged(accelerator, args, model, processor):
     return save
 
 
+def _allow_tf32(tf32: bool):
+    """What `TrainingArguments(tf32=True)` of the reference sets (train_vlm.py:100), on NVIDIA GPUs only."""
+    if tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def run(run_args, args: InstructionTuningArguments) -> dict:
     """Instruction-tune the VLM; returns the summary (tasks, example counts, per-epoch losses, output)."""
     _check_4bit(args)
+    _allow_tf32(args.tf32)
     run_args = dataclasses.replace(run_args, mixed_precision=_mixed_precision(run_args.mixed_precision))
     stage_run = begin_stage(
         run_args,
@@ -353,7 +374,7 @@ def run(run_args, args: InstructionTuningArguments) -> dict:
         processor,
         data.class_names,
         args.max_answer_tokens,
-        max_image_side=args.max_image_side,
+        max_image_side=0 if args.full_size_images else args.max_image_side,
         loss_on=args.loss_on,
         **args.prompt_settings(),
     )

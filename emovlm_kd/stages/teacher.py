@@ -40,12 +40,16 @@ class TeacherArguments(
     }
 
     teacher: str = field(
-        default=DEFAULT_TEACHER, metadata={"help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)}"}
+        default=DEFAULT_TEACHER,
+        metadata={
+            "help": f"timm model name, or a preset: {sorted(TEACHER_PRESETS)} (vgg, resnet: the reference's "
+            "torchvision VGG16 / ResNet50 weights through timm, at its 384 px and normalisation)"
+        },
     )
     pretrained: bool = field(
         default=True,
         metadata={
-            "help": "Start from timm's pretrained weights (downloaded from the Hub); presets are never pretrained"
+            "help": "Start from timm's pretrained weights (downloaded from the Hub); the 'tiny' preset never is"
         },
     )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the validation pass"})
