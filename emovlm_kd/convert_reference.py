@@ -76,8 +76,8 @@ class ConvertArguments:
         "distill": CONTENT,
         "gate": CONTENT,
         "gate_type": MODEL_CONFIG,
-        "labels": MODEL_CONFIG,
-        "dataset_preset": MODEL_CONFIG,
+        "labels": CONTENT,  # the classes (id2label)
+        "dataset_preset": CONTENT,  # the classes (id2label)
         "output": NOTHING,
         "vlm_dtype": CONTENT,
         "vlm_branch_mode": MODEL_CONFIG,
@@ -278,7 +278,7 @@ def main(argv=None) -> Path:
     """The `emovlm-kd-convert-reference` command (`train/convert_reference.py`)."""
     from transformers import HfArgumentParser
 
-    from emovlm_kd.cli import exit_with_error, setup_logging
+    from emovlm_kd.console import exit_with_error, setup_logging
 
     setup_logging()
     try:

@@ -166,7 +166,7 @@ def test_converted_folder_loads_and_computes_the_reference_formulas(reference_ou
     main([*argv, "--vlm-dtype", "float32"])
 
     files = {p.relative_to(tmp_path / "model").as_posix() for p in (tmp_path / "model").rglob("*") if p.is_file()}
-    assert {"config.json", "model.safetensors", "modeling_emovlm_kd.py", "preprocessor_config.json"} <= files
+    assert {"config.json", "model.safetensors", "modeling_emovlm_kd.py", "processor_config.json"} <= files
     assert {"handler.py", "README.md", "tokenizer_config.json"} <= files  # stage 6's write_repo wrote it
     assert CARD_RECIPE in (tmp_path / "model" / "README.md").read_text()
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()

@@ -498,7 +498,7 @@ def test_cached_epochs_can_keep_one_order_as_the_reference_does():
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from emovlm_kd.training import cached_data_loader
+    from emovlm_kd.batch_semantics import cached_data_loader
 
     config = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=42)
     accelerator = Accelerator(cpu=True, dataloader_config=config)
