@@ -144,6 +144,11 @@ class EmoVLMKDConfig(PreTrainedConfig):
             Nucleus sampling mass (the reference's 1.0 keeps every token).
         freeze_vlm (`bool`, *optional*, defaults to `True`):
             Keep the VLM frozen (no gradients, always in eval mode); only the head and the gate train.
+        calibration_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature `T` the model's `logits` are divided by (temperature scaling): the gate's output / `T`, so
+            that every softmax of `logits` (pipeline, Endpoint handler, Space, batch prediction) gives calibrated
+            probabilities; the predicted class never changes. Fitted on the validation split by the evaluation
+            stage; 1.0 leaves the gate's output as it is (and is what models saved without this field load with).
 
     Example:
 
@@ -185,6 +190,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
     generate_temperature: float = 0.8
     generate_top_p: float = 1.0
     freeze_vlm: bool = True
+    calibration_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -218,6 +224,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
                 f"generate_temperature must be > 0 and generate_top_p in (0, 1], got {self.generate_temperature} "
                 f"and {self.generate_top_p}"
             )
+        temperature = self.calibration_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e30:
+            raise ValueError(f"calibration_temperature must be a finite number > 0 (1.0: off), got {temperature!r}")
+        self.calibration_temperature = float(temperature)
         # Saved folders load through the Auto classes and the pipeline by these entries (kept when already set, e.g.
         # by a config loaded from the Hub).
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}

@@ -15,6 +15,7 @@ LAYERS = {
     "run_dir": 0,
     "data": 1,
     "metrics": 1,
+    "calibration": 1,
     "instruction_records": 1,
     "instruction_tasks": 1,
     "teachers": 1,
