@@ -2,7 +2,8 @@
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from emovlm_kd.metrics import results_table
+from emovlm_kd.calibration import CALIBRATION_METRICS, COVERAGES, calibration_table, risk_coverage_table
+from emovlm_kd.metrics import BRANCH_TITLES, results_table
 
 TAGS = [
     "emotion-recognition",
@@ -12,6 +13,13 @@ TAGS = [
     "vision-language-model",
     "custom_code",
 ]
+
+# The fused model's calibration metrics (after temperature scaling) in the card's model-index results.
+CARD_CALIBRATION_METRICS = {
+    "ece": "expected calibration error (15 bins)",
+    "nll": "negative log-likelihood",
+    "brier": "Brier score",
+}
 
 USAGE = """```python
 from transformers import pipeline
@@ -73,6 +81,20 @@ def build_model_card(
                     metric_value=round(value, 4),
                 )
             )
+        calibrated = fused.get("calibration", {}).get("after", {})
+        for metric, name in CARD_CALIBRATION_METRICS.items():
+            if metric in calibrated:
+                eval_results.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        dataset_type=dataset_name,
+                        dataset_name=dataset_name,
+                        dataset_split=eval_split,
+                        metric_type=metric,
+                        metric_name=name,
+                        metric_value=round(calibrated[metric], 4),
+                    )
+                )
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
@@ -106,6 +128,7 @@ def build_model_card(
         *(["## Examples", _widget_section(widget)] if widget else []),
         "## Results",
         _results_section(results, dataset_name),
+        *(["## Calibration", _calibration_section(results, eval_split)] if _calibrated(results) else []),
         "## Training",
         _training_section(training),
         "## Reference",
@@ -124,6 +147,46 @@ def _results_section(results: dict | None, dataset_name: str | None) -> str:
     text += "\n\nThe teacher is not part of this model (it only taught the head); it is listed for comparison. "
     text += "The VLM branch and the distilled head are the two inputs of the gate, whose output is the fused model."
     return text
+
+
+def _calibrated(results: dict | None) -> bool:
+    return bool(results) and "calibration" in results
+
+
+def _calibration_section(results: dict, split: str) -> str:
+    """What the scores mean: the temperature, calibration per branch, risk-coverage and the reliability diagrams."""
+    calibration = results["calibration"]
+    if calibration["skipped"]:
+        text = (
+            f"Temperature scaling was skipped ({calibration['skipped']}): the scores are the gate's raw softmax "
+            "(`calibration_temperature` 1.0 in `config.json`)."
+        )
+    else:
+        text = (
+            f"The scores are calibrated by temperature scaling: the gate's logits are divided by "
+            f"`calibration_temperature` = {calibration['temperature']:.4f} (in `config.json`), fitted on the "
+            f"validation split ({calibration['num_examples']} images) by minimising the negative log-likelihood. "
+            "It never changes the predicted class. The other branches' temperatures are reported, not applied."
+        )
+    names = ", ".join(CALIBRATION_METRICS.values())
+    text += (
+        f"\n\n{names} on `{split}` (lower is better; ECE over 15 equal-width confidence bins, computed with "
+        "`torchmetrics`), before and after each branch's temperature:\n\n" + calibration_table(results, split)
+    )
+    coverages = "/".join(f"{coverage:.0%}" for coverage in COVERAGES)
+    text += (
+        f"\n\nSelective prediction: the fused model's accuracy when only its most confident predictions are kept "
+        f"({coverages} coverage), and the score threshold that keeps them (the pipeline's `min_score`):\n\n"
+        + risk_coverage_table(results)
+    )
+    diagrams = [
+        f"![Reliability diagram of the {BRANCH_TITLES[branch]} on {split}](reliability_{split}_{branch}.png)"
+        for branch in BRANCH_TITLES
+        if "calibration" in results["splits"][split].get(branch, {})
+    ]
+    text += "\n\nReliability diagrams on `" + split + "` (accuracy against confidence; the diagonal is perfect "
+    text += "calibration; the bars below count the images per bin), before and after scaling:\n\n"
+    return text + "\n\n".join(diagrams)
 
 
 def _widget_section(widget: list[dict]) -> str:

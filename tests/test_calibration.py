@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from emovlm_kd.calibration import (
@@ -135,3 +136,86 @@ def test_non_finite_logits_are_refused():
                 GATES["concat_linear"](2),
                 {"vlm_branch_input": "probs"},
             )
+
+
+# The exported model: the stored temperature in `logits`, the pipeline and the model agree, older folders load.
+
+
+def tiny_folder_with_temperature(tiny_folder, destination, temperature):
+    """A copy of the tiny model folder whose config.json holds `temperature` (None: no such field, as exported
+    before calibration existed)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_folder, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.pop("calibration_temperature", None)
+    if temperature is not None:
+        config["calibration_temperature"] = temperature
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+def test_exported_temperature_is_in_the_logits_and_the_pipeline_scores(tiny_folder, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import pipeline as hf_pipeline
+
+    images = [Image.new("RGB", (80, 60), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 200, 90))]
+    logits = {}
+    for name, temperature in (("old", None), ("calibrated", 2.5)):
+        folder = tiny_folder_with_temperature(tiny_folder, tmp_path / name, temperature)
+        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert model.config.calibration_temperature == (temperature or 1.0)
+        with torch.no_grad():
+            outputs = model(**processor(images))
+            gate_output = model.gate(outputs.head_logits, outputs.vlm_scores)[0]
+        torch.testing.assert_close(outputs.logits, gate_output / (temperature or 1.0))
+        classifier = hf_pipeline("image-classification", model=str(folder), trust_remote_code=True)
+        for image, probabilities in zip(images, outputs.logits.softmax(-1)):
+            scores = {entry["label"]: entry["score"] for entry in classifier(image, top_k=3)}
+            assert [scores[label] for label in model.config.labels] == pytest.approx(probabilities.tolist(), abs=1e-5)
+        logits[name] = outputs.logits
+    torch.testing.assert_close(logits["calibrated"] * 2.5, logits["old"])  # same model, same argmax, softer scores
+    assert torch.equal(logits["calibrated"].argmax(-1), logits["old"].argmax(-1))
+
+
+def test_pipeline_min_score_answers_uncertain_below_it(tiny):
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+
+    model, image_processor, _ = tiny
+    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=image_processor)
+    image = Image.new("RGB", (80, 60), (200, 30, 30))
+    plain = classifier(image)
+    top = plain[0]
+    answer = classifier(image, min_score=top["score"] - 1e-6)
+    assert answer == {"label": top["label"], "score": top["score"], "uncertain": False, "predictions": plain}
+    answer = classifier([image, image], min_score=1.0, top_k=1)
+    assert [a["label"] for a in answer] == [None, None] and [a["predictions"] for a in answer] == [plain[:1]] * 2
+    assert all(a["uncertain"] and a["score"] == top["score"] for a in answer)
+    for bad in (1.5, -0.01, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match=r"min_score must be a number in \[0, 1\]"):
+            classifier(image, min_score=bad)
+    with pytest.raises(ValueError, match="min_score applies to softmax probabilities"):
+        classifier(image, min_score=0.5, function_to_apply="none")
+
+
+def test_pipeline_refuses_non_finite_logits_and_config_a_bad_temperature(tiny, monkeypatch):
+    from configuration_emovlm_kd import EmoVLMKDConfig
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+
+    model, image_processor, _ = tiny
+    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=image_processor)
+    forward = classifier._forward
+
+    def broken(*args, **kwargs):
+        outputs = forward(*args, **kwargs)
+        outputs["logits"][0, 0] = float("inf")
+        return outputs
+
+    monkeypatch.setattr(classifier, "_forward", broken)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        classifier(Image.new("RGB", (64, 64)))
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="calibration_temperature must be a finite number > 0"):
+            EmoVLMKDConfig(id2label={0: "a", 1: "b"}, calibration_temperature=bad)
