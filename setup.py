@@ -20,6 +20,7 @@ train = [
     "scikit-learn",
     "tensorboard",
     "matplotlib",
+    "torchmetrics>=1.0",
     "pyyaml",
     "tqdm",
 ]

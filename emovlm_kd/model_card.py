@@ -26,6 +26,8 @@ from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
 classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
+# "uncertain" (label None) when the top score is below min_score; predictions: the list above
+classifier("photo.jpg", min_score=0.6)  # {{"label": ... or None, "score": ..., "uncertain": ..., "predictions": [...]}}
 # the same scores, plus the VLM's own reasoning about the image (generated on request: its words, not ground truth)
 classifier("photo.jpg", explain=True)  # {{"predictions": [...], "explanation": "...", "explanation_labels": [...]}}
 ```
