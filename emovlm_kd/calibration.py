@@ -136,8 +136,12 @@ def plot_reliability(before: dict, after: dict, temperature: float, title: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for column, (name, bins) in enumerate(((f"before (T = 1)", before), (f"after (T = {temperature:.3g})", after))):
+    # a fixed layout: tight_layout would double the drawing time of these small figures (8 of them per evaluation)
+    figure, axes = plt.subplots(
+        2, 2, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08, "wspace": 0.25}
+    )
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.09, top=0.88)
+    for column, (name, bins) in enumerate((("before (T = 1)", before), (f"after (T = {temperature:.3g})", after))):
         edges, width = bins["edges"], 1 / (len(bins["edges"]) - 1)
         top, bottom = axes[0][column], axes[1][column]
         accuracy = np.nan_to_num(bins["accuracy"])
@@ -147,12 +151,11 @@ def plot_reliability(before: dict, after: dict, temperature: float, title: str, 
                 edgecolor="tab:red", label="gap to confidence")  # fmt: skip
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}, ECE {bins['ece']:.3f}")
-        top.legend(loc="upper left", fontsize="small")
         bottom.bar(edges[:-1], bins["counts"], width=width, align="edge", color="gray", edgecolor="black")
         bottom.set(xlabel="confidence (top class score)", ylabel="images")
+    axes[0][0].legend(loc="upper left", fontsize="small")
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
 
 

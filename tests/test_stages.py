@@ -182,7 +182,8 @@ def test_calibration_is_reported_and_reaches_the_exported_model(pipeline, datase
     """Stage 5 reports calibration per branch and split; with the fixture's few val images scaling is skipped (with
     the reason); allowed to fit on them, the temperature goes into the exported config and the model's logits."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
-    from transformers import pipeline as hf_pipeline
+
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
     run_dir, _ = pipeline
     results = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -216,12 +217,12 @@ def test_calibration_is_reported_and_reaches_the_exported_model(pipeline, datase
 
     model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-    images = sorted(str(p) for p in (dataset / "test").rglob("*.png"))[:3]
+    images = sorted(str(p) for p in (dataset / "test").rglob("*.png"))[:2]
     with torch.no_grad():
         outputs = model(**processor(images))
     gate_output = model.gate(outputs.head_logits, outputs.vlm_scores)[0]
     torch.testing.assert_close(outputs.logits, gate_output / temperature)
-    classifier = hf_pipeline("image-classification", model=model, image_processor=processor)
+    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=processor)
     for image, probabilities in zip(images, outputs.logits.softmax(-1)):
         scores = {entry["label"]: entry["score"] for entry in classifier(image, top_k=len(CLASSES))}
         assert [scores[label] for label in CLASSES] == pytest.approx(probabilities.tolist(), abs=1e-5)
