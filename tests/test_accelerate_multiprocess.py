@@ -23,6 +23,7 @@ STAGE_SETTINGS = {
     "teacher": {"epochs": 2, "eval_batch_size": 4},
     "distill": {"epochs": 10, "head_dropout": 0, "feature_batch_size": 4},
     "gate": {"epochs": 10},
+    "evaluate": {"calibration_min_images": 5},  # the temperature is fitted on the 5 held-out images
 }
 
 
@@ -70,4 +71,11 @@ def test_two_processes_equal_one(tmp_path):
                 results["two"]["splits"][split][model]["accuracy"]
                 == results["one"]["splits"][split][model]["accuracy"]
             )
+    # the same temperature, fitted on every process, and the same calibration metrics
+    calibration = {name: result["calibration"] for name, result in results.items()}
+    assert calibration["two"]["fitted_on"] == calibration["one"]["fitted_on"] == "val"
+    assert calibration["two"]["temperature"] == pytest.approx(calibration["one"]["temperature"], rel=1e-3)
+    for split in ("val", "test"):
+        two, one = (result["splits"][split]["fused"]["calibration"]["after"] for result in results.values())
+        assert two == pytest.approx(one, rel=1e-3, abs=1e-5), split
     assert all((run / "model" / "model.safetensors").exists() for run in runs.values())
