@@ -27,7 +27,7 @@ from transformers import pipeline
 classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
 classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
 # "uncertain" (label None) when the top score is below min_score; predictions: the list above
-classifier("photo.jpg", min_score=0.6)  # {{"label": ... or None, "score": ..., "uncertain": ..., "predictions": [...]}}
+classifier("photo.jpg", min_score=0.6)  # {{"label": ..., "score": ..., "uncertain": ..., "predictions": [...]}}
 # the same scores, plus the VLM's own reasoning about the image (generated on request: its words, not ground truth)
 classifier("photo.jpg", explain=True)  # {{"predictions": [...], "explanation": "...", "explanation_labels": [...]}}
 ```
@@ -68,35 +68,7 @@ def build_model_card(
     eval_split = None
     if results:
         eval_split = "test" if "test" in results["splits"] else next(iter(results["splits"]))
-    eval_results = []
-    if results and dataset_name:
-        fused = results["splits"][eval_split]["fused"]
-        for metric, value in (("accuracy", fused["accuracy"]), ("f1", fused["macro_f1"])):
-            eval_results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    dataset_type=dataset_name,
-                    dataset_name=dataset_name,
-                    dataset_split=eval_split,
-                    metric_type=metric,
-                    metric_name="macro-F1" if metric == "f1" else "accuracy",
-                    metric_value=round(value, 4),
-                )
-            )
-        calibrated = fused.get("calibration", {}).get("after", {})
-        for metric, name in CARD_CALIBRATION_METRICS.items():
-            if metric in calibrated:
-                eval_results.append(
-                    EvalResult(
-                        task_type="image-classification",
-                        dataset_type=dataset_name,
-                        dataset_name=dataset_name,
-                        dataset_split=eval_split,
-                        metric_type=metric,
-                        metric_name=name,
-                        metric_value=round(calibrated[metric], 4),
-                    )
-                )
+    eval_results = _eval_results(results, eval_split, dataset_name) if results and dataset_name else []
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
@@ -138,6 +110,26 @@ def build_model_card(
         "emovlm-kd training pipeline (`train/run_all.py`).",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _eval_results(results: dict, eval_split: str, dataset_name: str) -> list[EvalResult]:
+    """The fused model's accuracy and macro-F1, and its calibration metrics after scaling, as model-index results."""
+    fused = results["splits"][eval_split]["fused"]
+    metrics = [("accuracy", "accuracy", fused["accuracy"]), ("f1", "macro-F1", fused["macro_f1"])]
+    calibrated = fused.get("calibration", {}).get("after", {})
+    metrics += [(key, name, calibrated[key]) for key, name in CARD_CALIBRATION_METRICS.items() if key in calibrated]
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=eval_split,
+            metric_type=metric,
+            metric_name=name,
+            metric_value=round(value, 4),
+        )
+        for metric, name, value in metrics
+    ]
 
 
 def _results_section(results: dict | None, dataset_name: str | None) -> str:

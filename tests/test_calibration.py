@@ -1,4 +1,4 @@
-"""Temperature scaling, calibration metrics, reliability diagrams and selective prediction (`emovlm_kd.calibration`)."""
+"""Temperature scaling, calibration metrics, reliability diagrams, selective prediction (`emovlm_kd.calibration`)."""
 
 import logging
 

@@ -177,13 +177,16 @@ def test_about_this_model_shows_the_calibration_and_the_reliability_diagram(app,
     Image.new("RGB", (90, 60), (250, 250, 250)).save(model_folder / "reliability_val_fused.png")
     diagram = app.reliability_diagram(str(model_folder))
     assert diagram == str(model_folder / "reliability_val_fused.png")
-    demo = app.build_demo(predictor, "tiny", diagram=diagram)
+    predictor_with_diagram = copy.copy(predictor)
+    predictor_with_diagram.reliability_diagram = diagram
+    demo = app.build_demo(predictor_with_diagram, "tiny")
     components = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"about", "about-calibration", "reliability"} <= set(components)
     assert "not calibrated" in components["about-calibration"].value
     config = copy.deepcopy(predictor.config)
     config.calibration_temperature = 2.5
     assert "`calibration_temperature` = 2.500" in app.about_markdown(config, diagram)
+    assert predictor.reliability_diagram is None  # the tiny folder has none
     demo = app.build_demo(predictor, "tiny")
     assert "reliability" not in {getattr(block, "elem_id", None) for block in demo.blocks.values()}
 

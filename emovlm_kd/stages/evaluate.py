@@ -126,14 +126,14 @@ def fit_calibration(args: EvaluateArguments, val_scores: dict | None, val_labels
     else:
         reason = skip_reason(val_labels, class_names, args.calibration_min_images)
         if reason:
-            logger.warning(f"Temperature scaling skipped: {reason}; the fused scores stay the gate's raw softmax (T=1)")
+            logger.warning(f"Temperature scaling skipped: {reason}; the fused scores stay the gate's raw softmax")
     if reason:
         return {"fitted_on": None, "skipped": reason, "temperature": 1.0, "branch_temperatures": {}}
     temperatures = {branch: fit_temperature(logits, val_labels) for branch, logits in val_scores.items()}
     low, high = TEMPERATURE_BOUNDS
     at_bound = [branch for branch, value in temperatures.items() if not low * 1.01 < value < high * 0.99]
     if at_bound:
-        logger.warning(f"The temperature of {at_bound} reached its bound {TEMPERATURE_BOUNDS} (a separable val split?)")
+        logger.warning(f"The temperature of {at_bound} reached its bounds {TEMPERATURE_BOUNDS} (a too easy val split?)")
     logger.info(f"Temperature scaling on val ({len(val_labels)} images): {temperatures}")
     return {
         "fitted_on": "val",

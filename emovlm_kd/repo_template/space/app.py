@@ -110,11 +110,20 @@ def about_markdown(config, diagram: str | None) -> str:
     return text
 
 
+def about_section(config, diagram: str | None):
+    """The "About this model" section (inside a `gr.Blocks`): the calibration, and the reliability diagram if any."""
+    with gr.Accordion("About this model", open=False, elem_id="about"):
+        gr.Markdown(about_markdown(config, diagram), elem_id="about-calibration")
+        if diagram:
+            gr.Image(diagram, label="Reliability of the fused scores", interactive=False, elem_id="reliability")
+
+
 class EmotionPredictor:
     """The model, its image processor and a `__call__(image)` returning every branch's output for one image.
 
     `max_image_pixels` (default `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image processor's own) bounds the images
     accepted; 0 lifts the limit. `max_new_tokens` (default the model config's) bounds an explanation.
+    `reliability_diagram`: the fused model's reliability diagram from the model repo (None when it has none).
     """
 
     def __init__(
@@ -136,6 +145,7 @@ class EmotionPredictor:
         self.config = self.model.config
         self.labels = self.config.labels
         self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        self.reliability_diagram = reliability_diagram(model)  # shown under "About this model" when the repo has it
 
     @torch.inference_mode()
     def __call__(self, image, explain_task: str | None = None) -> dict:
@@ -315,13 +325,7 @@ def make_example_images(folder: str | os.PathLike) -> list[str]:
     return paths
 
 
-def build_demo(
-    predictor: EmotionPredictor,
-    model_name: str,
-    example_paths: list[str] = (),
-    tiny: bool = False,
-    diagram: str | None = None,
-):
+def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list[str] = (), tiny: bool = False):
     labels, config = predictor.labels, predictor.config
     num_labels = len(labels)
 
@@ -397,10 +401,7 @@ def build_demo(
         )
         explanation_status = gr.Markdown(elem_id="explanation-status")
         gate_table = gr.Markdown(elem_id="gate-table")
-        with gr.Accordion("About this model", open=False, elem_id="about"):
-            gr.Markdown(about_markdown(config, diagram), elem_id="about-calibration")
-            if diagram:
-                gr.Image(diagram, label="Reliability of the fused scores", interactive=False, elem_id="reliability")
+        about_section(config, predictor.reliability_diagram)
         outputs = [fused, vlm, head, share, gate_table, explanation, explanation_status]
         submit.click(classify, inputs=image, outputs=outputs, api_name="classify")
         explain_button.click(explain, inputs=[image, task], outputs=outputs, api_name="explain")
@@ -435,8 +436,7 @@ def main(argv=None):
     )
     example_folder = Path(tempfile.gettempdir()) / "emovlm-kd-space-examples"
     examples = make_example_images(example_folder)
-    diagram = None if tiny else reliability_diagram(model)
-    demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny, diagram=diagram)
+    demo = build_demo(predictor, model if not tiny else "tiny (random)", examples, tiny=tiny)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
