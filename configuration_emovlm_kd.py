@@ -164,6 +164,11 @@ class EmoVLMKDConfig(PreTrainedConfig):
             `EmoVLMKDForImageClassification.from_vlm` so that an exported model generates as the VLM did.
         freeze_vlm (`bool`, *optional*, defaults to `True`):
             Keep the VLM frozen (no gradients, always in eval mode); only the head and the gate train.
+        calibration_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature `T` the model's `logits` are divided by (temperature scaling): the gate's output / `T`, so
+            that every softmax of `logits` (pipeline, Endpoint handler, Space, batch prediction) gives calibrated
+            probabilities; the predicted class never changes. Fitted on the validation split by the evaluation
+            stage; 1.0 leaves the gate's output as it is (and is what models saved without this field load with).
 
     Example:
 
@@ -208,6 +213,7 @@ class EmoVLMKDConfig(PreTrainedConfig):
     generate_top_k: int | None = None
     vlm_generation_config: dict | None = None
     freeze_vlm: bool = True
+    calibration_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -242,6 +248,10 @@ class EmoVLMKDConfig(PreTrainedConfig):
             )
         if self.generate_top_k is not None and self.generate_top_k < 0:
             raise ValueError(f"generate_top_k must be None (the VLM's) or >= 0 (0: off), got {self.generate_top_k}")
+        temperature = self.calibration_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e30:
+            raise ValueError(f"calibration_temperature must be a finite number > 0 (1.0: off), got {temperature!r}")
+        self.calibration_temperature = float(temperature)
         # Saved folders load through the Auto classes and the pipeline by these entries (kept when already set, e.g.
         # by a config loaded from the Hub).
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}

@@ -65,7 +65,8 @@ class EmoVLMKDOutput(ModelOutput):
         Sum of the fused cross-entropy (when `labels` are given) and the distillation loss of the head (when
         `teacher_logits` are given).
     logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-        Fused class scores (before softmax).
+        Fused class scores (before softmax): the gate's output divided by `config.calibration_temperature`, so that
+        their softmax is the calibrated class probabilities.
     head_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
         Class scores of the distilled head.
     vlm_scores (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
@@ -790,7 +791,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         mm_token_type_ids (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
             1 at image placeholders (derived from `input_ids` when not given).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Class indices; adds the cross-entropy of the fused logits (and the CE part of the KD loss) to `loss`.
+            Class indices; adds the cross-entropy of the gate's output (the fused logits before the calibration
+            temperature) and the CE part of the KD loss to `loss`.
         teacher_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Logits of the conventional vision model; adds the head's distillation loss to `loss`.
         output_image_hidden_states (`bool`, *optional*, defaults to `False`):
@@ -818,7 +820,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             pooled = self.pool_image_embeds(image_embeds)
 
         head_logits = self.forward_head(pooled)
-        logits, gate_weights = self.forward_gate(head_logits, vlm_scores)
+        gate_logits, gate_weights = self.forward_gate(head_logits, vlm_scores)
+        # Temperature scaling (fitted on validation data; 1.0 = off): calibrated probabilities, the same argmax.
+        logits = gate_logits / self.config.calibration_temperature
 
         loss = kd_loss = None
         if teacher_logits is not None:
@@ -830,8 +834,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
                 alpha=self.config.kd_alpha,
             )
             loss = kd_loss
-        if labels is not None:
-            fused_loss = F.cross_entropy(logits.float(), labels)
+        if labels is not None:  # the gate's own objective: its output before the temperature
+            fused_loss = F.cross_entropy(gate_logits.float(), labels)
             loss = fused_loss if loss is None else loss + fused_loss
 
         return EmoVLMKDOutput(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.run_dir import stage_output
+from emovlm_kd.run_dir import RESULTS_FILE, stage_output
 from modeling_emovlm_kd import GATES, EmoVLMKDHead, vlm_scores_from_log_likelihoods
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -110,15 +110,25 @@ def gate_inputs(head, features: dict, head_spec: dict, gate_spec: dict) -> tuple
     return head_logits(head, features["image_embeds"]), vlm_scores
 
 
+def calibration_temperature(run_dir) -> float:
+    """The temperature stage 5 fitted on the validation split for the fused logits (1.0 when it fitted none, or has
+    not run)."""
+    results = stage_output(run_dir, "evaluate") / RESULTS_FILE
+    if not results.exists():
+        return 1.0
+    return float(json.loads(results.read_text()).get("calibration", {}).get("temperature", 1.0))
+
+
 def assemble_model(run_dir, dtype=None):
-    """The final model: the run's VLM with the trained head and gate. `(model, image_processor, vlm_processor)`.
-    `dtype`: the VLM's (default: the one stage 3 used)."""
+    """The final model: the run's VLM with the trained head and gate, and the calibration temperature of stage 5.
+    `(model, image_processor, vlm_processor)`. `dtype`: the VLM's (default: the one stage 3 used)."""
     from emovlm_kd.vlm import build_emovlm_kd
 
     spec = read_head_spec(run_dir)
     _, gate_spec = load_gate(run_dir)
     # the gate spec's settings besides the classes are config fields (declared MODEL_CONFIG by stage 4)
     config = {**spec["model_config"], **{key: value for key, value in gate_spec.items() if key != "class_names"}}
+    config["calibration_temperature"] = calibration_temperature(run_dir)
     model, image_processor, vlm_processor = build_emovlm_kd(
         spec_vlm(run_dir, spec),
         spec["class_names"],
@@ -141,6 +151,7 @@ __all__ = [
     "assemble_model",
     "build_gate",
     "cached_vlm_predictions",
+    "calibration_temperature",
     "cached_vlm_scores",
     "fused_logits",
     "gate_inputs",

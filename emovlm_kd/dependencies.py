@@ -29,6 +29,8 @@ TRAIN = {
     "scikit-learn": ">=1.5",  # the first releases built for NumPy 2 (with matplotlib 3.9 and tensorboard 2.18)
     "tensorboard": ">=2.18",
     "matplotlib": ">=3.9",
+    "torchmetrics": ">=1.5",  # calibration error (stage 5); releases built for NumPy 2
+    "scipy": ">=1.13",  # the temperature's bounded 1-D search; the first release built for NumPy 2
     "pyyaml": ">=6.0.1",
     "tqdm": ">=4.66.3",
 }

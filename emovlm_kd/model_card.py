@@ -2,7 +2,8 @@
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from emovlm_kd.metrics import results_table
+from emovlm_kd.calibration import CALIBRATION_METRICS, COVERAGES, calibration_table, risk_coverage_table
+from emovlm_kd.metrics import BRANCH_TITLES, results_table
 from emovlm_kd.run_dir import STAGES, read_complete
 
 TAGS = [
@@ -14,11 +15,20 @@ TAGS = [
     "custom_code",
 ]
 
+# The fused model's calibration metrics (after temperature scaling) in the card's model-index results.
+CARD_CALIBRATION_METRICS = {
+    "ece": "expected calibration error (15 bins)",
+    "nll": "negative log-likelihood",
+    "brier": "Brier score",
+}
+
 USAGE = """```python
 from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
 classifier("photo.jpg")  # [{{"label": "...", "score": ...}}, ...]
+# "uncertain" (label None) when the top score is below min_score; predictions: the list above
+classifier("photo.jpg", min_score=0.6)  # {{"label": ..., "score": ..., "uncertain": ..., "predictions": [...]}}
 # the same scores, plus the VLM's own reasoning about the image (generated on request: its words, not ground truth)
 classifier("photo.jpg", explain=True)  # {{"predictions": [...], "explanation": "...", "explanation_labels": [...]}}
 ```
@@ -60,21 +70,7 @@ def build_model_card(
     eval_split = None
     if results:
         eval_split = "test" if "test" in results["splits"] else next(iter(results["splits"]))
-    eval_results = []
-    if results and dataset_name:
-        fused = results["splits"][eval_split]["fused"]
-        for metric, value in (("accuracy", fused["accuracy"]), ("f1", fused["macro_f1"])):
-            eval_results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    dataset_type=dataset_name,
-                    dataset_name=dataset_name,
-                    dataset_split=eval_split,
-                    metric_type=metric,
-                    metric_name="macro-F1" if metric == "f1" else "accuracy",
-                    metric_value=round(value, 4),
-                )
-            )
+    eval_results = _eval_results(results, eval_split, dataset_name) if results and dataset_name else []
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
@@ -108,6 +104,7 @@ def build_model_card(
         *(["## Examples", _widget_section(widget)] if widget else []),
         "## Results",
         _results_section(results, dataset_name),
+        *(["## Calibration", _calibration_section(results, eval_split)] if _calibrated(results) else []),
         "## Training",
         _training_section(training),
         "## Reference",
@@ -115,6 +112,26 @@ def build_model_card(
         "emovlm-kd training pipeline (`train/run_all.py`).",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _eval_results(results: dict, eval_split: str, dataset_name: str) -> list[EvalResult]:
+    """The fused model's accuracy and macro-F1, and its calibration metrics after scaling, as model-index results."""
+    fused = results["splits"][eval_split]["fused"]
+    metrics = [("accuracy", "accuracy", fused["accuracy"]), ("f1", "macro-F1", fused["macro_f1"])]
+    calibrated = fused.get("calibration", {}).get("after", {})
+    metrics += [(key, name, calibrated[key]) for key, name in CARD_CALIBRATION_METRICS.items() if key in calibrated]
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=eval_split,
+            metric_type=metric,
+            metric_name=name,
+            metric_value=round(value, 4),
+        )
+        for metric, name, value in metrics
+    ]
 
 
 def _results_section(results: dict | None, dataset_name: str | None) -> str:
@@ -126,6 +143,46 @@ def _results_section(results: dict | None, dataset_name: str | None) -> str:
     text += "\n\nThe teacher is not part of this model (it only taught the head); it is listed for comparison. "
     text += "The VLM branch and the distilled head are the two inputs of the gate, whose output is the fused model."
     return text
+
+
+def _calibrated(results: dict | None) -> bool:
+    return bool(results) and "calibration" in results
+
+
+def _calibration_section(results: dict, split: str) -> str:
+    """What the scores mean: the temperature, calibration per branch, risk-coverage and the reliability diagrams."""
+    calibration = results["calibration"]
+    if calibration["skipped"]:
+        text = (
+            f"Temperature scaling was skipped ({calibration['skipped']}): the scores are the gate's raw softmax "
+            "(`calibration_temperature` 1.0 in `config.json`)."
+        )
+    else:
+        text = (
+            f"The scores are calibrated by temperature scaling: the gate's logits are divided by "
+            f"`calibration_temperature` = {calibration['temperature']:.4f} (in `config.json`), fitted on the "
+            f"validation split ({calibration['num_examples']} images) by minimising the negative log-likelihood. "
+            "It never changes the predicted class. The other branches' temperatures are reported, not applied."
+        )
+    names = ", ".join(CALIBRATION_METRICS.values())
+    text += (
+        f"\n\n{names} on `{split}` (lower is better; ECE over 15 equal-width confidence bins, computed with "
+        "`torchmetrics`), before and after each branch's temperature:\n\n" + calibration_table(results, split)
+    )
+    coverages = "/".join(f"{coverage:.0%}" for coverage in COVERAGES)
+    text += (
+        f"\n\nSelective prediction: the fused model's accuracy when only its most confident predictions are kept "
+        f"({coverages} coverage), and the score threshold that keeps them (the pipeline's `min_score`):\n\n"
+        + risk_coverage_table(results)
+    )
+    diagrams = [
+        f"![Reliability diagram of the {BRANCH_TITLES[branch]} on {split}](reliability_{split}_{branch}.png)"
+        for branch in BRANCH_TITLES
+        if "calibration" in results["splits"][split].get(branch, {})
+    ]
+    text += "\n\nReliability diagrams on `" + split + "` (accuracy against confidence; the diagonal is perfect "
+    text += "calibration; the bars below count the images per bin), before and after scaling:\n\n"
+    return text + "\n\n".join(diagrams)
 
 
 def _widget_section(widget: list[dict]) -> str:

@@ -40,6 +40,7 @@ CONFIG_ONLY_FIELDS = {
     "initializer_range": "initialisation of a fresh head and gate (stages build them from their seed)",
     "answer_token_ids": "derived from answer_format and the VLM's tokenizer",
     "vlm_generation_config": "the VLM's own generation config (from the VLM the run used), which generate mode honours",
+    "calibration_temperature": "fitted on the validation split by stage 5 (`evaluate --temperature-scaling`)",
     "freeze_vlm": "the VLM is frozen in every stage after stage 1; a setting for fine-tuning with Trainer",
 }
 

@@ -35,6 +35,7 @@ STAGE_SETTINGS = {
     "teacher": {"epochs": 2, "eval_batch_size": 4, "batch_size": 8},
     "distill": {"epochs": 10, "head_dropout": 0, "feature_batch_size": 4},
     "gate": {"epochs": 10},
+    "evaluate": {"calibration_min_images": 5},  # the temperature is fitted on the 5 held-out images
 }
 
 
@@ -90,6 +91,12 @@ def test_two_processes_equal_one(tmp_path):
                 results["two"]["splits"][split][model]["accuracy"]
                 == results["one"]["splits"][split][model]["accuracy"]
             )
+    # a temperature fitted (on every process) and the same calibrated metrics. (Not the same temperature to the last
+    # digit: 5 images the tiny model separates leave the likelihood flat below some T, where any T is a minimum.)
+    assert results["two"]["calibration"]["fitted_on"] == results["one"]["calibration"]["fitted_on"] == "val"
+    for split in ("val", "test"):
+        two, one = (result["splits"][split]["fused"]["calibration"]["after"] for result in results.values())
+        assert two == pytest.approx(one, abs=1e-4), split
     assert all((run / "model" / "model.safetensors").exists() for run in runs.values())
 
 

@@ -24,6 +24,7 @@ LAYERS = {
     "dependencies": 0,
     "data": 1,
     "metrics": 1,
+    "calibration": 1,
     "instruction_records": 1,
     "instruction_tasks": 1,
     "teachers": 1,

@@ -114,6 +114,36 @@ def test_top_k_and_batches(handler, tiny):
             assert abs(a["score"] - b["score"]) < 1e-5
 
 
+def test_min_score_answers_uncertain_below_it(handler, tiny, monkeypatch):
+    raws = [image_bytes(image, image_format) for image, image_format in list(SAMPLES.values())[:2]]
+    singles = [handler({"inputs": raw}) for raw in raws]
+    top = singles[0][0]
+    confident = handler({"inputs": raws[0], "parameters": {"min_score": top["score"] - 1e-6}})
+    assert confident == {"label": top["label"], "score": top["score"], "uncertain": False, "predictions": singles[0]}
+    uncertain = handler({"inputs": raws, "parameters": {"min_score": 1.0, "top_k": 2}})
+    assert [answer["label"] for answer in uncertain] == [None, None] and all(a["uncertain"] for a in uncertain)
+    assert [answer["predictions"] for answer in uncertain] == [single[:2] for single in singles]
+    assert handler({"inputs": raws[0], "parameters": {"min_score": 0}})["label"] == top["label"]
+    _spy_on_explain(monkeypatch, handler)
+    explained = handler({"inputs": raws[0], "parameters": {"min_score": 1.0, "explain": True}})
+    assert explained["label"] is None and set(explained) == {
+        "label", "score", "uncertain", "predictions", "explanation", "explanation_labels"
+    }  # fmt: skip
+
+
+def test_non_finite_logits_are_refused(handler, monkeypatch):
+    forward = handler.model.forward
+
+    def broken(*args, **kwargs):
+        outputs = forward(*args, **kwargs)
+        outputs.logits[0, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(handler.model, "forward", broken)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        handler({"inputs": GOOD})
+
+
 def _truncated_png() -> bytes:
     raw = image_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
     return raw[: len(raw) // 2]
@@ -149,6 +179,11 @@ GOOD = base64.b64encode(image_bytes(Image.new("RGB", (20, 20)), "PNG")).decode()
         ({"inputs": GOOD, "parameters": {"explain": True, "explain_task": "why"}}, r"'explain_task' must be one of"),
         ({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 0}}, r"'max_new_tokens' must be a posi"),
         ({"inputs": GOOD, "parameters": {"explain": True, "max_new_tokens": 257}}, r"limit of 256 tokens per expl"),
+        ({"inputs": GOOD, "parameters": {"min_score": 1.5}}, r"'min_score' must be a number in \[0, 1\] .*, got 1.5"),
+        ({"inputs": GOOD, "parameters": {"min_score": -0.1}}, r"'min_score' must be a number in \[0, 1\]"),
+        ({"inputs": GOOD, "parameters": {"min_score": "0.5"}}, r"'min_score' must be a number in \[0, 1\]"),
+        ({"inputs": GOOD, "parameters": {"min_score": float("nan")}}, r"'min_score' must be a number in \[0, 1\]"),
+        ({"inputs": GOOD, "parameters": {"min_score": True}}, r"'min_score' must be a number in \[0, 1\]"),
     ],
 )
 def test_bad_input_errors_name_the_problem(handler, data, message):

@@ -71,6 +71,27 @@ def check_explanations_reproduce_training_texts(model_dir: Path, data_dir: Path)
     return sum(overlaps) / len(overlaps)
 
 
+def check_calibration_outputs(run_dir: Path):
+    """Stage 5's calibration report: its metrics per branch before and after scaling, reliability diagrams, and the
+    card's section. The quickstart's validation split (about 7 images) is too small to fit a temperature on: scaling
+    is skipped with the reason, and the model keeps temperature 1.0."""
+    import json
+
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert "fewer than 20" in results["calibration"]["skipped"]
+    for split in ("val", "test"):
+        for branch in ("teacher", "vlm", "head", "fused"):
+            calibration = results["splits"][split][branch]["calibration"]
+            for when in ("before", "after"):
+                assert {"ece", "mce", "nll", "brier"} <= set(calibration[when]), (split, branch, when)
+            assert (run_dir / "eval" / f"reliability_{split}_{branch}.png").read_bytes()[:4] == b"\x89PNG"
+        assert len(results["splits"][split]["risk_coverage"]) == 4
+    assert json.loads((run_dir / "model" / "config.json").read_text())["calibration_temperature"] == 1.0
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "## Calibration" in card and "Temperature scaling was skipped" in card
+    assert "](reliability_test_fused.png)" in card and (run_dir / "model" / "reliability_test_fused.png").is_file()
+
+
 def test_quickstart_runs_offline_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     out = run_script("examples/quickstart.py", "--run-dir", run_dir, cwd=tmp_path).stdout
@@ -87,6 +108,7 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     predictions = re.findall(r"^\s+(\w+)/\S+\s+-> (\w+) \(([\d.]+)\)$", out, flags=re.MULTILINE)
     assert len(predictions) == 3 and all(0 <= float(score) <= 1 for _, _, score in predictions)
     assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "model" / "README.md").exists()
+    check_calibration_outputs(run_dir)
     # the reloaded model explains the held-out test images (pipeline `explain=True`, fresh process) in the words its
     # class was trained on
     explanations = re.findall(r"^\s+(\w+)/\S+\s+-> (['\"])(.*)\2$", out, flags=re.MULTILINE)

@@ -61,6 +61,7 @@ def test_branch_contributions_add_up_to_the_fused_logits(app, tiny, gate_type):
     model, image_processor, _ = tiny
     model = copy.deepcopy(model)
     model.config.gate_type = gate_type
+    model.config.calibration_temperature = 1.7  # the parts are divided by it, as the fused logits are
     torch.manual_seed(0)
     model.gate = GATES[gate_type](model.config.num_labels, num_experts=model.config.gate_num_experts)
     images = [Image.new("RGB", (80, 60), (200, 30, 30)), Image.linear_gradient("L").resize((90, 90))]
@@ -167,6 +168,27 @@ def test_demo_passes_uploads_to_the_model_processor_undecoded(app, predictor):
     assert {"image", "submit", "fused", "vlm-branch", "head-branch", "gate-share", "gate-table"} <= set(components)
     assert {"explain", "explain-task", "explanation", "explanation-status"} <= set(components)
     assert components["image"].image_mode is None and components["image"].type == "filepath"
+
+
+def test_about_this_model_shows_the_calibration_and_the_reliability_diagram(app, predictor, tiny_folder, tmp_path):
+    model_folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, model_folder)
+    assert app.reliability_diagram(str(model_folder)) is None  # a repo exported without one: no diagram, no error
+    Image.new("RGB", (90, 60), (250, 250, 250)).save(model_folder / "reliability_val_fused.png")
+    diagram = app.reliability_diagram(str(model_folder))
+    assert diagram == str(model_folder / "reliability_val_fused.png")
+    predictor_with_diagram = copy.copy(predictor)
+    predictor_with_diagram.reliability_diagram = diagram
+    demo = app.build_demo(predictor_with_diagram, "tiny")
+    components = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"about", "about-calibration", "reliability"} <= set(components)
+    assert "not calibrated" in components["about-calibration"].value
+    config = copy.deepcopy(predictor.config)
+    config.calibration_temperature = 2.5
+    assert "`calibration_temperature` = 2.500" in app.about_markdown(config, diagram)
+    assert predictor.reliability_diagram is None  # the tiny folder has none
+    demo = app.build_demo(predictor, "tiny")
+    assert "reliability" not in {getattr(block, "elem_id", None) for block in demo.blocks.values()}
 
 
 def test_example_images_are_distinct_pictures(app, tmp_path):

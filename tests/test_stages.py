@@ -180,6 +180,56 @@ def test_widget_examples_hold_the_exported_models_outputs(pipeline, dataset, tmp
     assert not (run_copy / "model" / "widget").exists()
 
 
+def test_calibration_is_reported_and_reaches_the_exported_model(pipeline, dataset, tmp_path):
+    """Stage 5 reports calibration per branch and split; with the fixture's few val images scaling is skipped (with
+    the reason); allowed to fit on them, the temperature goes into the exported config and the model's logits."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
+
+    run_dir, _ = pipeline
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert "fewer than 20" in results["calibration"]["skipped"] and results["calibration"]["temperature"] == 1.0
+    for split in ("val", "test"):
+        for branch in ("teacher", "vlm", "head", "fused"):
+            calibration = results["splits"][split][branch]["calibration"]
+            assert set(calibration["before"]) >= {"ece", "mce", "nll", "brier"} and calibration["after"]
+            assert (run_dir / "eval" / f"reliability_{split}_{branch}.png").read_bytes()[:4] == b"\x89PNG"
+        coverage = results["splits"][split]["risk_coverage"]
+        assert [row["coverage"] for row in coverage] == [1.0, 0.9, 0.8, 0.5]
+        assert coverage[0]["accuracy"] == pytest.approx(results["splits"][split]["fused"]["accuracy"])
+    assert json.loads((run_dir / "model" / "config.json").read_text())["calibration_temperature"] == 1.0
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "Temperature scaling was skipped (the validation split has" in card
+    assert "](reliability_test_fused.png)" in card and (run_dir / "model" / "reliability_test_fused.png").exists()
+    index_results = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    assert {"ece", "nll", "brier"} <= {metric["type"] for result in index_results for metric in result["metrics"]}
+
+    run_copy = copy_run(run_dir, tmp_path / "run")
+    evaluate.run(*stage_args(evaluate, dataset, run_copy, "--calibration-min-images", "3"))
+    results = json.loads((run_copy / "eval" / "results.json").read_text())
+    temperature = results["calibration"]["temperature"]
+    assert results["calibration"]["fitted_on"] == "val" and temperature != 1.0
+    fused = results["splits"]["val"]["fused"]["calibration"]
+    assert fused["temperature"] == temperature and fused["after"]["nll"] <= fused["before"]["nll"]
+    export.run(*stage_args(export, dataset, run_copy, "--verify-images", "2"))  # the check divides by T as well
+    repo = run_copy / "model"
+    assert json.loads((repo / "config.json").read_text())["calibration_temperature"] == temperature
+    assert f"`calibration_temperature` = {temperature:.4f}" in (repo / "README.md").read_text()
+
+    model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+    images = sorted(str(p) for p in (dataset / "test").rglob("*.png"))[:2]
+    with torch.no_grad():
+        outputs = model(**processor(images))
+    gate_output = model.gate(outputs.head_logits, outputs.vlm_scores)[0]
+    torch.testing.assert_close(outputs.logits, gate_output / temperature)
+    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=processor)
+    for image, probabilities in zip(images, outputs.logits.softmax(-1)):
+        scores = {entry["label"]: entry["score"] for entry in classifier(image, top_k=len(CLASSES))}
+        assert [scores[label] for label in CLASSES] == pytest.approx(probabilities.tolist(), abs=1e-5)
+
+
 def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
     run_dir = copy_run(pipeline[0], tmp_path / "run")
     with mock.patch.object(export, "HfApi") as hf_api:

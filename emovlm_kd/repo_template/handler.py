@@ -14,6 +14,18 @@ endpoint never fetches anything. `top_k` defaults to every class.
 Response: `[{"label": "awe", "score": 0.61}, ...]` sorted by decreasing score; a list of such lists for a list of
 images. Bad input raises `ValueError` naming the offending item.
 
+Scores are calibrated probabilities: the model's logits carry the temperature fitted on validation data
+(`config.calibration_temperature`).
+
+Selective prediction (opt-in): `"parameters": {"min_score": 0.6}` (a number in [0, 1]) answers "uncertain" for an
+image whose top score is below it. Each image's result then becomes::
+
+    {"label": "awe", "score": 0.61, "uncertain": false, "predictions": [{"label": "awe", "score": 0.61}, ...]}
+
+`label` is the top class, or null when `score` (the top class's score, always given) is below `min_score`, with
+`uncertain` true; `predictions` is exactly the response without `min_score`. With `explain` as well, the same object
+also holds `explanation` and `explanation_labels`.
+
 Explanations (opt-in): `"parameters": {"explain": true}` also generates the VLM's own reasoning about each image,
 from the classification's vision pass; `"explain_task": "observation"` asks for the key visual elements instead, and
 `"max_new_tokens"` sets the generation budget per image. Each image's result then becomes::
@@ -44,7 +56,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-SUPPORTED_PARAMETERS = ("top_k", "explain", "explain_task", "max_new_tokens")
+SUPPORTED_PARAMETERS = ("top_k", "explain", "explain_task", "max_new_tokens", "min_score")
 EXPLANATION_TASKS = ("inference", "observation")  # the config's; this file imports none of the model's code
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
@@ -106,6 +118,7 @@ class EndpointHandler:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError(f"The request must be a JSON object with an 'inputs' field, got {_preview(data)}")
         top_k, explanation = self._parameters(data.get("parameters"))
+        min_score = _min_score(data.get("parameters"))
         inputs = data["inputs"]
         batched = isinstance(inputs, (list, tuple))
         items = list(inputs) if batched else [inputs]
@@ -126,16 +139,17 @@ class EndpointHandler:
         # Every image's format and size are checked from its header before any image is decoded.
         images = [self.read_image(item, name) for item, name in zip(items, names)]
         probabilities, texts = self.predict(images, names, explanation)
-        if texts is None:
-            results = [self._ranked(row, top_k) for row in probabilities]
-        else:
+        results = [self._ranked(row, top_k) for row in probabilities]
+        if min_score is not None:
+            results = [_selective_answer(ranked, min_score) for ranked in results]
+        if texts is not None:
             results = [
                 {
-                    "predictions": self._ranked(row, top_k),
+                    **(result if min_score is not None else {"predictions": result}),
                     "explanation": text,
                     "explanation_labels": self.model.config.labels_named_in(text),
                 }
-                for row, text in zip(probabilities, texts)
+                for result, text in zip(results, texts)
             ]
         return results if batched else results[0]
 
@@ -189,6 +203,11 @@ class EndpointHandler:
             prepared = [self.image_processor.prepare_image(image, name) for image, name in chunk]
             inputs = self.image_processor(prepared, return_tensors="pt").to(self.device)
             outputs = self.model(**inputs, output_image_hidden_states=explanation is not None)
+            if not torch.isfinite(outputs.logits).all():
+                raise ValueError(
+                    "The model returned non-finite logits (NaN or inf): no class scores can be given (a corrupted "
+                    "checkpoint, or an overflow in a low-precision dtype?)"
+                )
             chunks.append(outputs.logits.float().softmax(dim=-1).cpu())
             if explanation is not None:
                 texts += self.model.explain(**inputs, image_hidden_states=outputs.image_hidden_states, **explanation)
@@ -235,6 +254,28 @@ class EndpointHandler:
     def _ranked(self, probabilities: torch.Tensor, top_k: int) -> list[dict]:
         scores, indices = probabilities.topk(top_k)
         return [{"label": self.labels[i], "score": float(s)} for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+def _min_score(parameters) -> float | None:
+    """A request's `min_score` (None when not given); `ValueError` unless it is a number in [0, 1]."""
+    value = (parameters or {}).get("min_score")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"'min_score' must be a number in [0, 1] (a class probability), got {value!r}")
+    return float(value)
+
+
+def _selective_answer(ranked: list[dict], min_score: float) -> dict:
+    """The top class of `ranked` (highest score first), or `label` None (`uncertain`) when its score is below
+    `min_score`."""
+    uncertain = not ranked[0]["score"] >= min_score
+    return {
+        "label": None if uncertain else ranked[0]["label"],
+        "score": ranked[0]["score"],
+        "uncertain": uncertain,
+        "predictions": ranked,
+    }
 
 
 def _limit(value: int | None, variable: str, default: int | None) -> int | None:

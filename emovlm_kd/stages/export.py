@@ -25,7 +25,15 @@ from typing import ClassVar
 import torch
 from huggingface_hub import HfApi
 
-from emovlm_kd.artifacts import assemble_model, fused_logits, gate_inputs, load_gate, load_head, read_head_spec
+from emovlm_kd.artifacts import (
+    assemble_model,
+    calibration_temperature,
+    fused_logits,
+    gate_inputs,
+    load_gate,
+    load_head,
+    read_head_spec,
+)
 from emovlm_kd.cache import FeatureCache, samples_answers
 from emovlm_kd.dependencies import RANGES, pin_requirements
 from emovlm_kd.model_card import build_model_card, card_settings
@@ -142,6 +150,7 @@ def fingerprint(run_args, args: ExportArguments) -> str:
         {
             "stage": STAGE,
             "evaluate": upstream_fingerprint(run_args.run_dir, "evaluate", STAGE),
+            "calibration_temperature": calibration_temperature(run_args.run_dir),
             "repo_template": template,
             "widget_files": widget_files,
             "dependency_ranges": RANGES,  # written into the repo's requirements files
@@ -177,7 +186,7 @@ def verify_against_cache(run_dir, model, image_processor, images: list, features
         head_difference = (outputs.head_logits.float().cpu() - head_output).abs().max()
     else:
         head_difference = torch.zeros(())
-    expected = fused_logits(gate, head_output, vlm_scores)
+    expected = fused_logits(gate, head_output, vlm_scores) / model.config.calibration_temperature
     actual = outputs.logits.float().cpu()
     difference = max(float((actual - expected).abs().max()), float(head_difference))
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
@@ -379,7 +388,8 @@ def write_repo(
         vlm_branch_mode=head_spec["model_config"]["vlm_branch_mode"],
     )
     card.save(output / "README.md")
-    for plot in sorted(stage_output(run_args.run_dir, "evaluate").glob("confusion_*.png")):
+    plots = stage_output(run_args.run_dir, "evaluate")
+    for plot in sorted([*plots.glob("confusion_*.png"), *plots.glob("reliability_*.png")]):
         shutil.copy(plot, output / plot.name)
     _normal_modes(output)
     return widget

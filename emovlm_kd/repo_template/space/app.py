@@ -15,6 +15,9 @@ model built offline (for trying the app; its predictions mean nothing).
 As a Space: a Gradio Space holding this file and `requirements.txt`, with the Space variable `EMOVLM_KD_MODEL` set to
 the model repo (and `HF_TOKEN` as a secret if that repo is private).
 
+"About this model" shows how far its scores can be trusted: the calibration temperature in its config and, when
+the model repo holds it (exported by the training pipeline), the fused model's reliability diagram.
+
 Uploads are read by the model's own image processor (raster formats only, never PostScript or PDF; at most
 `--max-image-pixels`, default `$EMOVLM_KD_MAX_IMAGE_PIXELS` or the processor's 40 megapixels, checked before decoding),
 and Gradio refuses uploads above `--max-upload-mb` (default 32).
@@ -40,6 +43,8 @@ MAX_IMAGE_PIXELS_ENV = "EMOVLM_KD_MAX_IMAGE_PIXELS"
 TINY_LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 HEAD, VLM = "distilled head", "VLM branch"
 EXPLANATION_TASKS = {"inference": "its reasoning towards the emotion", "observation": "the key visual elements"}
+# The fused model's reliability diagram in an exported repo: on the test split, else on val.
+RELIABILITY_DIAGRAMS = ("reliability_test_fused.png", "reliability_val_fused.png")
 
 
 def resolve_model(model: str | None = None) -> tuple[str, bool]:
@@ -66,11 +71,59 @@ def build_tiny_model_folder(labels=TINY_LABELS) -> str:
     return save_tiny_model_folder(tempfile.mkdtemp(prefix="emovlm-kd-tiny-model-"), labels)
 
 
+def reliability_diagram(model: str) -> str | None:
+    """A local path to the fused model's reliability diagram in the model folder or Hub repo, or None."""
+    for name in RELIABILITY_DIAGRAMS:
+        if Path(model).is_dir():
+            if (Path(model) / name).is_file():
+                return str(Path(model) / name)
+            continue
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(model, name)
+        except Exception:  # not in the repo (an older export), offline, no access: the app works without it
+            continue
+    return None
+
+
+def about_markdown(config, diagram: str | None) -> str:
+    """What the scores mean: the calibration temperature, and what the reliability diagram shows."""
+    temperature = getattr(config, "calibration_temperature", 1.0)
+    if temperature == 1.0:
+        text = (
+            "The scores are the softmax of the gate's output, **not calibrated** (no temperature was fitted: "
+            "`calibration_temperature` is 1.0), so a score of 0.8 need not mean right 8 times in 10."
+        )
+    else:
+        text = (
+            f"The scores are **calibrated** by temperature scaling: the gate's logits are divided by "
+            f"`calibration_temperature` = {temperature:.3f}, fitted on the validation split, so that a score of 0.8 "
+            "means right about 8 times in 10 on data like it. The predicted class is the same either way; the "
+            "branch panels show each branch's own, uncalibrated scores."
+        )
+    if diagram:
+        text += (
+            "\n\nReliability diagram of the fused model on held-out images: accuracy against confidence per bin "
+            "(the diagonal is perfect calibration), before and after scaling, with the images per bin below."
+        )
+    return text
+
+
+def about_section(config, diagram: str | None):
+    """The "About this model" section (inside a `gr.Blocks`): the calibration, and the reliability diagram if any."""
+    with gr.Accordion("About this model", open=False, elem_id="about"):
+        gr.Markdown(about_markdown(config, diagram), elem_id="about-calibration")
+        if diagram:
+            gr.Image(diagram, label="Reliability of the fused scores", interactive=False, elem_id="reliability")
+
+
 class EmotionPredictor:
     """The model, its image processor and a `__call__(image)` returning every branch's output for one image.
 
     `max_image_pixels` (default `$EMOVLM_KD_MAX_IMAGE_PIXELS`, else the image processor's own) bounds the images
     accepted; 0 lifts the limit. `max_new_tokens` (default the model config's) bounds an explanation.
+    `reliability_diagram`: the fused model's reliability diagram from the model repo (None when it has none).
     """
 
     def __init__(
@@ -92,6 +145,7 @@ class EmotionPredictor:
         self.config = self.model.config
         self.labels = self.config.labels
         self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        self.reliability_diagram = reliability_diagram(model)  # shown under "About this model" when the repo has it
 
     @torch.inference_mode()
     def __call__(self, image, explain_task: str | None = None) -> dict:
@@ -141,6 +195,7 @@ class EmotionPredictor:
 
 def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict | None:
     """Exact split of the fused logits into `head + vlm + bias` (each `(num_labels,)`), or None for the bilinear gate.
+    Each part is divided by the model's calibration temperature, as the fused logits are.
 
     Every gate but the bilinear one is linear in each branch once its own weights are fixed. `concat_linear`
     (`fc(cat(head, vlm))`) and `moe` (its experts mixed by the routing weights) apply one `Linear(2C -> C)`, whose
@@ -149,12 +204,13 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     """
     gate, gate_type, num_labels = model.gate, model.config.gate_type, model.config.num_labels
     head_logits, vlm_scores = head_logits.float(), vlm_scores.float()
+    temperature = getattr(model.config, "calibration_temperature", 1.0)
     if gate_type in ("dynamic_weighting", "cross_gating"):
         weight, bias = gate.fc.weight.detach().float(), gate.fc.bias.detach().float()
         return {
-            "head": weight @ (gate_weights[0] * head_logits),
-            "vlm": weight @ (gate_weights[1] * vlm_scores),
-            "bias": bias,
+            "head": weight @ (gate_weights[0] * head_logits) / temperature,
+            "vlm": weight @ (gate_weights[1] * vlm_scores) / temperature,
+            "bias": bias / temperature,
         }
     if gate_type == "concat_linear":
         weight, bias = gate.fc.weight.detach().float(), gate.fc.bias.detach().float()
@@ -164,9 +220,9 @@ def branch_contributions(model, head_logits, vlm_scores, gate_weights) -> dict |
     else:
         return None
     return {
-        "head": weight[:, :num_labels] @ head_logits,
-        "vlm": weight[:, num_labels:] @ vlm_scores,
-        "bias": bias,
+        "head": weight[:, :num_labels] @ head_logits / temperature,
+        "vlm": weight[:, num_labels:] @ vlm_scores / temperature,
+        "bias": bias / temperature,
     }
 
 
@@ -345,6 +401,7 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
         )
         explanation_status = gr.Markdown(elem_id="explanation-status")
         gate_table = gr.Markdown(elem_id="gate-table")
+        about_section(config, predictor.reliability_diagram)
         outputs = [fused, vlm, head, share, gate_table, explanation, explanation_status]
         submit.click(classify, inputs=image, outputs=outputs, api_name="classify")
         explain_button.click(explain, inputs=[image, task], outputs=outputs, api_name="explain")
