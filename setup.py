@@ -1,6 +1,12 @@
 from setuptools import find_packages, setup
 
-REMOTE_CODE = ["configuration_emovlm_kd", "modeling_emovlm_kd", "image_processing_emovlm_kd", "pipeline_emovlm_kd"]
+REMOTE_CODE = [
+    "configuration_emovlm_kd",
+    "modeling_emovlm_kd",
+    "image_processing_emovlm_kd",
+    "image_decoding_emovlm_kd",
+    "pipeline_emovlm_kd",
+]
 
 core = [
     "torch>=2.4",

@@ -45,7 +45,7 @@ from emovlm_kd.data import (
     open_image_rgb,
 )
 from emovlm_kd.run_dir import DataError, hash_json
-from image_processing_emovlm_kd import check_image_header, open_image, to_rgb
+from image_decoding_emovlm_kd import check_image_header, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,13 @@ ENDPOINT_REQUIREMENTS = REPO_TEMPLATE / "requirements.txt"
 SPACE_DIR = REPO_TEMPLATE / "space"
 SPACE_APP = SPACE_DIR / "app.py"
 SPACE_REQUIREMENTS = SPACE_DIR / "requirements.txt"
-PROJECT_MODULES = {"emovlm_kd", "modeling_emovlm_kd", "configuration_emovlm_kd", "image_processing_emovlm_kd"}
+PROJECT_MODULES = {
+    "emovlm_kd",
+    "modeling_emovlm_kd",
+    "configuration_emovlm_kd",
+    "image_processing_emovlm_kd",
+    "image_decoding_emovlm_kd",
+}
 
 # Prepended to a script run in a fresh interpreter: the project's modules are unimportable there, as on a machine
 # where only the PyPI packages are installed (the model code still loads from the model folder as remote code).
