@@ -28,6 +28,7 @@ train = [
     "matplotlib",
     "pyyaml",
     "tqdm",
+    "filelock",  # the run-directory lock (emovlm_kd.run_dir)
 ]
 qlora = ["bitsandbytes"]
 demo = ["gradio>=5"]

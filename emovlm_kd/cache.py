@@ -17,13 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
+from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output, temporary_path
 from emovlm_kd.training import derived_seed, progress
 
 logger = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ def read_cache(path: Path, num_examples: int) -> dict[str, torch.Tensor] | None:
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
     """Written to a unique temporary name and renamed into place: an interrupted write leaves no cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_path(path)
     tensors = {name: value.contiguous() for name, value in tensors.items()}
     try:
         save_file(tensors, tmp, metadata={"info": json.dumps(metadata, default=str)})
