@@ -122,6 +122,20 @@ class RunArguments:
     recipe_name: str | None = field(
         default=None, metadata={"help": "Name of the recipe the run follows (set by --config; in the model card)"}
     )
+    allow_local_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Let rows of a --dataset that hold only a file path (no image bytes) read files outside the "
+            "dataset's own folder (and the Hugging Face caches); by default such rows are reported and left out"
+        },
+    )
+    verify_content: bool = field(
+        default=False,
+        metadata={
+            "help": "Identify the data files by a hash of their bytes rather than by size and modification time "
+            "(reads every file; catches a same-size, same-time swap)"
+        },
+    )
 
     def __post_init__(self):
         if not self.run_dir:
