@@ -175,11 +175,13 @@ def _open_header(file, name: str, max_pixels: int | None) -> Image.Image:
     return image
 
 
-def _structure_problem(file, max_pixels: int | None) -> str | None:
+def _structure_problem(file, max_pixels: int | None, from_start: bool = False) -> str | None:
     """What makes the file cost more than its size says, found without PIL (whose TIFF reader builds one Python
     object per declared strip while opening): too many TIFF strips or tiles, too many JPEG scans. None when fine."""
-    start = file.tell()
+    position = file.tell()
+    start = 0 if from_start else position
     try:
+        file.seek(start)
         head = file.read(4)
         file.seek(start)
         if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
@@ -193,7 +195,7 @@ def _structure_problem(file, max_pixels: int | None) -> str | None:
                 )
         return None
     finally:
-        file.seek(start)
+        file.seek(position)
 
 
 def jpeg_scan_count(file, chunk_size: int = 1 << 20) -> int:
@@ -459,7 +461,7 @@ def check_pil_image(image: Image.Image, name: str | None = None, max_pixels: int
     _check_size(image.size, name, max_pixels)
     file = getattr(image, "fp", None)  # still to be decoded: its structure is checked like a file's
     if file is not None and image.format in ("JPEG", "MPO", "TIFF"):
-        problem = _structure_problem(file, max_pixels)
+        problem = _structure_problem(file, max_pixels, from_start=True)
         if problem:
             raise ValueError(f"Image {name} is refused before decoding: {problem}")
 

@@ -89,6 +89,8 @@ def prepare_image(
         image: a path, bytes, binary file object, PIL image of any mode, numpy array or tensor.
         name: how errors name the input (default: its path, or a description).
     """
+    if isinstance(image, (str, os.PathLike)):
+        name = name or repr(os.fspath(image))  # errors after decoding (`to_rgb`) name the file too
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
         image = open_image(image, name, max_image_pixels, max_decode_seconds)
     elif isinstance(image, Image.Image):
