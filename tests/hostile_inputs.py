@@ -33,7 +33,9 @@ def png_bomb(width: int, height: int, rgb: bool = False) -> bytes:
     into 900 MB (and 3.6 GB as RGB)."""
     row = b"\x00" + bytes(3 * width if rgb else (width + 7) // 8)
     compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    rows_per_block = max(1, 2**20 // len(row))  # the same stream in blocks: fast for 40,000,000 rows too
+    blocks = (row * min(rows_per_block, height - start) for start in range(0, height, rows_per_block))
+    data = b"".join(compressor.compress(block) for block in blocks) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8 if rgb else 1, 2 if rgb else 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
