@@ -455,7 +455,12 @@ def machine_info(device) -> dict:
 def code_version() -> dict:
     """The repository commit the numbers belong to, and whether the model's files had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
-    model_files = ["modeling_emovlm_kd.py", "configuration_emovlm_kd.py", "image_processing_emovlm_kd.py"]
+    model_files = [
+        "modeling_emovlm_kd.py",
+        "configuration_emovlm_kd.py",
+        "image_processing_emovlm_kd.py",
+        "image_decoding_emovlm_kd.py",
+    ]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         changed = subprocess.run(

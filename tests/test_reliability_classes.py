@@ -476,7 +476,8 @@ def test_export_of_hostile_labels_writes_only_inside_the_model_folder(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     before = {p for p in tmp_path.rglob("*") if run_dir not in p.parents}
-    run_all.run(*run_all.plan(tiny_run_all_argv(dataset, run_dir, data_option="--dataset")))
+    argv = tiny_run_all_argv(dataset, run_dir, data_option="--dataset") + ["--label-column", "label"]
+    run_all.run(*run_all.plan(argv))
     after = {p for p in tmp_path.rglob("*") if run_dir not in p.parents}
     assert after == before, sorted(map(str, after - before))
     assert not outside.exists() and not (tmp_path / "work" / "escaped").exists()
@@ -560,6 +561,6 @@ def test_cost_bombs_at_the_handler_cost_under_300_mb_and_2_s(tmp_path, tiny_fold
     print(json.dumps({Path(path).name: values for path, values in measured.items()}, indent=1))
     for path in paths:
         extra_mb, cpu, error = measured[path]
-        assert error is not None and "refused before decoding" in error, (path, error)
+        assert error is not None and "refused" in error, (path, error)
         assert extra_mb < 300 and cpu < 2, (path, extra_mb, cpu)
     assert measured[str(control)][1] > 1, measured[str(control)]  # the same bytes cost plain PIL seconds

@@ -101,6 +101,7 @@ def test_folder_contents(tiny_folder):
         "configuration_emovlm_kd.py",
         "modeling_emovlm_kd.py",
         "image_processing_emovlm_kd.py",
+        "image_decoding_emovlm_kd.py",
         "pipeline_emovlm_kd.py",
         "tokenizer.json",
     }

@@ -26,6 +26,7 @@ REPO_FILES = (
     "modeling_emovlm_kd.py",
     "configuration_emovlm_kd.py",
     "image_processing_emovlm_kd.py",
+    "image_decoding_emovlm_kd.py",
     "preprocessor_config.json",
     "tokenizer.json",
     "README.md",
