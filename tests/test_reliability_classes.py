@@ -420,6 +420,7 @@ def test_prediction_runs_fail_cleanly_and_give_every_input_a_row(tiny_folder, tm
     assert exited.value.code == 2 and "is a file, not a folder" in caplog.text
 
 
+@pytest.mark.slow  # a second process holds the lock
 def test_a_second_prediction_run_on_the_same_output_is_refused(tiny_folder, tmp_path, caplog):
     from emovlm_kd.predict import main
 
