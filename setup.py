@@ -7,6 +7,7 @@ REMOTE_CODE = [
     "configuration_emovlm_kd",
     "modeling_emovlm_kd",
     "image_processing_emovlm_kd",
+    "image_decoding_emovlm_kd",
     "processing_emovlm_kd",
     "pipeline_emovlm_kd",
     "vlm_adapters_emovlm_kd",

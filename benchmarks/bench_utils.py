@@ -463,6 +463,7 @@ def code_version() -> dict:
         "configuration_emovlm_kd.py",
         "image_processing_emovlm_kd.py",
         "vlm_adapters_emovlm_kd.py",
+        "image_decoding_emovlm_kd.py",
     ]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

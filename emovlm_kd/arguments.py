@@ -88,6 +88,8 @@ class RunArguments:
         "mixed_precision": NOTHING,  # numerics of the same computation; not fingerprinted
         "dataset_preset": RESULT,  # classes and their order (labels.json) and the split
         "recipe_name": CARD,
+        "allow_local_paths": CONTENT,  # which path-only rows are read (in `source_hash` when true)
+        "verify_content": CONTENT,  # how files are identified (in `source_hash`)
     }
 
     run_dir: str | None = field(
@@ -145,6 +147,20 @@ class RunArguments:
     )
     recipe_name: str | None = field(
         default=None, metadata={"help": "Name of the recipe the run follows (set by --config; in the model card)"}
+    )
+    allow_local_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Let rows of a --dataset that hold only a file path (no image bytes) read files outside the "
+            "dataset's own folder (and the Hugging Face caches); by default such rows are reported and left out"
+        },
+    )
+    verify_content: bool = field(
+        default=False,
+        metadata={
+            "help": "Identify the data files by a hash of their bytes rather than by size and modification time "
+            "(reads every file; catches a same-size, same-time swap)"
+        },
     )
 
     def __post_init__(self):

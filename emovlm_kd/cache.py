@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from emovlm_kd.arguments import VLMBranchArguments, VLMInputArguments
 from emovlm_kd.processes import progress
-from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output
+from emovlm_kd.run_dir import fault_point, hash_json, read_complete, stage_output, temporary_path
 from emovlm_kd.seeding import derived_seed
 from emovlm_kd.settings import MODEL_CONFIG, VLM_FEATURES, fields_with
 
@@ -113,7 +112,7 @@ def read_cache(path: Path, num_examples: int) -> dict[str, torch.Tensor] | None:
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict):
     """Written to a unique temporary name and renamed into place: an interrupted write leaves no cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_path(path)
     tensors = {name: value.contiguous() for name, value in tensors.items()}
     try:
         save_file(tensors, tmp, metadata={"info": json.dumps(metadata, default=str)})

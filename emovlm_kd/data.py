@@ -17,14 +17,15 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image
 
-from emovlm_kd.run_dir import DataError, hash_json
-from image_processing_emovlm_kd import DEFAULT_MAX_IMAGE_PIXELS, RASTER_FORMATS, open_image, to_rgb, verify_image
+from emovlm_kd.run_dir import DataError, file_digest, hash_json
+from image_decoding_emovlm_kd import DEFAULT_MAX_IMAGE_PIXELS, RASTER_FORMATS, open_image, to_rgb, verify_image
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 def open_image_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and decode an image file as 8-bit RGB (raster formats only, at most `max_pixels` pixels, checked from
     the header first); failures are `ValueError`s that name the file."""
-    return to_rgb(open_image(path, max_pixels=max_pixels))
+    name = repr(os.fspath(path))
+    return to_rgb(open_image(path, name, max_pixels=max_pixels), name)
 
 
 def check_image(source, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
@@ -59,7 +61,9 @@ class ImageData:
 
     Every stage reads the images through it, one row at a time: `image(split, i)` (decoded, RGB),
     `image_bytes(split, i)` (as stored), `key(split, i)` (a stable name of the row, e.g. stage 0's record key) and
-    `content_hash(split)` (changes when the split's images or labels do; the feature cache's key).
+    `content_hash(split)` (changes when the split's images or labels do; the feature cache's key). An image that was
+    readable when the data was loaded and no longer is (removed or changed during the run) is a `DataError` naming
+    it. `verify_content`: identify files by a hash of their bytes rather than by their size and modification time.
     """
 
     root: str
@@ -68,6 +72,7 @@ class ImageData:
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     val_from_train: bool = False
+    verify_content: bool = False
     _columns: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def image(self, split: str, index: int) -> Image.Image:
@@ -108,26 +113,58 @@ class ImageFolderData(ImageData):
     by path; a row's key is its path relative to the dataset folder (`train/awe/0001.jpg`)."""
 
     def content_hash(self, split: str | None = None) -> str:
-        """Hash of the listed files (path, size, mtime), their labels and the class names: changes when data does."""
+        """Hash of the listed files (path, size, mtime; with `verify_content`, path and a hash of the bytes), their
+        labels and the class names: changes when data does."""
         names = [split] if split else sorted(self.splits)
         entries = [self.class_names]
         for name in names:
             for path, label in zip(self.splits[name]["image_path"], self.splits[name]["label"]):
-                stat = os.stat(path)
-                entries.append([name, os.path.relpath(path, self.root), label, stat.st_size, stat.st_mtime_ns])
+                identity = file_identity(path, self.verify_content)
+                entries.append([name, os.path.relpath(path, self.root), label, *identity])
         return hash_json(entries)
 
     def image_path(self, split: str, index: int) -> str:
         return self.column(split, "image_path")[index]
 
     def image(self, split: str, index: int) -> Image.Image:
-        return open_image_rgb(self.image_path(split, index))
+        with changed_during_run():
+            return open_image_rgb(self.image_path(split, index))
 
     def image_bytes(self, split: str, index: int) -> bytes:
-        return Path(self.image_path(split, index)).read_bytes()
+        path = self.image_path(split, index)
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise DataError(f"Could not read image {path!r}: {error.strerror} ({CHANGED_DURING_RUN})") from None
 
     def key(self, split: str, index: int) -> str:
         return Path(os.path.relpath(self.image_path(split, index), self.root)).as_posix()
+
+
+CHANGED_DURING_RUN = "it was readable when the dataset was loaded: was it changed or removed during the run?"
+
+
+@contextmanager
+def changed_during_run():
+    """Report an image that no longer decodes, though it did when the data was loaded, as a `DataError`."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as error:
+        raise DataError(f"{error} ({CHANGED_DURING_RUN})") from None
+
+
+def file_identity(path: str | os.PathLike, verify_content: bool = False) -> list:
+    """What identifies a file for fingerprints: `[size, mtime]`, or `[hash of its bytes]` with `verify_content`
+    (which also sees a same-size, same-time swap). A file that is gone is a `DataError` naming it."""
+    try:
+        if verify_content:
+            return [file_digest(path)]
+        stat = os.stat(path)
+    except OSError as error:
+        raise DataError(f"Could not read {str(path)!r}: {error.strerror} ({CHANGED_DURING_RUN})") from None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -156,6 +193,9 @@ def _list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
                 ignored.append(str(path))
             elif path.is_dir():
                 continue
+            elif not (path.is_file() or path.is_symlink()):  # never opened: a named pipe would block forever
+                logger.warning(f"Skipped {str(path)!r}: not a regular file (a named pipe, socket or device)")
+                ignored.append(str(path))
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(str(path))
             else:
@@ -228,6 +268,7 @@ def load_imagefolder(
     check_images: bool = True,
     known_bad_images: list | None = None,
     read_val: bool = True,
+    verify_content: bool = False,
 ) -> ImageFolderData:
     """List an ImageFolder dataset (see the module docstring) into train / val (/ test) splits.
 
@@ -242,6 +283,7 @@ def load_imagefolder(
             them (no image is decoded then).
         read_val: read a `val/` folder when there is one; False ignores it and holds out of train (the reference's
             split of some datasets, `--dataset-preset`).
+        verify_content: identify the files by their bytes, not their size and modification time (`content_hash`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -279,7 +321,7 @@ def load_imagefolder(
     splits = DatasetDict({split: _split_dataset(images, class_names, bad) for split, images in listed.items()})
     splits, val_from_train = finish_splits(splits, class_names, val_fraction, seed, str(root), str(root / "train"))
 
-    data = ImageFolderData(str(root), splits, class_names, bad_images, ignored, val_from_train)
+    data = ImageFolderData(str(root), splits, class_names, bad_images, ignored, val_from_train, verify_content)
     log_data_report(data)
     return data
 
@@ -314,8 +356,9 @@ def log_data_report(data: ImageData, log=None):
         log.warning(f"Ignored {len(data.ignored_files)} path(s) (not images, or links): {data.ignored_files[:10]}")
 
 
-def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int) -> str:
-    """Hash of a dataset folder's files (path, size, mtime) and of how it is split; cheap (decodes nothing)."""
+def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int, verify_content: bool = False) -> str:
+    """Hash of a dataset folder's files (path, size, mtime; with `verify_content` path and a hash of the bytes) and
+    of how it is split; cheap unless `verify_content` (decodes nothing)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"Dataset folder {str(root)!r} does not exist")
@@ -323,8 +366,7 @@ def dataset_hash(data_dir: str | os.PathLike, val_fraction: float, seed: int) ->
     for split in SPLITS:
         for path in sorted((root / split).rglob("*")) if (root / split).is_dir() else []:
             if path.is_file():
-                stat = path.stat()
-                entries.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
+                entries.append([str(path.relative_to(root)), *file_identity(path, verify_content)])
     return hash_json({"files": entries, "val_fraction": val_fraction, "seed": seed})
 
 
@@ -333,7 +375,9 @@ __all__ = [
     "SPLITS",
     "ImageData",
     "ImageFolderData",
+    "changed_during_run",
     "check_image",
+    "file_identity",
     "find_bad_images",
     "dataset_hash",
     "finish_splits",

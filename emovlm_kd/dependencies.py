@@ -33,6 +33,7 @@ TRAIN = {
     "scipy": ">=1.13",  # the temperature's bounded 1-D search; the first release built for NumPy 2
     "pyyaml": ">=6.0.1",
     "tqdm": ">=4.66.3",
+    "filelock": ">=3.16",  # the run-directory lock (emovlm_kd.run_dir): FileLock(thread_local=False)
 }
 QLORA = {"bitsandbytes": ""}
 DEMO = {"gradio": ">=5"}

@@ -1,5 +1,8 @@
 """The model card (README.md) of an exported EmoVLM-KD repo: Hub metadata, usage, measured results."""
 
+import html
+import re
+
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from emovlm_kd.calibration import CALIBRATION_METRICS, COVERAGES, calibration_table, risk_coverage_table
@@ -100,7 +103,7 @@ def build_model_card(
         "## Usage",
         USAGE.format(repo_id=repo_id),
         "## Classes",
-        ", ".join(f"`{name}`" for name in class_names),
+        ", ".join(markdown_text(name) for name in class_names),
         *(["## Examples", _widget_section(widget)] if widget else []),
         "## Results",
         _results_section(results, dataset_name),
@@ -187,12 +190,13 @@ def _calibration_section(results: dict, split: str) -> str:
 
 def _widget_section(widget: list[dict]) -> str:
     text = (
-        "The examples on this page are test images with their true class as the title. The Hub's inference widget "
+        "The examples on this page are images of the dataset's test split (never of its train or val split) with "
+        "their true class as the title. The Hub's inference widget "
         "does not run custom code, so their outputs were computed by this model's image-classification pipeline "
         "when the repo was exported, and are stored in the card's metadata:\n\n"
     )
     rows = [
-        f"| `{entry['src']}` | {entry['example_title']} | {entry['output'][0]['label']} "
+        f"| `{entry['src']}` | {markdown_text(entry['example_title'])} | {markdown_text(entry['output'][0]['label'])} "
         f"({entry['output'][0]['score']:.2f}) |"
         for entry in widget
     ]
@@ -207,6 +211,12 @@ def card_settings(run_dir) -> str | None:
         for name, value in ((read_complete(run_dir, stage) or {}).get("card_settings") or {}).items():
             items.setdefault(name, value)
     return ", ".join(f"`{name}`: {value!r}" for name, value in items.items()) or None
+
+
+def markdown_text(text: str) -> str:
+    """`text` (a class name: data) shown literally in Markdown and in a table cell: HTML and Markdown characters
+    escaped (a `|` would shift a table's columns), line breaks as spaces."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", html.escape(" ".join(str(text).split())))
 
 
 def _training_section(training: dict) -> str:

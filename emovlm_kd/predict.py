@@ -17,6 +17,12 @@ per input in input order: `index`, `input` (the file path, or `<split>[<row>]`),
 prediction), `probabilities` (the fused probability of every class), `vlm_probabilities` (the VLM branch's) and
 `head_probabilities` (the distilled head's), and `error`. `<output_dir>/predictions.json` records the model, the
 inputs and the settings (a rerun with others is refused) and, when complete, the counts and images/s.
+
+The output folder is handled like a run directory (`emovlm_kd.run_dir`): one run at a time (`<output_dir>/.lock`;
+a second exits with status 2 naming the holder), every file written atomically under a unique temporary name, and a
+read-only or full disk, an output path that is a file, or a corrupt `predictions.json` end the command with status 2
+and a message naming the path. Every input gets a row: a broken symbolic link in an input folder is listed and
+reported like an unreadable image.
 """
 
 import json
@@ -32,13 +38,14 @@ import torch
 
 from emovlm_kd.cache import model_identity
 from emovlm_kd.data import IMAGE_EXTENSIONS, open_image_rgb
-from emovlm_kd.processes import progress
-from emovlm_kd.run_dir import DataError, RunError, hash_json
+from emovlm_kd.processes import main_process_lock, progress
+from emovlm_kd.run_dir import DataError, hash_json, read_json, temporary_path, write_atomic
 from emovlm_kd.settings import CONTENT, NOTHING, RESULT, Affects
 from emovlm_kd.sources import (
     SplitImages,
     dataset_kind,
     detect_source,
+    local_roots,
     open_source,
     pick_image_column,
     split_identities,
@@ -68,6 +75,7 @@ class PredictArguments:
         "num_workers": NOTHING,
         "dtype": RESULT,
         "overwrite": NOTHING,
+        "allow_local_paths": CONTENT,  # which path-only rows are read
     }
 
     model: str | None = field(default=None, metadata={"help": "Model folder or Hub repo id. Required."})
@@ -91,6 +99,13 @@ class PredictArguments:
     shard_size: int = field(default=512, metadata={"help": "Rows per output file: the unit of resuming"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding and processing images"})
     dtype: str = field(default="auto", metadata={"help": "dtype to load the model in (auto, bfloat16, float32)"})
+    allow_local_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Let rows of a datasets source that hold only a file path read files outside the dataset's "
+            "folder (and the Hugging Face caches); by default such rows get an error"
+        },
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "Start over when --output-dir holds predictions of other settings"}
     )
@@ -138,7 +153,8 @@ def open_inputs(args: PredictArguments) -> tuple[object, dict]:
     inputs = Path(args.inputs)
     kind = dataset_kind(args.inputs)
     if kind is None and inputs.is_dir():
-        files = sorted(p for p in inputs.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # broken links too: they get a row that reports them
+        files = sorted(p for p in inputs.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
         paths = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not paths:
             raise DataError(f"Folder {args.inputs!r} holds no image files")
@@ -156,7 +172,8 @@ def open_inputs(args: PredictArguments) -> tuple[object, dict]:
         raise DataError(f"Dataset {args.inputs!r} has no split {split!r} (--split); its splits: {list(source)}")
     column = pick_image_column(source[split].features, args.image_column, args.inputs)
     identity = {"dataset": split_identities(kind, args.inputs, source)[split], "split": split, "column": column}
-    return SplitImages(source[split], column, split), identity
+    roots = None if args.allow_local_paths else local_roots(kind, args.inputs)
+    return SplitImages(source[split], column, split, roots), identity
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -213,6 +230,11 @@ def predict_rows(model, image_processor, images, rows: list[int], args, class_na
         if inputs is not None:
             outputs = model(**inputs.to(model.device))
             probabilities = {name: value.cpu() for name, value in _branch_probabilities(outputs).items()}
+            if not all(value.isfinite().all() for value in probabilities.values()):
+                raise DataError(
+                    f"The model {args.model!r} gives NaN or infinite scores: its weights hold non-finite values "
+                    "(a corrupt or diverged checkpoint)"
+                )
         readable = 0
         for row, error in zip(batch_rows, errors):
             result = {"index": row, "input": images.key(row), "label": None, "score": None, "error": error}
@@ -251,17 +273,21 @@ def write_shard(rows: list[dict], path: Path, class_names: list[str]):
     """Write a shard atomically: a killed run leaves either the whole file or none."""
     from datasets import Dataset
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Dataset.from_list(rows, features=output_features(class_names)).to_parquet(str(tmp))
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        Dataset.from_list(rows, features=output_features(class_names)).to_parquet(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_output(output: Path, manifest: dict, overwrite: bool):
     """Check that `output` holds predictions of the same settings (or none), else refuse or (`overwrite`) clear it;
     remove leftovers of a killed run; record the settings."""
     path = output / MANIFEST
-    if path.exists():
-        recorded = json.loads(path.read_text())
+    shards = list(output.glob("predictions-*.parquet"))
+    if path.exists() or shards:
+        recorded = read_json(path, "prediction record") or {}  # a corrupt one is reported and counts as other settings
         if recorded.get("settings") != manifest["settings"]:
             if not overwrite:
                 changed = sorted(
@@ -273,16 +299,27 @@ def prepare_output(output: Path, manifest: dict, overwrite: bool):
                     f"{str(output)!r} holds predictions of other settings ({changed} changed): pass --overwrite to "
                     f"start over, or another --output-dir"
                 )
-            for shard in output.glob("predictions-*.parquet"):
+            for shard in shards:
                 shard.unlink()
     output.mkdir(parents=True, exist_ok=True)
-    for leftover in output.glob(".predictions-*.tmp"):
-        leftover.unlink()
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+
+
+def check_output_dir(output: Path):
+    if output.exists() and not output.is_dir():
+        raise DataError(f"--output-dir {str(output)!r} is a file, not a folder: name a folder for the predictions")
 
 
 def run(args: PredictArguments) -> dict:
-    """Classify every input (the shards not written yet), on every process; returns the summary."""
+    """Classify every input (the shards not written yet), on every process, holding the output folder's lock (on
+    the main process); returns the summary."""
+    output = Path(args.output_dir)
+    check_output_dir(output)
+    with main_process_lock(output):
+        return _predict(args, output)
+
+
+def _predict(args: PredictArguments, output: Path) -> dict:
     from accelerate import Accelerator
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -301,7 +338,6 @@ def run(args: PredictArguments) -> dict:
         "dtype": args.dtype,
         "class_names": class_names,
     }
-    output = Path(args.output_dir)
     manifest = {"model": args.model, "inputs": args.inputs, "settings": settings}
     if accelerator.is_main_process:
         prepare_output(output, manifest, args.overwrite)
@@ -342,7 +378,9 @@ def run(args: PredictArguments) -> dict:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (output / MANIFEST).write_text(json.dumps({**manifest, "complete": True, "summary": summary}, indent=2) + "\n")
+        write_atomic(
+            output / MANIFEST, json.dumps({**manifest, "complete": True, "summary": summary}, indent=2) + "\n"
+        )
     return summary
 
 
@@ -350,19 +388,19 @@ def main(argv=None) -> dict:
     """The `emovlm-kd-predict` command (`train/predict.py`): parse, run, print the summary as JSON."""
     from transformers import HfArgumentParser
 
-    from emovlm_kd.console import exit_with_error, setup_logging
+    from emovlm_kd.console import exit_with_error, run_dir_command, setup_logging
     from emovlm_kd.processes import end_processes, print_once
 
     setup_logging()
     parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
     try:
         (args,) = parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:
+        check_output_dir(Path(args.output_dir))
+    except ValueError as error:  # DataError included
         exit_with_error(error)
     try:
-        summary = run(args)
-    except RunError as error:
-        exit_with_error(error)
+        with run_dir_command(args.output_dir):  # the lock; user errors and failed writes reported by path
+            summary = run(args)
     finally:
         end_processes()
     print_once(json.dumps(summary, indent=2))

@@ -18,23 +18,32 @@ last action, holding its fingerprint (a hash of its inputs, its settings and the
 reads, never of paths) and its resolved settings; the all-stages command skips a stage whose marker holds the
 fingerprint it would write. Markers sit beside the outputs, so an exported repo holds no run bookkeeping.
 
-One process at a time works in a run directory: a stage takes `<run_dir>/.lock` (an exclusive `flock`, naming its
-holder) and a second run fails at once, saying who holds it. Every file the run directory keeps is written to a
-unique temporary name and renamed into place, so an interrupted run never leaves a half-written marker, label list,
-checkpoint index or cache file behind; a corrupt one is reported by path and ignored.
+One process at a time works in a run directory: a stage takes `<run_dir>/.lock` (`filelock.FileLock`, naming its
+holder) and a second run fails at once, saying who holds it. A `.lock` or a stage output that is a symbolic link is
+refused (a run would write, truncate or delete through it). Every file the run directory keeps is written to a unique
+temporary name (`.<name>.<random>.emovlm-kd-tmp`) and renamed into place, so an interrupted run never leaves a
+half-written marker, label list, checkpoint index or cache file behind; a corrupt one is reported by path and
+ignored. The lock's holder removes the temporary files a killed run left, and only those: names of that pattern, in
+the folders the package writes.
+
+Class names reach the file system only through `safe_file_name` (widget files and any other per-class file), and
+`check_class_names` refuses names that collide once normalised, that are empty or only punctuation, or that hold the
+prompt's placeholders or chat special tokens.
 """
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import tempfile
 import time
+import unicodedata
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +53,10 @@ LABELS_FILE = "labels.json"
 COMPLETE_SUFFIX = ".COMPLETE.json"
 LOCK_FILE = ".lock"
 RESULTS_FILE = "results.json"
+# The suffix of every temporary file this package writes: stale-file cleanup deletes these names and no others.
+TEMP_SUFFIX = ".emovlm-kd-tmp"
+# Folders of the run directory the package writes temporary files in (besides the run directory itself).
+TEMP_FOLDERS = ("cache", "checkpoints")
 # Stage name (a module of `emovlm_kd.stages`, a script of `train/`) in pipeline order -> its output in the run dir.
 STAGE_OUTPUTS = {
     "instruction_data": "instruction_data.jsonl",
@@ -85,12 +98,35 @@ def file_digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A unique temporary name beside `path` (`.<name>.<random>.emovlm-kd-tmp`), to write and then rename to `path`;
+    the lock's holder deletes names of this pattern left by a killed run."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+def remove_stale_temporary_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left (`temporary_path` names) in the run directory and the folders the
+    package writes in it, without following links to other folders; returns what was deleted."""
+    run_dir = Path(run_dir)
+    removed = [path for path in run_dir.glob(f".*{TEMP_SUFFIX}") if path.is_file() or path.is_symlink()]
+    for folder in [run_dir / name for name in (*TEMP_FOLDERS, *STAGE_OUTPUTS.values())]:
+        if folder.is_dir():
+            for parent, _, files in os.walk(folder):  # os.walk never follows links to folders below `folder`
+                removed += [
+                    Path(parent, name) for name in files if name.startswith(".") and name.endswith(TEMP_SUFFIX)
+                ]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def write_atomic(path: Path, text: str):
     """Write `text` to `path` through a unique temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False
     ) as tmp:
         tmp.write(text)
     os.chmod(tmp.name, 0o666 & ~current_umask())
@@ -164,13 +200,59 @@ def upstream_fingerprint(run_dir: str | os.PathLike, stage: str, needed_by: str)
     return record["fingerprint"]
 
 
+# Text the prompts replace (`<label_list>`, `<example_label_1>`, ...) and chat special tokens (`<|im_end|>`): a class
+# name holding one would rewrite the prompt it is written into.
+PROMPT_MARKUP = re.compile(r"<\|[^|]*\|>|<(num_labels|label_list|example_label_\d+|image)>")
+MAX_FILE_NAME = 100
+
+
+def label_key(name: str) -> str:
+    """How two class names are compared for collisions: Unicode NFC, case-folded, outer spaces stripped."""
+    return unicodedata.normalize("NFC", name).casefold().strip()
+
+
+def check_class_names(class_names: list[str], where: str = "the dataset") -> list[str]:
+    """Refuse class names that are not strings, empty or only punctuation, hold the prompt's placeholders or chat
+    special tokens, or collide once normalised (`café` composed and decomposed, `Joy`/`joy`, ` sad `/`sad`): a
+    `DataError` naming them. The names themselves are kept exactly as given."""
+    seen = {}
+    for name in class_names:
+        if not isinstance(name, str) or not any(character.isalnum() for character in name):
+            raise DataError(f"Class name {name!r} of {where} has no letter or digit: name every class")
+        markup = PROMPT_MARKUP.search(name)
+        if markup:
+            raise DataError(
+                f"Class name {name!r} of {where} holds {markup.group()!r}, a prompt placeholder or chat special "
+                "token: rename the class"
+            )
+        other = seen.setdefault(label_key(name), name)
+        if other != name:
+            raise DataError(
+                f"Class names {other!r} and {name!r} of {where} differ only in Unicode normalisation, case or outer "
+                "spaces: merge or rename them"
+            )
+    return list(class_names)
+
+
+def safe_file_name(name: str) -> str:
+    """A file or folder name made from a class name (or any text) that cannot leave its folder: letters, digits,
+    `-`, `_` and inner dots kept, anything else (`/`, `\\`, NUL, spaces...) replaced by `_`, no leading dot, at most
+    100 characters; a short hash of the original is appended whenever anything changed, so distinct names stay
+    distinct."""
+    text = unicodedata.normalize("NFC", str(name))
+    safe = re.sub(r"[^\w.-]", "_", text, flags=re.ASCII).lstrip(".")[:MAX_FILE_NAME]
+    if safe != text or not safe:
+        safe = f"{safe[: MAX_FILE_NAME - 9]}_{hashlib.sha256(str(name).encode()).hexdigest()[:8]}".lstrip("_.")
+    return safe
+
+
 def ensure_class_names(run_dir: str | os.PathLike, class_names: list[str]) -> list[str]:
     """Fix the run's classes: write `<run_dir>/labels.json` on first use, else check `class_names` against it.
 
     Call it before any heavy work: a dataset whose classes or class order differ from the run's is an error.
     """
     path = Path(run_dir) / LABELS_FILE
-    class_names = list(class_names)
+    class_names = check_class_names(class_names)
     if len(class_names) < 2:  # checked before anything is written: a corrected dataset is then accepted
         raise DataError(f"EmoVLM-KD needs at least 2 classes, the dataset has {len(class_names)}: {class_names}")
     recorded = (read_json(path, "class list") or {}).get("class_names")
@@ -193,11 +275,11 @@ def read_class_names(run_dir: str | os.PathLike) -> list[str]:
     return recorded
 
 
-_HELD_LOCKS: dict[str, list] = {}  # lock path -> [file descriptor, depth]: re-entrant within a process
+_HELD_LOCKS: dict[str, list] = {}  # lock path -> [FileLock, depth]: re-entrant within a process
 
 
 def _lock_path(run_dir: str | os.PathLike) -> Path:
-    return (Path(run_dir) / LOCK_FILE).resolve()
+    return Path(run_dir).resolve() / LOCK_FILE
 
 
 def holds_run_dir_lock(run_dir: str | os.PathLike) -> bool:
@@ -205,10 +287,19 @@ def holds_run_dir_lock(run_dir: str | os.PathLike) -> bool:
     return str(_lock_path(run_dir)) in _HELD_LOCKS
 
 
+def linked_entries(run_dir: str | os.PathLike) -> list[str]:
+    """The lock and stage outputs of the run directory that are symbolic links (a run would write, truncate or
+    delete through them). `cache/`, `checkpoints/` and `logs/` may be links (e.g. to a larger disk)."""
+    names = (LOCK_FILE, LABELS_FILE, *STAGE_OUTPUTS.values())
+    return [str(Path(run_dir) / name) for name in names if (Path(run_dir) / name).is_symlink()]
+
+
 @contextmanager
 def run_dir_lock(run_dir: str | os.PathLike):
-    """Hold `<run_dir>/.lock` (exclusive, re-entrant within this process) for the block; another process holding
-    it is a `RunDirLocked` error naming the holder. The operating system releases it if the process dies."""
+    """Hold `<run_dir>/.lock` (`filelock.FileLock`, exclusive, re-entrant within this process) for the block;
+    another process holding it is a `RunDirLocked` error naming the holder, a linked lock or stage output a
+    `DataError`. The operating system releases the lock if the process dies; the new holder then deletes the
+    temporary files the dead one left (`remove_stale_temporary_files`)."""
     path = _lock_path(run_dir)
     key = str(path)
     if key in _HELD_LOCKS:
@@ -219,37 +310,76 @@ def run_dir_lock(run_dir: str | os.PathLike):
             if key in _HELD_LOCKS:
                 _HELD_LOCKS[key][1] -= 1
         return
+    lock = _acquire(path)
+    _HELD_LOCKS[key] = [lock, 1]
+    try:
+        _write_holder(path)
+        remove_stale_temporary_files(path.parent)
+        yield
+    finally:
+        _HELD_LOCKS.pop(key)
+        _write_holder(path, clear=True)
+        lock.release(force=True)
+
+
+def _acquire(path: Path):
+    from filelock import FileLock, Timeout
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
         raise RunDirUnwritable(f"Cannot write in the run directory {str(path.parent)!r}: {error.strerror}") from error
+    linked = linked_entries(path.parent)
+    if linked:
+        raise DataError(
+            f"{linked} in the run directory {str(path.parent)!r} are symbolic links: a run writes, truncates and "
+            "deletes these, so they must be real files and folders of the run directory (remove the links)"
+        )
+    lock = FileLock(path, timeout=0, thread_local=False)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 4096).decode(errors="replace").strip() or "another process"
-        os.close(descriptor)
+        lock.acquire()
+    except Timeout:
         raise RunDirLocked(
-            f"The run directory {str(path.parent)!r} is in use by {holder}: wait for it to finish, or use another "
-            f"--run-dir (the lock is {str(path)!r})"
+            f"The run directory {str(path.parent)!r} is in use by {_read_holder(path)}: wait for it to finish, or use "
+            f"another --run-dir (the lock is {str(path)!r})"
         ) from None
+    except OSError as error:  # e.g. a link created since the check (the lock is opened without following links)
+        raise DataError(f"Cannot take the run directory's lock {str(path)!r}: {error.strerror}") from error
+    return lock
+
+
+def _write_holder(path: Path, clear: bool = False):
+    """Name this process in the lock file (best effort: the lock does not depend on it). Written through a second
+    descriptor, which leaves the lock (held by the first) in place; never through a link."""
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(sys.argv)[:300],
     }
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, json.dumps(holder).encode(), 0)
-    _HELD_LOCKS[key] = [descriptor, 1]
-    for stale in path.parent.rglob(".*.tmp"):  # left by a killed run: nobody else writes here now
-        stale.unlink(missing_ok=True)
     try:
-        yield
-    finally:
-        _HELD_LOCKS.pop(key)
+        descriptor = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
         os.ftruncate(descriptor, 0)
-        os.close(descriptor)  # closing the descriptor releases the lock
+        if not clear:
+            os.write(descriptor, json.dumps(holder).encode())
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return "another process"
+    try:
+        return os.read(descriptor, 4096).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(descriptor)
 
 
 def fault_point(name: str):
@@ -306,6 +436,13 @@ __all__ = [
     "LABELS_FILE",
     "RESULTS_FILE",
     "STAGES",
+    "TEMP_SUFFIX",
+    "check_class_names",
+    "label_key",
+    "linked_entries",
+    "remove_stale_temporary_files",
+    "safe_file_name",
+    "temporary_path",
     "STAGE_OUTPUTS",
     "clear_complete",
     "complete_marker",

@@ -20,7 +20,13 @@ which are reported as `(<split>[<row>], reason)` and left out, like the unreadab
 (the row of the image in its source split) is also the row's key. What identifies the data for the stage
 fingerprints and the feature cache is the `datasets` fingerprint of each split for save_to_disk folders and Hub
 datasets (a Hub dataset's follows its resolved revision), and the names, sizes and modification times of the files
-for parquet/arrow files and ImageFolder trees: never an absolute path.
+for parquet/arrow files and ImageFolder trees (`--verify-content`: a hash of their bytes): never an absolute path.
+
+Rows that name a local file instead of holding the image's bytes (an `Image` feature stored by path, or a column of
+paths) are read only when the file lies inside the dataset's own folder (the save_to_disk folder, the folder of the
+parquet/arrow files) or the Hugging Face caches, after resolving links; any other path is reported as an unreadable
+row and left out, unless `--allow-local-paths` is given. A dataset file can then never make a run read, log or
+export a file of the machine it runs on.
 """
 
 import glob
@@ -38,8 +44,10 @@ from PIL import Image
 from emovlm_kd.arguments import PRESET_SPLIT_SEED
 from emovlm_kd.data import (
     ImageData,
+    changed_during_run,
     check_image,
     dataset_hash,
+    file_identity,
     find_bad_images,
     finish_splits,
     load_imagefolder,
@@ -47,7 +55,7 @@ from emovlm_kd.data import (
     open_image_rgb,
 )
 from emovlm_kd.run_dir import DataError, hash_json, read_json, write_atomic
-from image_processing_emovlm_kd import check_image_header, open_image, to_rgb
+from image_decoding_emovlm_kd import check_image_header, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +87,32 @@ def web_image(data: bytes, name: str, max_side: int | None = 1024) -> tuple[byte
     return buffer.getvalue(), "JPEG"
 
 
-class SplitImages:
-    """The images of one split of a `datasets` source, kept encoded and decoded one row at a time."""
+def hugging_face_caches() -> list[Path]:
+    """The folders `datasets` and `huggingface_hub` download files to (rows of a Hub dataset may point there)."""
+    import datasets
+    from huggingface_hub import constants
 
-    def __init__(self, dataset: Dataset, column: str, split: str):
+    return [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+
+
+def local_roots(kind: str, location: str) -> list[Path]:
+    """Where the path-only rows of a source may point: its own folder, and the Hugging Face caches."""
+    roots = hugging_face_caches()
+    if kind == "disk":
+        roots.append(Path(location))
+    elif kind == "files":
+        roots.append(Path(os.path.commonpath([str(p.resolve().parent) for p in source_files(location)])))
+    return [root.resolve() for root in roots]
+
+
+class SplitImages:
+    """The images of one split of a `datasets` source, kept encoded and decoded one row at a time. A row holding
+    only a path is read when the path resolves inside one of `allowed_roots` (None: anywhere)."""
+
+    def __init__(self, dataset: Dataset, column: str, split: str, allowed_roots: list[Path] | None = None):
         from datasets import Image as ImageFeature
 
-        self.split, self.column = split, column
+        self.split, self.column, self.allowed_roots = split, column, allowed_roots
         self.dataset = dataset.select_columns([column]).cast_column(column, ImageFeature(decode=False))
 
     def __len__(self) -> int:
@@ -100,9 +127,22 @@ class SplitImages:
         path = value.get("path")
         return value.get("bytes"), path, self.key(row) + (f" ({path})" if path else "")
 
+    def _local_file(self, path: str, name: str) -> str:
+        """`path` when a path-only row may read it (see the module docstring), else a `ValueError` naming the row."""
+        if self.allowed_roots is None:
+            return path
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
+            raise ValueError(
+                f"Image {name} is a path outside the dataset's folder and the Hugging Face caches, so it is not read: "
+                "pass --allow-local-paths to read local files that dataset rows name"
+            )
+        return path
+
     def image_bytes(self, row: int) -> bytes:
         data, path, name = self._stored(row)
         if data is None and path:
+            path = self._local_file(path, name)
             try:
                 return Path(path).read_bytes()
             except OSError as error:
@@ -115,7 +155,7 @@ class SplitImages:
         """The row's image as 8-bit RGB; failures are `ValueError`s naming the row."""
         data, path, name = self._stored(row)
         if data is None and path:  # a column of file paths: read like the files of a folder
-            return open_image_rgb(path)
+            return open_image_rgb(self._local_file(path, name))
         if data is None:
             raise ValueError(f"Could not read image {name}: the row has no image")
         return to_rgb(open_image(data, name))
@@ -124,7 +164,10 @@ class SplitImages:
         """None when the row's image decodes, else the reason it does not."""
         data, path, name = self._stored(row)
         if data is None and path:
-            return check_image(path)
+            try:
+                return check_image(self._local_file(path, name))
+            except ValueError as error:
+                return str(error)
         if data is None:
             return "the row has no image"
         return check_image(data, name)
@@ -148,11 +191,13 @@ class SourceData(ImageData):
 
     def image(self, split: str, index: int) -> Image.Image:
         images, row = self._source(split, index)
-        return images.image(row)
+        with changed_during_run():
+            return images.image(row)
 
     def image_bytes(self, split: str, index: int) -> bytes:
         images, row = self._source(split, index)
-        return images.image_bytes(row)
+        with changed_during_run():
+            return images.image_bytes(row)
 
     def key(self, split: str, index: int) -> str:
         images, row = self._source(split, index)
@@ -244,10 +289,10 @@ def source_files(location: str) -> list[Path]:
     return files
 
 
-def _files_identity(location: str) -> list:
+def _files_identity(location: str, verify_content: bool = False) -> list:
     files = source_files(location)
     base = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
-    return [[p.resolve().relative_to(base).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return [[p.resolve().relative_to(base).as_posix(), *file_identity(p, verify_content)] for p in files]
 
 
 def open_source(kind: str, location: str, config: str | None = None, revision: str | None = None) -> DatasetDict:
@@ -273,10 +318,11 @@ def open_source(kind: str, location: str, config: str | None = None, revision: s
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
 
 
-def split_identities(kind: str, location: str, source: DatasetDict) -> dict[str, object]:
-    """What each split's content is: its `datasets` fingerprint, or (parquet/arrow files) the files' stats."""
+def split_identities(kind: str, location: str, source: DatasetDict, verify_content: bool = False) -> dict[str, object]:
+    """What each split's content is: its `datasets` fingerprint, or (parquet/arrow files) the files' stats (with
+    `verify_content`, hashes of their bytes)."""
     if kind == "files":
-        files = _files_identity(location)
+        files = _files_identity(location, verify_content)
         return {split: files for split in source}
     return {split: dataset_fingerprint(dataset) for split, dataset in source.items()}
 
@@ -314,13 +360,15 @@ def source_hash(run_args) -> str:
     kind, location = source_of(run_args)
     if kind == "imagefolder":
         _check_imagefolder_options(run_args, location)
-        return dataset_hash(location, run_args.val_fraction, split_seed(run_args))
+        return dataset_hash(location, run_args.val_fraction, split_seed(run_args), run_args.verify_content)
     if kind == "files":
-        identity = _files_identity(location)
+        identity = _files_identity(location, run_args.verify_content)
     else:
         source = open_source(kind, location, run_args.dataset_config, run_args.dataset_revision)
         identity = split_identities(kind, location, source)
     options = [run_args.dataset_config, run_args.dataset_revision, run_args.image_column, run_args.label_column]
+    if run_args.allow_local_paths:  # only then: the fingerprints of runs without it stay what they were
+        options.append("allow_local_paths")
     splits = [run_args.train_split, run_args.val_split, run_args.test_split]
     return hash_json(
         {
@@ -385,6 +433,7 @@ def load_source(run_args, class_names: list[str] | None = None, check_images: bo
             check_images=check_images,
             known_bad_images=known,
             read_val=not preset_holds_out(run_args),
+            verify_content=run_args.verify_content,
         )
         found = [list(item) for item in data.bad_images]
     else:
@@ -415,11 +464,12 @@ def _load_datasets_source(run_args, kind, location, class_names, check_images, k
         raise DataError(f"Given class names {list(class_names)} differ from the classes of {where!r}: {names}")
     class_names = list(class_names)
 
-    images = {split: SplitImages(source[name], image_column, name) for split, name in chosen.items()}
+    roots = None if run_args.allow_local_paths else local_roots(kind, location)
+    images = {split: SplitImages(source[name], image_column, name, roots) for split, name in chosen.items()}
     if known is not None:
         bad = {split: {int(row): reason for row, reason in known.get(split, {}).items()} for split in images}
     else:
-        bad = {split: dict(images_.undecodable() if check_images else []) for split, images_ in images.items()}
+        bad = {split: dict(split_images.undecodable() if check_images else []) for split, split_images in images.items()}
     features = Features({"row": Value("int64"), "label": ClassLabel(names=class_names)})
     label_ids = {name: index for index, name in enumerate(class_names)}
     splits = DatasetDict()
@@ -441,8 +491,9 @@ def _load_datasets_source(run_args, kind, location, class_names, check_images, k
         bad_images,
         val_from_train=val_from_train,
         images=images,
-        identity=split_identities(kind, location, source),
+        identity=split_identities(kind, location, source, run_args.verify_content),
         columns=(image_column, label_column),
+        verify_content=run_args.verify_content,
     )
     log_data_report(data)
     return data, bad
@@ -531,6 +582,14 @@ def label_names(feature, raw_labels: dict[str, list], column: str, where: str):
             f"labelled splits with --train-split / --val-split / --test-split"
         )
     if isinstance(feature, ClassLabel):
+        for split, labels in raw_labels.items():
+            row = next((row for row, value in enumerate(labels) if not 0 <= value < feature.num_classes), None)
+            if row is not None:
+                raise DataError(
+                    f"Column {column!r} of {where!r}: split {split!r}, row {row} holds the label {labels[row]}, which "
+                    f"is not one of its ClassLabel's {feature.num_classes} classes (0 to {feature.num_classes - 1}: "
+                    f"{feature.names})"
+                )
         return list(feature.names), lambda value: feature.names[value]
     if not isinstance(feature, Value) or not (feature.dtype in ("string", "large_string") or "int" in feature.dtype):
         raise DataError(
@@ -548,6 +607,8 @@ __all__ = [
     "dataset_kind",
     "detect_source",
     "has_source",
+    "hugging_face_caches",
+    "local_roots",
     "label_names",
     "load_source",
     "open_source",

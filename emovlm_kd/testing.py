@@ -119,8 +119,9 @@ def add_bad_images(class_dir: str | os.PathLike) -> list[Path]:
 
 def imagefolder_to_dataset(root: str | os.PathLike):
     """An ImageFolder tree as a `datasets.DatasetDict` with an `image` (`Image`) and a `label` (`ClassLabel`) column:
-    the files `emovlm_kd.data.load_imagefolder` lists, in its order, unreadable ones included. `save_to_disk` and
-    `to_parquet` embed the files' bytes."""
+    the files `emovlm_kd.data.load_imagefolder` lists, in its order, unreadable ones included. The rows hold the
+    files' bytes (and their names), so what `save_to_disk` and `to_parquet` write is self-contained, as a Hub
+    dataset is."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
     from emovlm_kd.data import SPLITS, _list_split
@@ -133,7 +134,11 @@ def imagefolder_to_dataset(root: str | os.PathLike):
     for split, images in listed.items():
         rows = [(path, label) for label, name in enumerate(class_names) for path in images[name]]
         splits[split] = Dataset.from_dict(
-            {"image": [path for path, _ in rows], "label": [label for _, label in rows]}, features=features
+            {
+                "image": [{"bytes": Path(path).read_bytes(), "path": Path(path).name} for path, _ in rows],
+                "label": [label for _, label in rows],
+            },
+            features=features,
         )
     return DatasetDict(splits)
 

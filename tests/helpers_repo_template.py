@@ -20,6 +20,7 @@ PROJECT_MODULES = {
     "configuration_emovlm_kd",
     "image_processing_emovlm_kd",
     "vlm_adapters_emovlm_kd",
+    "image_decoding_emovlm_kd",
 }
 
 # Prepended to a script run in a fresh interpreter: the project's modules are unimportable there, as on a machine

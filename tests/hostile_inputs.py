@@ -3,6 +3,7 @@ bombs, truncated files, and a fake Ghostscript that records whether PIL ever ran
 
 import io
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -32,7 +33,9 @@ def png_bomb(width: int, height: int, rgb: bool = False) -> bytes:
     into 900 MB (and 3.6 GB as RGB)."""
     row = b"\x00" + bytes(3 * width if rgb else (width + 7) // 8)
     compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    rows_per_block = max(1, 2**20 // len(row))  # the same stream in blocks: fast for 40,000,000 rows too
+    blocks = (row * min(rows_per_block, height - start) for start in range(0, height, rows_per_block))
+    data = b"".join(compressor.compress(block) for block in blocks) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8 if rgb else 1, 2 if rgb else 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
@@ -110,3 +113,55 @@ class FakeGhostscript:
     @property
     def ran(self) -> bool:
         return self.marker.exists()
+
+
+# Cost bombs inside the pixel limit: what the decoder is asked to do is out of proportion to the image's size.
+def tiff_image(width: int, height: int, blocks: int | None = None, rows_per_strip: int | None = None, tile=None):
+    """An 8-bit grey, uncompressed little-endian TIFF of a gradient, in strips of `rows_per_strip` rows (default:
+    one strip) or in `tile` = (width, height) tiles. `blocks` declares that many strips or tiles instead of the
+    ones the size needs, all pointing at the same pixel data: 16 x 16 with 3,900,000 strips is a 31 MB file that
+    PIL turns into one Python object per strip while merely opening it."""
+    if tile:
+        across, down = -(-width // tile[0]), -(-height // tile[1])
+        block_bytes, needed = tile[0] * tile[1], across * down
+    else:
+        rows_per_strip = rows_per_strip or height
+        needed = -(-height // rows_per_strip)
+        block_bytes = rows_per_strip * width
+    blocks = needed if blocks is None else blocks
+    pixels = bytes(range(256)) * (-(-needed * block_bytes // 256))
+    pixels = pixels[: needed * block_bytes]
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (277, 3, 1, 1)]
+    offsets_tag, counts_tag = (324, 325) if tile else (273, 279)
+    if tile:
+        entries += [(322, 3, 1, tile[0]), (323, 3, 1, tile[1])]
+    else:
+        entries.append((278, 4, 1, rows_per_strip))
+    ifd_size = 2 + 12 * (len(entries) + 2) + 4
+    data_at = 8 + ifd_size
+    arrays_at = data_at + len(pixels)
+    offsets = [data_at + (index % needed) * block_bytes for index in range(blocks)]
+    counts = [block_bytes] * blocks
+    if blocks == 1:
+        entries += [(offsets_tag, 4, 1, offsets[0]), (counts_tag, 4, 1, counts[0])]
+        arrays = b""
+    else:
+        entries += [(offsets_tag, 4, blocks, arrays_at), (counts_tag, 4, blocks, arrays_at + 4 * blocks)]
+        arrays = struct.pack(f"<{blocks}I", *offsets) + struct.pack(f"<{blocks}I", *counts)
+    entries.sort()
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII" if kind == 4 else "<HHIHH", tag, kind, count, value, *([] if kind == 4 else [0]))
+        for tag, kind, count, value in entries
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels + arrays
+
+
+def jpeg_repeating_scan(times: int, size=(8000, 5000), scan: int = 7) -> bytes:
+    """A progressive JPEG of a smooth gradient (40 megapixels by default) whose `scan`-th scan (a 36-byte refinement
+    scan) is repeated `times` times: every scan is a pass over the whole image, so 230 KB with 1000 repeats cost
+    PIL seconds of CPU."""
+    gradient = Image.linear_gradient("L").resize(size).convert("RGB")
+    raw = image_bytes(gradient, "JPEG", progressive=True, quality=90)
+    bounds = [match.start() for match in re.finditer(b"\xff\xda", raw)] + [raw.rindex(b"\xff\xd9")]
+    unit = raw[bounds[scan] : bounds[scan + 1]]
+    return raw[: bounds[scan + 1]] + unit * (times - 1) + raw[bounds[scan + 1] :]

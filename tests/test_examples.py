@@ -96,6 +96,7 @@ def test_finetune_with_trainer_example(tiny_folder, tmp_path):
         "processor_config.json",
         "image_processing_emovlm_kd.py",
         "processing_emovlm_kd.py",
+        "image_decoding_emovlm_kd.py",
         "tokenizer.json",
     } <= files
     tuned_file, base_file = output_dir / "model.safetensors", tiny_folder / "model.safetensors"

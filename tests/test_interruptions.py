@@ -100,7 +100,7 @@ def test_killed_and_rerun_equals_uninterrupted(data, uninterrupted, kill_at, tmp
     rerun = run_all(data, run_dir)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert weights(run_dir) == uninterrupted
-    assert not list(run_dir.rglob("*.tmp")), "an interrupted write left a temporary file"
+    assert not list(run_dir.rglob("*tmp")), "an interrupted write left a temporary file"
 
 
 def test_forced_rerun_with_a_warm_cache_and_a_relative_run_dir_equal_uninterrupted(data, uninterrupted):

@@ -104,6 +104,7 @@ def test_folder_contents(tiny_folder):
         "modeling_emovlm_kd.py",
         "image_processing_emovlm_kd.py",
         "processing_emovlm_kd.py",
+        "image_decoding_emovlm_kd.py",
         "pipeline_emovlm_kd.py",
         "vlm_adapters_emovlm_kd.py",
         "tokenizer.json",

@@ -26,6 +26,7 @@ REPO_FILES = (
     "modeling_emovlm_kd.py",
     "configuration_emovlm_kd.py",
     "image_processing_emovlm_kd.py",
+    "image_decoding_emovlm_kd.py",
     "processing_emovlm_kd.py",
     "processor_config.json",
     "vlm_adapters_emovlm_kd.py",

@@ -44,13 +44,18 @@ Limits (constructor arguments, or environment variables of the endpoint; 0 disab
     image's header before anything is decoded;
   * `max_explanation_tokens` (`$EMOVLM_KD_MAX_EXPLANATION_TOKENS`, default 256): the most tokens generated for one
     image's explanation; a request asking for more is refused, and a request that does not say gets
-    `min(config.max_new_tokens, max_explanation_tokens)`.
+    `min(config.max_new_tokens, max_explanation_tokens)`;
+  * `max_decode_seconds` (`$EMOVLM_KD_MAX_DECODE_SECONDS`, default 10): the time one image may take to decode.
+Images whose decoding would cost more than their size says are refused from their header too (a side over 65,535
+pixels, TIFF strips or tiles beyond what the size needs, JPEGs of over 100 scans). A request nested too deeply is a
+`ValueError`; a model that produces NaN or infinite scores (corrupt weights) a `RuntimeError`, never a NaN score.
 Images are decoded only in the formats the image processor accepts (raster formats: JPEG, PNG, GIF, WebP, BMP,
 TIFF, PPM; never PostScript or PDF, which PIL would hand to Ghostscript), one at a time as each chunk of
 `max_batch_size` images is classified, so a request costs at most one full-size decoded image at a time.
 """
 
 import os
+import reprlib
 
 import torch
 from PIL import Image
@@ -61,6 +66,7 @@ EXPLANATION_TASKS = ("inference", "observation")  # the config's; this file impo
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_MAX_EXPLANATION_TOKENS = 256
+DEFAULT_MAX_DECODE_SECONDS = 10
 
 
 class EndpointHandler:
@@ -77,6 +83,8 @@ class EndpointHandler:
             processor's `max_image_pixels`.
         max_explanation_tokens (`int`, *optional*): tokens generated per image explanation at most; defaults to
             `$EMOVLM_KD_MAX_EXPLANATION_TOKENS`, else 256.
+        max_decode_seconds (`int`, *optional*): seconds one image may take to decode; defaults to
+            `$EMOVLM_KD_MAX_DECODE_SECONDS`, else 10.
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class EndpointHandler:
         max_request_bytes: int | None = None,
         max_image_pixels: int | None = None,
         max_explanation_tokens: int | None = None,
+        max_decode_seconds: int | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageClassification.from_pretrained(path or ".", trust_remote_code=True, dtype="auto")
@@ -103,6 +112,10 @@ class EndpointHandler:
         max_image_pixels = _limit(max_image_pixels, "EMOVLM_KD_MAX_IMAGE_PIXELS", None)
         if max_image_pixels is not None:
             self.image_processor.max_image_pixels = max_image_pixels
+        # read by the image processor's decoding (one exported before the budget existed ignores it)
+        self.image_processor.max_decode_seconds = _limit(
+            max_decode_seconds, "EMOVLM_KD_MAX_DECODE_SECONDS", DEFAULT_MAX_DECODE_SECONDS
+        )
         config = self.model.config
         self.labels = config.labels
         self.max_batch_size = max_batch_size
@@ -115,6 +128,12 @@ class EndpointHandler:
         )
 
     def __call__(self, data: dict) -> list:
+        try:
+            return self._answer(data)
+        except RecursionError:  # e.g. a JSON body nested 1000 deep
+            raise ValueError("The request is nested too deeply: send {'inputs': <image or list of images>}") from None
+
+    def _answer(self, data: dict) -> list:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError(f"The request must be a JSON object with an 'inputs' field, got {_preview(data)}")
         top_k, explanation = self._parameters(data.get("parameters"))
@@ -204,9 +223,9 @@ class EndpointHandler:
             inputs = self.image_processor(prepared, return_tensors="pt").to(self.device)
             outputs = self.model(**inputs, output_image_hidden_states=explanation is not None)
             if not torch.isfinite(outputs.logits).all():
-                raise ValueError(
-                    "The model returned non-finite logits (NaN or inf): no class scores can be given (a corrupted "
-                    "checkpoint, or an overflow in a low-precision dtype?)"
+                raise RuntimeError(
+                    "The model returned non-finite logits (NaN or infinite scores): its weights hold non-finite "
+                    "values (a corrupt or diverged checkpoint) or a low-precision dtype overflowed; no score is returned"
                 )
             chunks.append(outputs.logits.float().softmax(dim=-1).cpu())
             if explanation is not None:
@@ -303,6 +322,10 @@ def _payload_bytes(item, name: str) -> int:
     raise ValueError(f"{name} must be a base64-encoded image string or raw image bytes, got {type(item).__name__}")
 
 
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _preview(value) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded depth: a deeply nested body is previewed, not recursed into
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"

@@ -12,7 +12,9 @@ draw to draw: its head logits, and its gate on its own VLM answers). `--push-to-
 The hosted widget of the Hub does not run custom code, so the card carries precomputed examples instead: a few test
 images (one per class by default, at most 8) are copied into `widget/`, and the card's `widget:` metadata gives each
 one's true class (`example_title`) and the exported model's own `[{label, score}]` for it (`output`), computed by its
-image-classification pipeline at export time.
+image-classification pipeline at export time. Widget images come only from the dataset's test split (a run without
+one gets none, unless `--widget-image` names files): no training or validation image is ever copied into the repo.
+Their file names go through `safe_file_name`, so a class name such as `../../x` never leaves `widget/`.
 """
 
 import json
@@ -46,6 +48,7 @@ from emovlm_kd.run_dir import (
     hash_json,
     read_class_names,
     read_complete,
+    safe_file_name,
     stage_output,
     upstream_fingerprint,
 )
@@ -211,14 +214,21 @@ class WidgetImage:
 
 
 def widget_images(args: ExportArguments, data, class_names: list[str]) -> list[WidgetImage]:
-    """`--widget-image` files, else `--widget-images` test (else val) images: by default one per class, at most
-    `MAX_WIDGET_IMAGES`; the first images of each class in turn when more are asked for."""
+    """`--widget-image` files, else `--widget-images` test images: by default one per class, at most
+    `MAX_WIDGET_IMAGES`; the first images of each class in turn when more are asked for. Never an image of the train
+    or val split: without a test split, no widget images (the Hub page then shows none)."""
     if args.widget_image:
-        return [WidgetImage(Path(path).read_bytes(), Path(path).name, Path(path).stem) for path in args.widget_image]
+        return [
+            WidgetImage(Path(path).read_bytes(), safe_file_name(Path(path).name), Path(path).stem)
+            for path in args.widget_image
+        ]
     count = min(len(class_names), MAX_WIDGET_IMAGES) if args.widget_images is None else args.widget_images
     if data is None or count <= 0:
         return []
-    split = eval_split(data)
+    split = "test"
+    if split not in data.splits:
+        logger.info("No widget images: the dataset has no test split (only test images are copied into the repo)")
+        return []
     by_class = {label: [] for label in range(len(class_names))}
     for index, label in enumerate(data.column(split, "label")):
         by_class[label].append(index)
@@ -227,10 +237,9 @@ def widget_images(args: ExportArguments, data, class_names: list[str]) -> list[W
         chosen += [(label, indices[rank]) for label, indices in by_class.items() if rank < len(indices)]
     examples = []
     for label, index in chosen[:count]:
-        name = Path(data.key(split, index).replace("[", "-").rstrip("]")).name
-        examples.append(
-            WidgetImage(data.image_bytes(split, index), f"{class_names[label]}/{name}", class_names[label])
-        )
+        name = safe_file_name(Path(data.key(split, index).replace("[", "-").rstrip("]")).name)
+        folder = safe_file_name(class_names[label])  # labels are data: never a path
+        examples.append(WidgetImage(data.image_bytes(split, index), f"{folder}/{name}", class_names[label]))
     return examples
 
 
@@ -244,6 +253,8 @@ def write_widget(output: Path, model, image_processor, examples: list[WidgetImag
     for example in examples:
         data, image_format = web_image(example.data, example.name)  # too large or not web-safe: a JPEG
         source = Path(WIDGET_DIR) / Path(example.name).with_suffix(WEB_IMAGE_FORMATS[image_format][1])
+        if not (output / source).resolve().is_relative_to((output / WIDGET_DIR).resolve()):
+            raise DataError(f"Widget file name {example.name!r} would leave {str(output / WIDGET_DIR)!r}")
         (output / source).parent.mkdir(parents=True, exist_ok=True)
         (output / source).write_bytes(data)
         outputs = classifier(str(output / source), top_k=model.config.num_labels)

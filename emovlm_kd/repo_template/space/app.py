@@ -24,7 +24,9 @@ and Gradio refuses uploads above `--max-upload-mb` (default 32).
 """
 
 import argparse
+import html
 import os
+import re
 import sys
 import tempfile
 import time
@@ -241,8 +243,15 @@ def gate_summary(prediction: dict) -> dict[str, float] | None:
     return {HEAD: head / total, VLM: vlm / total} if total > 0 else {HEAD: 0.5, VLM: 0.5}
 
 
+def markdown_text(text: str) -> str:
+    """`text` (a class name: data) shown literally in Markdown and in a table cell: HTML and Markdown characters
+    escaped (a `|` would shift a table's columns), line breaks as spaces."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", html.escape(" ".join(str(text).split())))
+
+
 def gate_markdown(prediction: dict, labels: list[str], gate_type: str) -> str:
     """The gate's own weights (when it has any) and a per-class table of the fused logit's parts."""
+    labels = [markdown_text(label) for label in labels]
     fused, parts, weights = prediction["fused"], prediction["contributions"], prediction["gate_weights"]
     winner = int(fused.argmax())
     lines = [f"**Gate:** `{gate_type}`, prediction **{labels[winner]}** ({float(fused[winner]):.1%})."]
@@ -279,6 +288,7 @@ def gate_markdown(prediction: dict, labels: list[str], gate_type: str) -> str:
 def explanation_markdown(prediction: dict, labels: list[str], task: str, max_new_tokens: int) -> str:
     """What to read the explanation as: the classes it names against the prediction, and what it cost."""
     predicted, named = labels[int(prediction["fused"].argmax())], prediction["explanation_labels"]
+    predicted, named = markdown_text(predicted), [markdown_text(label) for label in named]
     if not named:
         check = "The text names no class."
     elif named == [predicted]:
@@ -369,7 +379,7 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
     with gr.Blocks(title="EmoVLM-KD emotion classifier") as demo:
         gr.Markdown(
             f"# EmoVLM-KD: which emotion does this image evoke?\n"
-            f"Model `{model_name}` ({vlm_family} VLM, {num_labels} classes: {', '.join(labels)}). "
+            f"Model `{model_name}` ({vlm_family} VLM, {num_labels} classes: {', '.join(map(markdown_text, labels))}). "
             f"The **VLM branch** ({vlm_branch}) and the **distilled head** (an MLP on the VLM's own image "
             f"embeddings) each predict; the **gate** (`{config.gate_type}`) fuses them.{notice}"
         )
