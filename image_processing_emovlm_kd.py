@@ -348,7 +348,7 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
             decoding (a guard against decompression bombs); None or 0: no limit beyond PIL's own.
         max_image_side (`int`, defaults to 1024): images are first shrunk (LANCZOS) to at most this many pixels on
             their longest side, as the reference implementation does; None or 0: no cap.
-        Other arguments are those of `Qwen2VLImageProcessor` (`size`, `patch_size`, `merge_size`, ...).
+        **kwargs: the arguments of `Qwen2VLImageProcessor` (`size`, `patch_size`, `merge_size`, ...).
 
     Inputs may be PIL images of any mode and size, numpy arrays, tensors, paths to image files or their bytes; each
     goes through `prepare_image` (also used by instruction tuning, so training and inference see the same pixels).
