@@ -40,6 +40,18 @@ def _rewrite_links(text: str, source: str, page: str, pages: dict[str, str], doc
     return LINK.sub(rewrite, text)
 
 
+def _demote_headings(text: str) -> str:
+    """One level deeper for every Markdown heading outside code fences (the page already has its title)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,5} ", line):
+            line = "#" + line
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def on_page_markdown(markdown, page, config, files):
     root = Path(config["config_file_path"]).parent
     docs_dir = Path(config["docs_dir"]).relative_to(root).as_posix()
@@ -51,6 +63,8 @@ def on_page_markdown(markdown, page, config, files):
     def include(match):
         source = posixpath.normpath(match.group(1))
         text = (root / source).read_text(encoding="utf-8")
+        if re.search(r"^# ", markdown[: match.start()], flags=re.MULTILINE):
+            text = _demote_headings(text)
         return _rewrite_links(text, source, page.file.src_uri, pages, docs_dir)
 
     return INCLUDE.sub(include, markdown)
