@@ -25,8 +25,8 @@ train = [
 ]
 qlora = ["bitsandbytes"]
 demo = ["gradio>=5"]
-tests = ["pytest", "selenium", "evaluate"] + train + demo
 docs = ["mkdocs-material", "mkdocstrings[python]"]
+tests = ["pytest", "selenium", "evaluate"] + train + demo + docs  # the docs test builds the site
 
 setup(
     name="emovlm-kd",
