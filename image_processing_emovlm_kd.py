@@ -122,7 +122,7 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessor):
             their longest side, as the reference implementation does; None or 0: no cap.
         max_decode_seconds (`float`, *optional*): the time one image may take to decode (a `TimeoutError` naming
             it otherwise; the Endpoint handler sets one); None or 0: no budget.
-        Other arguments are those of `Qwen2VLImageProcessor` (`size`, `patch_size`, `merge_size`, ...).
+        **kwargs: the arguments of `Qwen2VLImageProcessor` (`size`, `patch_size`, `merge_size`, ...).
 
     Inputs may be PIL images of any mode and size, numpy arrays, tensors, paths to image files or their bytes; each
     goes through `prepare_image` (also used by instruction tuning, so training and inference see the same pixels).

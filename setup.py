@@ -25,7 +25,8 @@ core = requirements(DEPENDENCIES["CORE"])
 train = requirements(DEPENDENCIES["TRAIN"])
 qlora = requirements(DEPENDENCIES["QLORA"])
 demo = requirements(DEPENDENCIES["DEMO"])
-tests = requirements(DEPENDENCIES["TESTS"]) + train + demo
+docs = requirements(DEPENDENCIES["DOCS"])
+tests = requirements(DEPENDENCIES["TESTS"]) + train + demo + docs  # the docs test builds the site
 
 setup(
     name="emovlm-kd",
@@ -40,7 +41,7 @@ setup(
     # Files the export stage copies into every model repo (Endpoint handler, Space app), and the shipped recipes.
     package_data={"emovlm_kd": ["repo_template/*", "repo_template/space/*", "recipes/*.yaml"]},
     install_requires=core,
-    extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "all": tests},
+    extras_require={"train": train, "qlora": qlora, "demo": demo, "tests": tests, "docs": docs, "all": tests},
     entry_points={
         "console_scripts": [
             "emovlm-kd-train = emovlm_kd.cli:train_command",

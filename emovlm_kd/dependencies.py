@@ -37,10 +37,12 @@ TRAIN = {
 }
 QLORA = {"bitsandbytes": ""}
 DEMO = {"gradio": ">=5"}
+# The documentation site (`mkdocs build --strict`, tests/test_docs_site.py): mkdocstrings 1.x's handler options.
+DOCS = {"mkdocs-material": ">=9.5", "mkdocstrings[python]": ">=1.0"}
 # evaluate: tests/test_entry_points.py asserts 0.4.6's behaviour (it refuses transformers 5 pipelines).
 TESTS = {"pytest": "", "selenium": "", "evaluate": "==0.4.6"}
 
-RANGES = {**CORE, **TRAIN, **QLORA, **DEMO, **TESTS}
+RANGES = {**CORE, **TRAIN, **QLORA, **DEMO, **DOCS, **TESTS}
 
 
 def requirement(name: str) -> str:

@@ -16,7 +16,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from transformers import pipeline
 
-from emovlm_kd.dependencies import CORE, DEMO, QLORA, RANGES, TESTS, TRAIN, requirement
+from emovlm_kd.dependencies import CORE, DEMO, DOCS, QLORA, RANGES, TESTS, TRAIN, requirement
 from emovlm_kd.sources import dataset_fingerprint
 from emovlm_kd.stages.export import write_template_file
 from emovlm_kd.testing import make_images
@@ -41,7 +41,8 @@ def test_setup_py_installs_the_declared_ranges(monkeypatch):
     assert extras["train"] == [requirement(name) for name in TRAIN]
     assert extras["qlora"] == [requirement(name) for name in QLORA]
     assert extras["demo"] == [requirement(name) for name in DEMO]
-    assert set(extras["tests"]) == {requirement(name) for name in {**TESTS, **TRAIN, **DEMO}}
+    assert extras["docs"] == [requirement(name) for name in DOCS]
+    assert set(extras["tests"]) == {requirement(name) for name in {**TESTS, **TRAIN, **DEMO, **DOCS}}
 
 
 def test_ranges_have_floors_and_ceilings_where_internals_are_used():

@@ -4,16 +4,14 @@ import copy
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_browser import chromium, free_port, wait_for_server
 from helpers_repo_template import (
     BLOCK_PROJECT_MODULES,
     ENDPOINT_REQUIREMENTS,
@@ -27,7 +25,6 @@ from helpers_repo_template import (
 from huggingface_hub import SpaceCard
 from PIL import Image
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 EXPLANATION_TOKENS = 12  # the app's --max-new-tokens in the browser test
 GATE_TEXT = {  # what the gate view says about each gate's own weights
     "concat_linear": "Fused logit = from distilled head + from VLM branch + bias",
@@ -244,52 +241,6 @@ def test_examples_space_launcher_points_at_the_shipped_app():
     assert launcher.SPACE_APP == SPACE_APP and SPACE_APP.is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_server(url: str, process: subprocess.Popen, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"The app exited with code {process.returncode}:\n{process.stdout.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"The app did not answer on {url} within {timeout} s")
-
-
-def _chromium(user_data_dir: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
-    assert not missing, f"{missing} missing: install Debian's `apt-get install -y chromium chromium-driver`"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,1300",
-        f"--user-data-dir={user_data_dir}",
-    ):
-        options.add_argument(flag)
-    # An explicit driver path: Selenium Manager (which would download a driver) never runs.
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 def check_prediction_panels(texts: dict[str, list[str]], labels: list[str], expected: str):
     """The Space's panels as read in the browser. Label components read: [title, headline class, then (class,
     percentage) per class]."""
@@ -316,7 +267,7 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     launcher = tmp_path / "launch_space.py"
     run_app = f"import runpy\nrunpy.run_path({str(repo / 'space' / 'app.py')!r}, run_name='__main__')\n"
     launcher.write_text(BLOCK_PROJECT_MODULES + run_app)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
     env.pop("EMOVLM_KD_MODEL", None)
     server = subprocess.Popen(
@@ -337,8 +288,8 @@ def test_space_in_headless_chromium(tiny, tiny_folder, tmp_path):
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait_for_server(url, server, timeout=90)
-        driver = _chromium(tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-"))
+        wait_for_server(url, server, timeout=90)
+        driver = chromium(tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-"))
         driver.set_page_load_timeout(30)
         wait = WebDriverWait(driver, 30)
         driver.get(url)
