@@ -824,20 +824,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         # Temperature scaling (fitted on validation data; 1.0 = off): calibrated probabilities, the same argmax.
         logits = gate_logits / self.config.calibration_temperature
 
-        loss = kd_loss = None
-        if teacher_logits is not None:
-            kd_loss = distillation_loss(
-                head_logits.float(),
-                teacher_logits.float(),
-                labels,
-                temperature=self.config.kd_temperature,
-                alpha=self.config.kd_alpha,
-            )
-            loss = kd_loss
-        if labels is not None:  # the gate's own objective: its output before the temperature
-            fused_loss = F.cross_entropy(gate_logits.float(), labels)
-            loss = fused_loss if loss is None else loss + fused_loss
-
+        loss, kd_loss = self.losses(head_logits, gate_logits, labels, teacher_logits)
         return EmoVLMKDOutput(
             loss=loss,
             logits=logits,
@@ -850,6 +837,24 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             distillation_loss=kd_loss,
         )
 
+
+    def losses(self, head_logits, gate_logits, labels=None, teacher_logits=None):
+        """`(loss, distillation_loss)`: the head's KD loss with `teacher_logits`, plus the cross-entropy of the gate's
+        own output (before the calibration temperature: what stage 4 trains) with `labels`; None where not given."""
+        loss = kd_loss = None
+        if teacher_logits is not None:
+            kd_loss = distillation_loss(
+                head_logits.float(),
+                teacher_logits.float(),
+                labels,
+                temperature=self.config.kd_temperature,
+                alpha=self.config.kd_alpha,
+            )
+            loss = kd_loss
+        if labels is not None:
+            fused_loss = F.cross_entropy(gate_logits.float(), labels)
+            loss = fused_loss if loss is None else loss + fused_loss
+        return loss, kd_loss
 
 def unknown_arguments_message(function, kwargs: dict) -> str:
     """What `function` was given that it does not take, the closest names it does take, and all of them."""

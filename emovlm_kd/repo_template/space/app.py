@@ -335,6 +335,24 @@ def make_example_images(folder: str | os.PathLike) -> list[str]:
     return paths
 
 
+def header_markdown(config, labels: list[str], model_name: str, tiny: bool) -> str:
+    """The page's title and what the model is (family, classes, branches, gate)."""
+    vlm_family = config.vlm_config.model_type  # (its _name_or_path is a path on the training machine)
+    notice = (
+        "\n\n> This is a **tiny randomly initialised model** built offline to try the app: its predictions mean "
+        f"nothing. Pass a trained model: `python app.py MODEL` or set `{MODEL_ENV}`."
+        if tiny
+        else ""
+    )
+    vlm_branch = "exact likelihood of each answer" if config.vlm_branch_mode == "score" else "generated answer"
+    return (
+        f"# EmoVLM-KD: which emotion does this image evoke?\n"
+        f"Model `{model_name}` ({vlm_family} VLM, {len(labels)} classes: {', '.join(map(markdown_text, labels))}). "
+        f"The **VLM branch** ({vlm_branch}) and the **distilled head** (an MLP on the VLM's own image "
+        f"embeddings) each predict; the **gate** (`{config.gate_type}`) fuses them.{notice}"
+    )
+
+
 def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list[str] = (), tiny: bool = False):
     labels, config = predictor.labels, predictor.config
     num_labels = len(labels)
@@ -368,21 +386,8 @@ def build_demo(predictor: EmotionPredictor, model_name: str, example_paths: list
         status = explanation_markdown(prediction, labels, task, predictor.max_new_tokens)
         yield *panels(prediction), prediction["explanation"], status
 
-    vlm_family = config.vlm_config.model_type  # (its _name_or_path is a path on the training machine)
-    notice = (
-        "\n\n> This is a **tiny randomly initialised model** built offline to try the app: its predictions mean "
-        f"nothing. Pass a trained model: `python app.py MODEL` or set `{MODEL_ENV}`."
-        if tiny
-        else ""
-    )
-    vlm_branch = "exact likelihood of each answer" if config.vlm_branch_mode == "score" else "generated answer"
     with gr.Blocks(title="EmoVLM-KD emotion classifier") as demo:
-        gr.Markdown(
-            f"# EmoVLM-KD: which emotion does this image evoke?\n"
-            f"Model `{model_name}` ({vlm_family} VLM, {num_labels} classes: {', '.join(map(markdown_text, labels))}). "
-            f"The **VLM branch** ({vlm_branch}) and the **distilled head** (an MLP on the VLM's own image "
-            f"embeddings) each predict; the **gate** (`{config.gate_type}`) fuses them.{notice}"
-        )
+        gr.Markdown(header_markdown(config, labels, model_name, tiny))
         with gr.Row():
             with gr.Column():
                 # A file path, not a PIL image: Gradio then opens only the header and the model's image processor does
