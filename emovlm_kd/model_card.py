@@ -1,13 +1,18 @@
-"""The model card (README.md) of an exported EmoVLM-KD repo: Hub metadata, usage, measured results."""
+"""The model card (README.md) of an exported EmoVLM-KD repo: Hub metadata, usage, measured results, and the
+description of how the run trained the model (base VLM, recipe, each stage's setup, the VLM branch's decoding), read
+from the run directory's markers and specs."""
 
 import html
 import re
+from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import GenerationConfig
 
 from emovlm_kd.calibration import CALIBRATION_METRICS, COVERAGES, calibration_table, risk_coverage_table
 from emovlm_kd.metrics import BRANCH_TITLES, results_table
 from emovlm_kd.run_dir import STAGES, read_complete
+from emovlm_kd.vlm import TINY_VLM_FAMILIES, is_tiny_vlm
 
 TAGS = [
     "emotion-recognition",
@@ -223,4 +228,145 @@ def _training_section(training: dict) -> str:
     return "\n".join(f"- **{key}**: {value}" for key, value in training.items() if value is not None)
 
 
-__all__ = ["build_model_card", "card_settings"]
+EXPORT_STAGE = "export"  # the stage that writes the card: its recipe is the running one's
+
+
+def _tuned_base(run_dir, head_spec: dict) -> tuple[bool, str | None]:
+    """Whether the run's VLM is stage 1's output, and the VLM that stage 1 (or the run) started from."""
+    if not head_spec.get("instruction_tuned"):
+        return False, head_spec["vlm"]
+    record = read_complete(run_dir, "instruction_tuning") or {}
+    return True, record.get("summary", {}).get("vlm") or record.get("vlm")
+
+
+def base_model_id(run_dir, head_spec: dict, override: str | None = None) -> str | None:
+    """The Hub id of the base VLM for the card (`override` when given), when there is one (never a path on the
+    training machine)."""
+    if override:
+        return override
+    base = _tuned_base(run_dir, head_spec)[1]
+    return None if base is None or is_tiny_vlm(base) or Path(base).exists() else base
+
+
+def vlm_name(run_dir, head_spec: dict) -> str:
+    """How the card names the VLM: its base name (never a path on the training machine), and whether it was tuned."""
+    tuned, base = _tuned_base(run_dir, head_spec)
+    base = base or "base VLM"
+    if Path(base).exists():
+        base = Path(base).name
+    base = f"the built-in tiny random-init {TINY_VLM_FAMILIES[base]} VLM" if is_tiny_vlm(base) else base
+    return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
+
+
+RECIPE_DESCRIPTIONS = {
+    None: "the package's defaults (the paper's hyper-parameters, with this package's documented improvements)",
+    "paper": "every behaviour of the paper's reference implementation",
+    "quickstart": "the offline quickstart's tiny random-init models",
+}
+
+
+def recipe_description(run_dir, run_args) -> str:
+    """Which recipe trained the model: the one every stage recorded in its COMPLETE.json, or each stage's."""
+    records = {stage: read_complete(run_dir, stage) for stage in STAGES if stage != EXPORT_STAGE}
+    recipes = {stage: record.get("settings", {}).get("recipe_name") for stage, record in records.items() if record}
+    recipes[EXPORT_STAGE] = run_args.recipe_name
+    names = set(recipes.values())
+    if len(names) == 1:
+        name = names.pop()
+        if name is None:
+            return RECIPE_DESCRIPTIONS[None]
+        return f"`{name}` ({RECIPE_DESCRIPTIONS[name]})" if name in RECIPE_DESCRIPTIONS else f"`{name}`"
+    per_stage = ", ".join(f"{stage}: `{recipe or 'defaults'}`" for stage, recipe in recipes.items())
+    return f"different per stage ({per_stage})"
+
+
+def decoding_description(generation: GenerationConfig) -> str:
+    """How the `generate` mode picks tokens, from the generation config it runs with (the model's
+    `generation_config()`: the run's settings over the VLM's own, e.g. Qwen2-VL's `top_k: 1` and
+    `repetition_penalty: 1.05`, which make the reference's "sampling" greedy)."""
+    penalty = generation.repetition_penalty
+    with_penalty = [f"repetition penalty {penalty}"] if penalty not in (None, 1.0) else []
+    if not generation.do_sample:
+        return f"greedy ({with_penalty[0]})" if with_penalty else "greedy"
+    if generation.top_k == 1:
+        return "; ".join(["effectively greedy: sampling with top-k 1 keeps only the best token", *with_penalty])
+    settings = [
+        f"temperature {generation.temperature}",
+        f"top-p {generation.top_p}",
+        *([f"top-k {generation.top_k}"] if generation.top_k else []),
+        *with_penalty,
+    ]
+    return f"sampled ({', '.join(settings)})"
+
+
+def vlm_branch_description(
+    model_config: dict, gate_spec: dict, resampled: bool, generation: GenerationConfig | None = None
+) -> str:
+    """The VLM branch as the gate saw it: exact class likelihoods, or a generated answer decoded as it ran
+    (`generation`: the generation config of the `generate` mode)."""
+    if model_config["vlm_branch_mode"] == "score":
+        what = "probabilities" if gate_spec["vlm_branch_input"] == "probs" else "one-hot best class"
+        return f"exact likelihood of every class's answer; the gate sees its {what}"
+    epochs = ""
+    if resampled and generation.do_sample and generation.top_k != 1:
+        epochs = " (a fresh sample every epoch of gate training)"
+    elif resampled:
+        epochs = " (redrawn every epoch of gate training: the same answer each time)"
+    return (
+        f"generated answer ({decoding_description(generation)}, up to {model_config['max_new_tokens']} tokens) "
+        f"parsed into a one-hot vector for the gate{epochs}"
+    )
+
+
+def _update_description(record: dict) -> str:
+    """What one optimizer update of a training stage was (its batch on its process count), from its marker."""
+    batch = record.get("batch")
+    return f"; {batch['update']}" if batch else ""
+
+
+def training_summary(
+    run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_description: str, generation: GenerationConfig | None
+) -> dict:
+    """The card's "Training" items: recipe, VLM, each training stage's setup, the VLM branch (`generation`: the
+    generation config of the `generate` mode), the card settings."""
+    teacher = read_complete(run_dir, "teacher") or {}
+    tuning_record = read_complete(run_dir, "instruction_tuning") or {}
+    tuning = tuning_record.get("settings")
+    gate_settings = (read_complete(run_dir, "gate") or {}).get("settings", {})
+    model_config = head_spec["model_config"]
+    return {
+        "Recipe": recipe_description(run_dir, run_args),
+        "VLM": f"{vlm_description} (frozen in stages 3-6)",
+        "Instruction tuning": (
+            f"LoRA, loss on {'the whole sequence' if tuning.get('loss_on') == 'all' else 'answer tokens'}"
+            + (", 4-bit NF4 base (QLoRA)" if tuning.get("load_in_4bit") else "")
+            + _update_description(tuning_record)
+            if tuning
+            else None
+        ),
+        "Teacher": (
+            f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" + _update_description(teacher)
+            if teacher
+            else None
+        ),
+        "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
+        f"T={model_config['kd_temperature']}",
+        "Gate": f"`{gate_spec['gate_type']}` on the VLM branch",
+        "VLM branch": vlm_branch_description(
+            model_config, gate_spec, gate_settings.get("resample_vlm_answers", False), generation
+        ),
+        "Settings": card_settings(run_dir),
+    }
+
+
+__all__ = [
+    "RECIPE_DESCRIPTIONS",
+    "base_model_id",
+    "build_model_card",
+    "card_settings",
+    "decoding_description",
+    "recipe_description",
+    "training_summary",
+    "vlm_branch_description",
+    "vlm_name",
+]

@@ -49,6 +49,8 @@ LAYERS = {
     "cache": 2,
     "artifacts": 2,
     "model_card": 2,
+    "widgets": 2,
+    "verification": 2,
     "cli": 2,
     "console": 2,
     "predict": 2,

@@ -39,8 +39,8 @@ from emovlm_kd.run_dir import (
     temporary_path,
 )
 from emovlm_kd.sources import load_source
-from emovlm_kd.stages.export import ExportArguments, widget_images
 from emovlm_kd.testing import make_imagefolder
+from emovlm_kd.widgets import widget_images
 from image_decoding_emovlm_kd import (
     MAX_IMAGE_DIMENSION,
     MAX_JPEG_SCANS,
@@ -87,13 +87,13 @@ class _RowsData:
 
 def test_widget_files_are_safe_names_of_test_images_only():
     labels = ["../../x", "/abs/evil", "a/b"]
-    examples = widget_images(ExportArguments(), _RowsData({"train": [0, 1, 2], "test": [2, 1, 0]}), labels)
+    examples = widget_images(_RowsData({"train": [0, 1, 2], "test": [2, 1, 0]}), labels)
     assert [example.title for example in examples] == labels  # the titles (card, config) stay exact
     for example in examples:
         assert ".." not in example.name.split("/") and not example.name.startswith("/")
         assert example.name.count("/") == 1  # <class folder>/<file>, both safe names
     # no test split: nothing is copied (never a train or val image)
-    assert widget_images(ExportArguments(), _RowsData({"train": [0, 1, 2], "val": [0, 1, 2]}), labels) == []
+    assert widget_images(_RowsData({"train": [0, 1, 2], "val": [0, 1, 2]}), labels) == []
 
 
 # 2./3. The run-directory lock never follows a link; cleanup deletes only the package's own temporary files.

@@ -373,6 +373,38 @@ def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
     assert distill.fingerprint(*stage_args(distill, dataset, run)) != tuned
 
 
+def test_the_card_describes_the_decoding_that_generate_mode_runs():
+    """The card's VLM branch says what generation runs with (the run's settings over the VLM's own generation
+    config): the paper recipe's "sampling" over Qwen2-VL's `top_k: 1` is effectively greedy; true sampling lists the
+    temperature, top-p and top-k that apply."""
+    from emovlm_kd.model_card import vlm_branch_description
+    from emovlm_kd.tiny import build_tiny_model
+
+    paper = {"generate_do_sample": True, "generate_temperature": 0.8, "generate_top_p": 1.0}
+    model, _, _ = build_tiny_model(vlm_branch_mode="generate", **paper)
+    model_config = {"vlm_branch_mode": "generate", "max_new_tokens": 256}
+
+    def described(resampled=False, **settings):
+        for name, value in settings.items():
+            setattr(model.config, name, value)
+        return vlm_branch_description(model_config, {}, resampled, model.generation_config())
+
+    model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)  # Qwen2-VL's generation_config.json
+    assert described(resampled=True) == (
+        "generated answer (effectively greedy: sampling with top-k 1 keeps only the best token; repetition penalty "
+        "1.05, up to 256 tokens) parsed into a one-hot vector for the gate (redrawn every epoch of gate training: "
+        "the same answer each time)"
+    )
+    assert "sampled (temperature 0.8, top-p 1.0, repetition penalty 1.05)," in described(generate_top_k=0)
+    assert "sampled (temperature 0.5, top-p 0.9, top-k 20, repetition penalty 1.05)," in described(
+        generate_temperature=0.5, generate_top_p=0.9, generate_top_k=20
+    )
+    assert described(True).endswith("(a fresh sample every epoch of gate training)")
+    assert "(greedy (repetition penalty 1.05), up to" in described(generate_do_sample=False)
+    model.vlm.generation_config.update(repetition_penalty=1.0)
+    assert "(greedy, up to" in described()
+
+
 def test_teacher_errors_are_clear():
     with pytest.raises(RuntimeError, match="pass --no-pretrained"):
         create_teacher("vit_tiny_patch16_224", 3, pretrained=True)  # offline: the weights cannot come

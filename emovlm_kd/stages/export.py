@@ -4,17 +4,13 @@ The VLM of stage 3 is wrapped with the trained head and gate; the repo holds `co
 `model.safetensors`, the remote-code files, the processor (`processor_config.json`: the image processor, which writes
 the prompt, and the VLM's tokenizer; loaded by `AutoProcessor`),
 the Inference Endpoints `handler.py` and the Gradio Space app (`space/`) when the package ships them, and a model
-card with the results of stage 5 and the recipe the run followed. Before saving, the assembled model's fused logits
-on a few images are checked against the cached pipeline's (with sampled VLM answers, which differ by design from
-draw to draw: its head logits, and its gate on its own VLM answers). `--push-to-hub REPO_ID` uploads the folder with
-`huggingface_hub`.
+card with the results of stage 5 and the recipe the run followed (`emovlm_kd.model_card`). Before saving, the
+assembled model is checked against the cached pipeline (`emovlm_kd.verification`). `--push-to-hub REPO_ID` uploads
+the folder with `huggingface_hub`.
 
 The hosted widget of the Hub does not run custom code, so the card carries precomputed examples instead: a few test
-images (one per class by default, at most 8) are copied into `widget/`, and the card's `widget:` metadata gives each
-one's true class (`example_title`) and the exported model's own `[{label, score}]` for it (`output`), computed by its
-image-classification pipeline at export time. Widget images come only from the dataset's test split (a run without
-one gets none, unless `--widget-image` names files): no training or validation image is ever copied into the repo.
-Their file names go through `safe_file_name`, so a class name such as `../../x` never leaves `widget/`.
+images with the exported model's own outputs, in `widget/` (`emovlm_kd.widgets`: only test images, never a training
+or validation one, unless `--widget-image` names files).
 """
 
 import json
@@ -24,39 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from huggingface_hub import HfApi
 
-from emovlm_kd.artifacts import (
-    assemble_model,
-    calibration_temperature,
-    fused_logits,
-    gate_inputs,
-    load_gate,
-    load_head,
-    read_head_spec,
-)
-from emovlm_kd.cache import FeatureCache, samples_answers
+from emovlm_kd.artifacts import assemble_model, calibration_temperature, load_gate, read_head_spec
 from emovlm_kd.dependencies import RANGES, pin_requirements
-from emovlm_kd.model_card import build_model_card, card_settings
+from emovlm_kd.model_card import base_model_id, build_model_card, training_summary, vlm_name
 from emovlm_kd.run_dir import (
     RESULTS_FILE,
-    STAGES,
     DataError,
     current_umask,
     file_digest,
     hash_json,
     read_class_names,
-    read_complete,
-    safe_file_name,
     stage_output,
     upstream_fingerprint,
 )
 from emovlm_kd.settings import NOTHING, RESULT, Affects, fingerprint_fields
-from emovlm_kd.sources import WEB_IMAGE_FORMATS, has_source, source_name, web_image
+from emovlm_kd.sources import has_source, source_name
 from emovlm_kd.stage_lifecycle import begin_stage, complete_stage
 from emovlm_kd.training import load_stage_data
-from emovlm_kd.vlm import TINY_VLM_FAMILIES, is_tiny_vlm
+from emovlm_kd.verification import verification_data, verify_against_cache
+from emovlm_kd.widgets import MAX_WIDGET_IMAGES, widget_images, write_widget
 from modeling_emovlm_kd import tokenizer_with_chat_template
 from processing_emovlm_kd import EmoVLMKDProcessor
 
@@ -65,8 +49,6 @@ logger = logging.getLogger(__name__)
 STAGE = "export"
 REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "repo_template"
 ROOT_TEMPLATE_FILES = ("handler.py", "requirements.txt")  # Inference Endpoints look for these at the repo root
-WIDGET_DIR = "widget"
-MAX_WIDGET_IMAGES = 8
 
 
 @dataclass
@@ -162,207 +144,6 @@ def fingerprint(run_args, args: ExportArguments) -> str:
     )
 
 
-def eval_split(data) -> str:
-    return "test" if "test" in data.splits else "val"
-
-
-def verification_data(accelerator, run_args, data, head_spec: dict, count: int):
-    """(images, cached features) of the first `count` test (else val) images. Runs on every process."""
-    split = eval_split(data)
-    features = FeatureCache(accelerator, run_args.run_dir, data).get(head_spec, [split])[split]
-    images = [data.image(split, index) for index in range(min(count, len(data.splits[split])))]
-    return images, {name: value[: len(images)] for name, value in features.items()}
-
-
-@torch.no_grad()
-def verify_against_cache(run_dir, model, image_processor, images: list, features: dict) -> float:
-    """Max |difference| between the assembled model's fused logits and the cached pipeline's on `images` (with
-    sampled VLM answers: between its head logits and the cached ones, and between its fused logits and the trained
-    gate applied to the cached head logits and the model's own VLM answers)."""
-    gate, gate_spec = load_gate(run_dir)
-    head_spec = read_head_spec(run_dir)
-    head_output, vlm_scores = gate_inputs(load_head(run_dir), features, head_spec, gate_spec)
-    inputs = image_processor(list(images), return_tensors="pt").to(model.device)
-    outputs = model(**inputs)
-    if samples_answers(head_spec):
-        vlm_scores = outputs.vlm_scores.float().cpu()
-        head_difference = (outputs.head_logits.float().cpu() - head_output).abs().max()
-    else:
-        head_difference = torch.zeros(())
-    expected = fused_logits(gate, head_output, vlm_scores) / model.config.calibration_temperature
-    actual = outputs.logits.float().cpu()
-    difference = max(float((actual - expected).abs().max()), float(head_difference))
-    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
-    if difference > tolerance:
-        raise RuntimeError(
-            f"The assembled model's logits differ from the trained pipeline's by {difference:.3g} (> {tolerance}) "
-            f"on {len(images)} images: the exported model would not be the one evaluated"
-        )
-    logger.info(
-        f"Assembled model matches the trained pipeline on {len(images)} images (max |Δlogit| {difference:.2e})"
-    )
-    return difference
-
-
-@dataclass
-class WidgetImage:
-    """An example of the Hub page: the encoded image, its file name in `widget/` and its title (the true class)."""
-
-    data: bytes
-    name: str
-    title: str
-
-
-def widget_images(args: ExportArguments, data, class_names: list[str]) -> list[WidgetImage]:
-    """`--widget-image` files, else `--widget-images` test images: by default one per class, at most
-    `MAX_WIDGET_IMAGES`; the first images of each class in turn when more are asked for. Never an image of the train
-    or val split: without a test split, no widget images (the Hub page then shows none)."""
-    if args.widget_image:
-        return [
-            WidgetImage(Path(path).read_bytes(), safe_file_name(Path(path).name), Path(path).stem)
-            for path in args.widget_image
-        ]
-    count = min(len(class_names), MAX_WIDGET_IMAGES) if args.widget_images is None else args.widget_images
-    if data is None or count <= 0:
-        return []
-    split = "test"
-    if split not in data.splits:
-        logger.info("No widget images: the dataset has no test split (only test images are copied into the repo)")
-        return []
-    by_class = {label: [] for label in range(len(class_names))}
-    for index, label in enumerate(data.column(split, "label")):
-        by_class[label].append(index)
-    chosen = []
-    for rank in range(max(len(indices) for indices in by_class.values())):
-        chosen += [(label, indices[rank]) for label, indices in by_class.items() if rank < len(indices)]
-    examples = []
-    for label, index in chosen[:count]:
-        name = safe_file_name(Path(data.key(split, index).replace("[", "-").rstrip("]")).name)
-        folder = safe_file_name(class_names[label])  # labels are data: never a path
-        examples.append(WidgetImage(data.image_bytes(split, index), f"{folder}/{name}", class_names[label]))
-    return examples
-
-
-def write_widget(output: Path, model, image_processor, examples: list[WidgetImage]) -> list[dict]:
-    """Copy the examples into `<output>/widget/` and return the card's `widget:` entries, with the outputs of the
-    model's image-classification pipeline on the written files."""
-    from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
-
-    classifier = EmoVLMKDImageClassificationPipeline(model=model, image_processor=image_processor)
-    widget = []
-    for example in examples:
-        data, image_format = web_image(example.data, example.name)  # too large or not web-safe: a JPEG
-        source = Path(WIDGET_DIR) / Path(example.name).with_suffix(WEB_IMAGE_FORMATS[image_format][1])
-        if not (output / source).resolve().is_relative_to((output / WIDGET_DIR).resolve()):
-            raise DataError(f"Widget file name {example.name!r} would leave {str(output / WIDGET_DIR)!r}")
-        (output / source).parent.mkdir(parents=True, exist_ok=True)
-        (output / source).write_bytes(data)
-        outputs = classifier(str(output / source), top_k=model.config.num_labels)
-        scores = [{"label": item["label"], "score": round(float(item["score"]), 4)} for item in outputs]
-        widget.append({"src": source.as_posix(), "example_title": example.title, "output": scores})
-    return widget
-
-
-def _tuned_base(run_dir, head_spec: dict) -> tuple[bool, str | None]:
-    """Whether the run's VLM is stage 1's output, and the VLM that stage 1 (or the run) started from."""
-    if not head_spec.get("instruction_tuned"):
-        return False, head_spec["vlm"]
-    record = read_complete(run_dir, "instruction_tuning") or {}
-    return True, record.get("summary", {}).get("vlm") or record.get("vlm")
-
-
-def _base_model(run_dir, args: ExportArguments, head_spec: dict) -> str | None:
-    """The Hub id of the base VLM for the card, when there is one (never a path on the training machine)."""
-    if args.base_model:
-        return args.base_model
-    base = _tuned_base(run_dir, head_spec)[1]
-    return None if base is None or is_tiny_vlm(base) or Path(base).exists() else base
-
-
-def _vlm_description(run_dir, head_spec: dict) -> str:
-    """How the card names the VLM: its base name (never a path on the training machine), and whether it was tuned."""
-    tuned, base = _tuned_base(run_dir, head_spec)
-    base = base or "base VLM"
-    if Path(base).exists():
-        base = Path(base).name
-    base = f"the built-in tiny random-init {TINY_VLM_FAMILIES[base]} VLM" if is_tiny_vlm(base) else base
-    return f"{base}, LoRA instruction-tuned by stage 1" if tuned else base
-
-
-RECIPE_DESCRIPTIONS = {
-    None: "the package's defaults (the paper's hyper-parameters, with this package's documented improvements)",
-    "paper": "every behaviour of the paper's reference implementation",
-    "quickstart": "the offline quickstart's tiny random-init models",
-}
-
-
-def recipe_description(run_dir, run_args) -> str:
-    """Which recipe trained the model: the one every stage recorded in its COMPLETE.json, or each stage's."""
-    records = {stage: read_complete(run_dir, stage) for stage in STAGES if stage != STAGE}
-    recipes = {stage: record.get("settings", {}).get("recipe_name") for stage, record in records.items() if record}
-    recipes[STAGE] = run_args.recipe_name
-    names = set(recipes.values())
-    if len(names) == 1:
-        name = names.pop()
-        if name is None:
-            return RECIPE_DESCRIPTIONS[None]
-        return f"`{name}` ({RECIPE_DESCRIPTIONS[name]})" if name in RECIPE_DESCRIPTIONS else f"`{name}`"
-    per_stage = ", ".join(f"{stage}: `{recipe or 'defaults'}`" for stage, recipe in recipes.items())
-    return f"different per stage ({per_stage})"
-
-
-def _vlm_branch_description(model_config: dict, gate_spec: dict, resampled: bool) -> str:
-    if model_config["vlm_branch_mode"] == "score":
-        what = "probabilities" if gate_spec["vlm_branch_input"] == "probs" else "one-hot best class"
-        return f"exact likelihood of every class's answer; the gate sees its {what}"
-    decoding = (
-        f"sampled (temperature {model_config.get('generate_temperature')}, top-p {model_config.get('generate_top_p')})"
-        if model_config.get("generate_do_sample")
-        else "greedy"
-    )
-    return (
-        f"generated answer ({decoding}, up to {model_config['max_new_tokens']} tokens) parsed into a one-hot vector "
-        f"for the gate" + (" (a fresh sample every epoch of gate training)" if resampled else "")
-    )
-
-
-def _update_description(record: dict) -> str:
-    """What one optimizer update of a training stage was (its batch on its process count), from its marker."""
-    batch = record.get("batch")
-    return f"; {batch['update']}" if batch else ""
-
-
-def _training_summary(run_dir, run_args, head_spec: dict, gate_spec: dict, vlm_description: str) -> dict:
-    teacher = read_complete(run_dir, "teacher") or {}
-    tuning_record = read_complete(run_dir, "instruction_tuning") or {}
-    tuning = tuning_record.get("settings")
-    gate_settings = (read_complete(run_dir, "gate") or {}).get("settings", {})
-    model_config = head_spec["model_config"]
-    return {
-        "Recipe": recipe_description(run_dir, run_args),
-        "VLM": f"{vlm_description} (frozen in stages 3-6)",
-        "Instruction tuning": (
-            f"LoRA, loss on {'the whole sequence' if tuning.get('loss_on') == 'all' else 'answer tokens'}"
-            + (", 4-bit NF4 base (QLoRA)" if tuning.get("load_in_4bit") else "")
-            + _update_description(tuning_record)
-            if tuning
-            else None
-        ),
-        "Teacher": (
-            f"`{teacher.get('teacher')}` fine-tuned for {teacher.get('epochs')} epochs" + _update_description(teacher)
-            if teacher
-            else None
-        ),
-        "Head": f"MLP {model_config['head_hidden_sizes']} distilled with alpha={model_config['kd_alpha']}, "
-        f"T={model_config['kd_temperature']}",
-        "Gate": f"`{gate_spec['gate_type']}` on the VLM branch",
-        "VLM branch": _vlm_branch_description(
-            model_config, gate_spec, gate_settings.get("resample_vlm_answers", False)
-        ),
-        "Settings": card_settings(run_dir),
-    }
-
-
 def write_repo(
     run_args, args: ExportArguments, model, image_processor, vlm_processor, output: Path, examples=()
 ) -> list[dict]:
@@ -373,7 +154,7 @@ def write_repo(
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
-    base_model = _base_model(run_args.run_dir, args, head_spec)
+    base_model = base_model_id(run_args.run_dir, head_spec, args.base_model)
     model.config.vlm_config.name_or_path = base_model or ""  # never a path on the training machine
     # processor_config.json (the image processor's settings too), the tokenizer, the chat template, processing code
     EmoVLMKDProcessor(image_processor, tokenizer_with_chat_template(vlm_processor)).save_pretrained(output)
@@ -384,7 +165,9 @@ def write_repo(
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     repo_id = args.model_name or args.push_to_hub or f"emovlm-kd-{Path(run_args.run_dir).resolve().name}"
     dataset_name = args.dataset_name or source_name(run_args)
-    vlm_description = _vlm_description(run_args.run_dir, head_spec)
+    vlm_description = vlm_name(run_args.run_dir, head_spec)
+    generates = head_spec["model_config"]["vlm_branch_mode"] == "generate"
+    generation = model.generation_config() if generates else None  # what the generate mode runs with
     widget = write_widget(output, model, image_processor, list(examples))
     card = build_model_card(
         repo_id,
@@ -392,7 +175,7 @@ def write_repo(
         results,
         base_model,
         dataset_name,
-        _training_summary(run_args.run_dir, run_args, head_spec, gate_spec, vlm_description),
+        training_summary(run_args.run_dir, run_args, head_spec, gate_spec, vlm_description, generation),
         license=args.license,
         vlm_description=vlm_description,
         widget=widget,
@@ -448,7 +231,7 @@ def run(run_args, args: ExportArguments) -> dict:
             summary["verified_max_logit_difference"] = verify_against_cache(
                 run_args.run_dir, model, image_processor, images, features
             )
-        examples = widget_images(args, data, head_spec["class_names"])
+        examples = widget_images(data, head_spec["class_names"], args.widget_images, args.widget_image)
         widget = write_repo(run_args, args, model, image_processor, vlm_processor, output, examples)
         summary["widget_images"] = [entry["src"] for entry in widget]
         if args.push_to_hub:
@@ -463,12 +246,9 @@ __all__ = [
     "ARGUMENTS",
     "STAGE",
     "ExportArguments",
-    "WidgetImage",
     "fingerprint",
     "push_to_hub",
     "run",
-    "widget_images",
     "write_repo",
     "write_template_file",
-    "write_widget",
 ]
