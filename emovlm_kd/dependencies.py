@@ -37,8 +37,8 @@ TRAIN = {
 }
 QLORA = {"bitsandbytes": ""}
 DEMO = {"gradio": ">=5"}
-# The documentation site (`mkdocs build --strict`, tests/test_docs_site.py): mkdocstrings 1.x's handler options.
-DOCS = {"mkdocs-material": ">=9.5", "mkdocstrings[python]": ">=1.0"}
+# The documentation site (`mkdocs build --strict`, tests/test_docs_site.py); mkdocstrings-python brings mkdocstrings.
+DOCS = {"mkdocs-material": ">=9.5", "mkdocstrings-python": ">=2.0"}
 # evaluate: tests/test_entry_points.py asserts 0.4.6's behaviour (it refuses transformers 5 pipelines).
 TESTS = {"pytest": "", "selenium": "", "evaluate": "==0.4.6"}
 
