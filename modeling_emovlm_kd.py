@@ -572,7 +572,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
         Tokens are chosen as `self.vlm.generate(**self.generate_kwargs(do_sample, max_new_tokens))` chooses them:
         the VLM's generation config under these explicit settings, through transformers' own logits processors
-        (repetition penalty, top-k, ...; see [`generation_config`]), greedy or sampled (`do_sample`, default
+        (repetition penalty, top-k, ...; see [`generate_mode_config`]), greedy or sampled (`do_sample`, default
         `config.generate_do_sample`); `generator` makes sampling reproducible. A list of one generator per row makes
         each row's sample independent of the batch it is in.
         Returns every row's new tokens up to, not including, its first stop token.
@@ -622,10 +622,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
                 kwargs["top_k"] = self.config.generate_top_k
         return kwargs
 
-    def generation_config(self, do_sample: Optional[bool] = None, max_new_tokens: Optional[int] = None):
+    def generate_mode_config(self, do_sample: Optional[bool] = None, max_new_tokens: Optional[int] = None):
         """The `GenerationConfig` that `vlm.generate(**generate_kwargs)` runs with: every field not passed comes
         from the VLM's own generation config (`config.vlm_generation_config`), e.g. Qwen2-VL's `top_k: 1` and
-        `repetition_penalty: 1.05`."""
+        `repetition_penalty: 1.05`. (Named apart from
+        `generation_config`, transformers' own attribute, which `Trainer` and `generate` read.)"""
         # generate()'s own merge (private API, pinned by tests/test_fidelity.py against `vlm.generate`)
         kwargs = self.generate_kwargs(do_sample, max_new_tokens)
         generation_config, _ = self.vlm._prepare_generation_config(None, **kwargs)
@@ -633,7 +634,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def token_selection(self, input_ids, do_sample: bool, max_new_tokens: int):
         """`(generation config, logits processors)` as `vlm.generate` builds them for this prompt."""
-        generation_config = self.generation_config(do_sample, max_new_tokens)
+        generation_config = self.generate_mode_config(do_sample, max_new_tokens)
         self.vlm._prepare_special_tokens(generation_config, True, device=input_ids.device)
         processors = self.vlm._get_logits_processor(
             generation_config,

@@ -282,7 +282,7 @@ def recipe_description(run_dir, run_args) -> str:
 
 def decoding_description(generation: GenerationConfig) -> str:
     """How the `generate` mode picks tokens, from the generation config it runs with (the model's
-    `generation_config()`: the run's settings over the VLM's own, e.g. Qwen2-VL's `top_k: 1` and
+    `generate_mode_config()`: the run's settings over the VLM's own, e.g. Qwen2-VL's `top_k: 1` and
     `repetition_penalty: 1.05`, which make the reference's "sampling" greedy)."""
     penalty = generation.repetition_penalty
     with_penalty = [f"repetition penalty {penalty}"] if penalty not in (None, 1.0) else []

@@ -99,6 +99,7 @@ from accelerate import Accelerator
 sys.path.insert(0, {tests!r})
 from test_cache import NUM_IMAGES, SamplingModel, fake_processor, image_of
 from emovlm_kd.cache import extract_features
+from emovlm_kd.processes import end_processes
 
 accelerator = Accelerator(cpu=True)
 for batch_size in (1, 2, 3):
@@ -107,6 +108,7 @@ for batch_size in (1, 2, 3):
     )
     if accelerator.is_main_process:
         torch.save(features["vlm_generated"], sys.argv[1] + f"-{{batch_size}}.pt")
+end_processes()  # as the stages do: a gloo group left alive can abort the process at exit
 """
 
 

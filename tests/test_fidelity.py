@@ -462,7 +462,7 @@ def test_generate_mode_under_the_paper_recipe_is_vlm_generate_token_for_token():
         stock = model.vlm.generate(**inputs, **kwargs)
     stock = [until_stop(row) for row in stock[:, inputs["input_ids"].shape[1] :].tolist()]
     assert ours[0] == ours[1] == stock and all(len(row) > 3 for row in stock)  # top_k=1: the same for any seed
-    config = model.generation_config()
+    config = model.generate_mode_config()
     assert (config.top_k, config.repetition_penalty, config.do_sample, config.temperature) == (1, 1.05, True, 0.8)
 
     # the repetition penalty is applied (on the prompt and the tokens so far): without it other tokens come out
@@ -489,7 +489,7 @@ def test_exported_config_keeps_the_vlms_generation_config(tmp_path):
     assert model.config.vlm_generation_config["top_k"] == 1
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", trust_remote_code=True)
-    assert (loaded.generation_config().top_k, loaded.generation_config().repetition_penalty) == (1, 1.05)
+    assert (loaded.generate_mode_config().top_k, loaded.generate_mode_config().repetition_penalty) == (1, 1.05)
 
 
 def test_cached_epochs_can_keep_one_order_as_the_reference_does():

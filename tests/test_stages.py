@@ -387,7 +387,7 @@ def test_the_card_describes_the_decoding_that_generate_mode_runs():
     def described(resampled=False, **settings):
         for name, value in settings.items():
             setattr(model.config, name, value)
-        return vlm_branch_description(model_config, {}, resampled, model.generation_config())
+        return vlm_branch_description(model_config, {}, resampled, model.generate_mode_config())
 
     model.vlm.generation_config.update(top_k=1, repetition_penalty=1.05)  # Qwen2-VL's generation_config.json
     assert described(resampled=True) == (

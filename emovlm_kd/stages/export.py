@@ -167,7 +167,7 @@ def write_repo(
     dataset_name = args.dataset_name or source_name(run_args)
     vlm_description = vlm_name(run_args.run_dir, head_spec)
     generates = head_spec["model_config"]["vlm_branch_mode"] == "generate"
-    generation = model.generation_config() if generates else None  # what the generate mode runs with
+    generation = model.generate_mode_config() if generates else None  # what the generate mode runs with
     widget = write_widget(output, model, image_processor, list(examples))
     card = build_model_card(
         repo_id,
