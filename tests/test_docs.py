@@ -80,7 +80,11 @@ class Command:
 
     @property
     def argv(self) -> list[str]:
-        return shlex.split(self.line)
+        """The command's words after any leading `NAME=value` environment assignments."""
+        words = shlex.split(self.line)
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words = words[1:]
+        return words
 
     @property
     def script(self) -> str | None:
