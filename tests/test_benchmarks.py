@@ -227,6 +227,7 @@ def test_reference_pipeline_shares_weights_and_parses_like_the_paper():
     assert parse_answer("no answer here", MIKELS_LABELS) is None
 
 
+@pytest.mark.slow
 def test_profile_splits_the_time_into_components(tmp_path):
     argv = QUICK + ["--image-size", "56", "--top", "2", "--contenders", "emovlm_kd", "vlm_floor", "reference"]
     reports = profile_contenders.main(argv + ["--replay-runs", "2", "--output-dir", str(tmp_path), "--tag", "smoke"])

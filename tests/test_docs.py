@@ -386,6 +386,7 @@ def test_every_offline_command_runs_as_written(tmp_path):
     print(f"ran {len(done)} distinct offline commands")
 
 
+@pytest.mark.slow
 def test_the_figure_is_what_its_script_draws(tmp_path):
     """docs/method.png is what docs/make_figure.py draws (run on a copy, so the committed file stays)."""
     import numpy as np

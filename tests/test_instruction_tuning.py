@@ -211,6 +211,7 @@ def test_resume_equals_uninterrupted(tuned_run, dataset, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_learning_check_classification_only(tmp_path, caplog):
     """Classification-only tuning of the tiny VLM learns the colour signal: the EmoVLM-KD VLM branch (answer
     likelihoods) then beats the majority class on held-out images.

@@ -181,6 +181,7 @@ def test_widget_examples_hold_the_exported_models_outputs(pipeline, dataset, tmp
     assert not (run_copy / "model" / "widget").exists()
 
 
+@pytest.mark.slow
 def test_calibration_is_reported_and_reaches_the_exported_model(pipeline, dataset, tmp_path):
     """Stage 5 reports calibration per branch and split; with the fixture's few val images scaling is skipped (with
     the reason); allowed to fit on them, the temperature goes into the exported config and the model's logits."""
@@ -245,6 +246,7 @@ def test_push_to_hub_uses_hfapi(pipeline, dataset, tmp_path):
     assert "me/emovlm-kd-colours" in (run_dir / "model" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_invalidated(pipeline, dataset, tmp_path):
     run_dir = copy_run(pipeline[0], tmp_path / "run")
     before = {p.name for p in (run_dir / "cache").iterdir()}
@@ -345,6 +347,7 @@ def test_stopped_stage_leaves_a_checkpoint_and_no_complete_marker(dataset, tmp_p
     assert (run / "checkpoints" / "teacher" / "epoch_1" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_stages_use_the_runs_instruction_tuned_vlm(pipeline, dataset, tmp_path):
     """Once stage 1 completed, stage 3 onwards use <run_dir>/vlm (and its fingerprint) instead of --vlm."""
     from emovlm_kd.run_dir import write_complete
