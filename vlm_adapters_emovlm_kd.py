@@ -83,7 +83,12 @@ class QwenVLAdapter:
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
+            **self.visual_inputs(inputs_embeds, image_mask, image_embeds),
         ).last_hidden_state
+
+    def visual_inputs(self, inputs_embeds, image_mask, image_embeds) -> dict:
+        """Extra language-model inputs at the image positions (none: the image is in `inputs_embeds` already)."""
+        return {}
 
     def check_processor(self, vlm_config, image_processor) -> dict:
         """The processor's geometry, refused when it does not cut images the way the VLM's vision tower reads them
@@ -143,21 +148,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def deepstack_levels(self, vlm_config) -> int:
         return len(vlm_config.vision_config.deepstack_visual_indexes)
 
-    def run_language_model(
-        self, vlm, inputs_embeds, attention_mask, position_ids, image_mask=None, image_embeds=None, cache=None
-    ) -> torch.Tensor:
-        deepstack = None
-        if image_mask is not None and bool(image_mask.any()):
-            deepstack = deepstack_inputs(image_embeds, image_mask, inputs_embeds.dtype)
-        return self.language_model(vlm)(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            visual_pos_masks=image_mask if deepstack is not None else None,
-            deepstack_visual_embeds=deepstack,
-        ).last_hidden_state
+    def visual_inputs(self, inputs_embeds, image_mask, image_embeds) -> dict:
+        """The deepstack features, added to the first layers' hidden states at the image positions only."""
+        if image_mask is None or not bool(image_mask.any()):
+            return {"visual_pos_masks": None, "deepstack_visual_embeds": None}
+        deepstack = deepstack_inputs(image_embeds, image_mask, inputs_embeds.dtype)
+        return {"visual_pos_masks": image_mask, "deepstack_visual_embeds": deepstack}
 
 
 def deepstack_inputs(image_embeds, image_mask, dtype) -> list[torch.Tensor]:

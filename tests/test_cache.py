@@ -96,6 +96,7 @@ TWO_PROCESS_SCRIPT = """
 import sys
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 sys.path.insert(0, {tests!r})
 from test_cache import NUM_IMAGES, SamplingModel, fake_processor, image_of
 from emovlm_kd.cache import extract_features
@@ -107,7 +108,7 @@ for batch_size in (1, 2, 3):
         accelerator, image_of, NUM_IMAGES, SamplingModel(), fake_processor, batch_size=batch_size, seed_keys=(42, 0)
     )
     if accelerator.is_main_process:
-        torch.save(features["vlm_generated"], sys.argv[1] + f"-{{batch_size}}.pt")
+        save_file({{"answers": features["vlm_generated"].contiguous()}}, sys.argv[1] + f"-{{batch_size}}.safetensors")
 end_processes()  # as the stages do: a gloo group left alive can abort the process at exit
 """
 
@@ -116,6 +117,8 @@ end_processes()  # as the stages do: a gloo group left alive can abort the proce
 def test_sampled_answers_are_the_same_on_two_processes(tmp_path):
     """Split across 2 processes (gloo), every image gets the same sampled answer as on one, for any batch size."""
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     from emovlm_kd.testing import launch_two_processes
 
@@ -126,4 +129,5 @@ def test_sampled_answers_are_the_same_on_two_processes(tmp_path):
         Accelerator(cpu=True), image_of, NUM_IMAGES, SamplingModel(), fake_processor, seed_keys=(42, 0)
     )["vlm_generated"]
     for batch_size in (1, 2, 3):
-        torch.testing.assert_close(torch.load(tmp_path / f"two-{batch_size}.pt"), one, rtol=0, atol=0)
+        saved = load_file(tmp_path / f"two-{batch_size}.safetensors")["answers"]
+        torch.testing.assert_close(saved, one, rtol=0, atol=0)
