@@ -36,7 +36,7 @@ RASTER_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
 # within a few hundred MB, where PIL's own limit (89M pixels, an error only above 179M) lets one image cost gigabytes.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 PIXEL_LIMIT_HINT = (
-    "raise the `max_image_pixels` setting (the image processor's, in preprocessor_config.json; the Endpoint handler "
+    "raise the `max_image_pixels` setting (the image processor's, in processor_config.json; the Endpoint handler "
     "and the Space app also read $EMOVLM_KD_MAX_IMAGE_PIXELS)"
 )
 # No side longer than this, whatever the pixel count: a 1 x 40,000,000 PNG (78 KB) costs gigabytes and seconds in
